@@ -1,0 +1,48 @@
+"""Exceptions raised by lambda-pool.
+
+Every exception a user can see derives from :class:`LambdaPoolError`; the ones
+that mirror SQLAlchemy's (``ArgumentError``, ``TimeoutError``,
+``DisconnectionError``, ``InvalidRequestError``) carry the same names so code
+written against SQLAlchemy's pool keeps catching them.  Messages say what was
+wrong and what to do, and never contain a password, token or secret value.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+
+class LambdaPoolError(Exception):
+    """Base class of every lambda-pool error."""
+
+
+class ArgumentError(LambdaPoolError, ValueError):
+    """A function or constructor was given an argument it cannot use."""
+
+
+class InvalidRequestError(LambdaPoolError):
+    """The operation is not valid in the object's current state (e.g. a closed connection)."""
+
+
+class ResourceClosedError(InvalidRequestError):
+    """A connection, proxy or result was used after it was closed."""
+
+
+class TimeoutError(LambdaPoolError, builtins.TimeoutError):  # noqa: A001
+    """No connection became available within the pool's ``timeout``."""
+
+
+class DisconnectionError(LambdaPoolError):
+    """A connection was found dead; raised in a ``checkout`` listener it asks for a new one."""
+
+
+class DriverNotInstalledError(LambdaPoolError, ImportError):
+    """The database driver a URL asks for is not installed; the message names the extra."""
+
+
+class CredentialsError(LambdaPoolError):
+    """Credentials could not be obtained (secret missing, IAM signing failed, bad config)."""
+
+
+class StatementTimeoutError(LambdaPoolError, builtins.TimeoutError):
+    """A statement was cancelled because the Lambda invocation was about to time out."""
