@@ -1,0 +1,216 @@
+"""The asyncpg dialect: ``postgresql+asyncpg://`` with ``create_async_engine``.
+
+Two things make asyncpg behave like the psycopg dialects, so the same code runs on
+either driver:
+
+* placeholders: SQL is written psycopg-style (``%s``, ``%(name)s``) and rewritten
+  to asyncpg's ``$1, $2 …`` (see ``_paramstyle``);
+* transactions: asyncpg autocommits each statement, psycopg opens a transaction
+  on the first statement and waits for ``commit()``.  This dialect sends ``BEGIN``
+  before the first statement when no transaction is open, so ``commit()`` and
+  ``rollback()`` (and the pool's reset on return) mean the same thing.
+
+Statements run through ``Connection.prepare()`` (one statement per call, as with any
+extended-protocol driver) to get both the rows and the command status (rowcount).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from lambda_pool.dialects._paramstyle import to_numeric
+from lambda_pool.dialects.base import AsyncDialect, ExecResult, stronger_sslmode
+from lambda_pool.exc import ArgumentError
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from lambda_pool.url import URL
+
+__all__ = ["AsyncpgDialect"]
+
+_DISCONNECT_SQLSTATES = {"57P01", "57P02", "57P03"}
+_AUTH_SQLSTATES = {"28P01", "28000"}
+# asyncpg.connect() keywords that may come from the URL query, with their types.
+_TYPED_KEYS: dict[str, type] = {
+    "command_timeout": float,
+    "statement_cache_size": int,
+    "max_cached_statement_lifetime": int,
+    "max_cacheable_statement_size": int,
+    "target_session_attrs": str,
+}
+_CLOSE_TIMEOUT = 5.0
+
+
+def _server_settings_from_options(options: str) -> dict[str, str]:
+    """libpq ``options`` (``-c key=value`` …) as asyncpg ``server_settings``."""
+    settings: dict[str, str] = {}
+    tokens = shlex.split(options)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token == "-c" and index + 1 < len(tokens):
+            assignment = tokens[index + 1]
+            index += 2
+        elif token.startswith("-c") or token.startswith("--"):
+            assignment = token[2:]
+            index += 1
+        else:
+            raise ArgumentError(
+                "the 'options' connection parameter must be '-c name=value' settings for asyncpg"
+            )
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise ArgumentError(f"the 'options' setting {key!r} has no '=value'")
+        settings[key.replace("-", "_")] = value
+    return settings
+
+
+def _libpq_to_asyncpg(cparams: dict[str, Any], key: str, value: Any) -> None:
+    """Store one libpq-named connection parameter in asyncpg's terms."""
+    settings: dict[str, Any] = cparams.setdefault("server_settings", {})
+    if key == "sslmode":
+        cparams["ssl"] = stronger_sslmode(cparams.get("ssl"), str(value))
+    elif key == "connect_timeout":
+        cparams["timeout"] = float(value)
+    elif key == "application_name":
+        settings["application_name"] = str(value)
+    elif key == "options":
+        settings.update(_server_settings_from_options(str(value)))
+    elif key in _TYPED_KEYS:
+        try:
+            cparams[key] = _TYPED_KEYS[key](value)
+        except ValueError:
+            raise ArgumentError(f"connection parameter {key!r} must be a number") from None
+    elif key in ("user", "password", "host", "port", "database", "ssl", "timeout"):
+        cparams[key] = value
+    else:
+        # asyncpg's own DSN parser sends unknown keys to the server as settings.
+        settings[key] = str(value)
+    if not settings:
+        del cparams["server_settings"]
+
+
+def _rowcount(status: str | None) -> int:
+    """The count at the end of a command tag (``INSERT 0 3`` → 3), or -1."""
+    if not status:
+        return -1
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else -1
+
+
+class AsyncpgDialect(AsyncDialect):
+    """asyncpg connections, with psycopg-style SQL and transactions."""
+
+    name: ClassVar[str] = "postgresql"
+    driver: ClassVar[str] = "asyncpg"
+    driver_module: ClassVar[str] = "asyncpg"
+    extra: ClassVar[str] = "asyncpg"
+
+    def create_connect_args(self, url: URL) -> dict[str, Any]:
+        cparams: dict[str, Any] = {}
+        if url.host is not None:
+            cparams["host"] = url.host
+        if url.port is not None:
+            cparams["port"] = url.port
+        if url.database is not None:
+            cparams["database"] = url.database
+        if url.username is not None:
+            cparams["user"] = url.username
+        if url.password is not None:
+            cparams["password"] = url.password
+        for key, value in url.query.items():
+            if isinstance(value, tuple):
+                if key != "host":
+                    raise ArgumentError(f"URL query parameter {key!r} is given more than once")
+                cparams["host"] = list(value)
+            else:
+                _libpq_to_asyncpg(cparams, key, value)
+        return cparams
+
+    def merge_connect_args(
+        self, base: Mapping[str, Any], extra: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        merged = dict(base)
+        for key, value in extra.items():
+            if key == "server_settings" and isinstance(value, Mapping):
+                merged["server_settings"] = {**merged.get("server_settings", {}), **value}
+            elif key in ("sslmode", "connect_timeout", "application_name", "options"):
+                # libpq spellings are accepted here too, so one connect_args dict
+                # serves both PostgreSQL drivers.
+                _libpq_to_asyncpg(merged, key, value)
+            else:
+                merged[key] = value
+        return merged
+
+    def apply_credentials(
+        self,
+        cparams: Mapping[str, Any],
+        user: str | None,
+        password: str | None,
+        connect_args: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        merged = dict(cparams)
+        if user is not None:
+            merged["user"] = user
+        if password is not None:
+            merged["password"] = password
+        for key, value in connect_args.items():
+            _libpq_to_asyncpg(merged, key, value)
+        return merged
+
+    async def connect(self, cparams: Mapping[str, Any]) -> Any:
+        asyncpg = self.load_driver()
+        return await asyncpg.connect(**cparams)
+
+    async def do_ping(self, dbapi_conn: Any) -> bool:
+        await dbapi_conn.execute("SELECT 1")
+        return True
+
+    async def do_rollback(self, dbapi_conn: Any) -> None:
+        if not dbapi_conn.is_closed() and dbapi_conn.is_in_transaction():
+            await dbapi_conn.execute("ROLLBACK")
+
+    async def do_commit(self, dbapi_conn: Any) -> None:
+        if not dbapi_conn.is_closed() and dbapi_conn.is_in_transaction():
+            await dbapi_conn.execute("COMMIT")
+
+    async def do_close(self, dbapi_conn: Any) -> None:
+        try:
+            await dbapi_conn.close(timeout=_CLOSE_TIMEOUT)
+        except Exception:
+            # A dead socket cannot say goodbye; drop it without waiting.
+            dbapi_conn.terminate()
+
+    async def execute(
+        self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None
+    ) -> ExecResult:
+        text, args = to_numeric(sql, params)
+        if not dbapi_conn.is_in_transaction():
+            await dbapi_conn.execute("BEGIN")
+        statement = await dbapi_conn.prepare(text)
+        records = await statement.fetch(*args)
+        keys = tuple(attribute.name for attribute in statement.get_attributes())
+        rowcount = _rowcount(statement.get_statusmsg())
+        if not keys:
+            return ExecResult((), [], rowcount, returns_rows=False)
+        return ExecResult(keys, [tuple(record) for record in records], rowcount, True)
+
+    def is_disconnect(self, exc: BaseException, dbapi_conn: Any) -> bool:
+        if dbapi_conn is not None and dbapi_conn.is_closed():
+            return True
+        if isinstance(exc, (ConnectionError, EOFError)):
+            return True
+        asyncpg = sys.modules.get("asyncpg")
+        if asyncpg is None:
+            return False
+        if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
+            return True
+        if isinstance(exc, asyncpg.exceptions.InterfaceError):
+            return "connection is closed" in str(exc) or "connection was closed" in str(exc)
+        state = getattr(exc, "sqlstate", None)
+        return isinstance(state, str) and (state.startswith("08") or state in _DISCONNECT_SQLSTATES)
+
+    def is_auth_failure(self, exc: BaseException) -> bool:
+        return getattr(exc, "sqlstate", None) in _AUTH_SQLSTATES

@@ -1,0 +1,190 @@
+"""What every dialect provides: the interface the pool and the engines call.
+
+A dialect is the only place that knows a driver.  The pool uses ``do_ping``,
+``do_rollback``, ``do_commit``, ``do_close``, ``is_disconnect`` and
+``get_driver_connection`` (see docs/ARCHITECTURE.md, "Pool ↔ dialect"); the
+engines also use ``create_connect_args``, ``apply_credentials``, ``connect``,
+``execute`` and ``is_auth_failure``.  Async dialects have the same names, with
+the I/O methods as coroutines.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from lambda_pool.exc import DriverNotInstalledError
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from lambda_pool.url import URL
+
+__all__ = [
+    "AsyncDialect",
+    "ExecResult",
+    "SyncDialect",
+    "import_driver",
+    "stronger_sslmode",
+]
+
+# libpq's sslmode values, weakest first: credentials that require TLS may raise the
+# mode a user chose but must never lower it (verify-full stays verify-full).
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def stronger_sslmode(current: object, required: str) -> object:
+    """The stronger of a user's ``sslmode`` and the one credentials require.
+
+    Anything that is not a libpq sslmode string (asyncpg's ``SSLContext``, ``True``) is
+    the user's explicit TLS setup and is kept.
+    """
+    if current is None:
+        return required
+    if isinstance(current, str) and current in _SSLMODES and required in _SSLMODES:
+        return current if _SSLMODES.index(current) >= _SSLMODES.index(required) else required
+    return current
+
+
+def import_driver(module: str, extra: str) -> ModuleType:
+    """Import a driver module, turning its absence into an error naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise DriverNotInstalledError(
+            f"the {module!r} driver is not installed; install it with "
+            f"pip install 'lambda-pool[{extra}]'"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """A statement's outcome, fully fetched: column names, rows as tuples, rowcount."""
+
+    keys: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+    rowcount: int
+    returns_rows: bool
+
+
+class _DialectBase(ABC):
+    name: ClassVar[str]
+    driver: ClassVar[str]
+    is_async: ClassVar[bool]
+    # Module imported by load_driver(), and the lambda-pool extra that installs it.
+    driver_module: ClassVar[str]
+    extra: ClassVar[str]
+
+    def load_driver(self) -> ModuleType:
+        """The driver module; raises DriverNotInstalledError naming the extra when absent."""
+        return import_driver(self.driver_module, self.extra)
+
+    @abstractmethod
+    def create_connect_args(self, url: URL) -> dict[str, Any]:
+        """Driver keyword arguments for ``url`` (before ``connect_args`` are merged in)."""
+
+    def merge_connect_args(
+        self, base: Mapping[str, Any], extra: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``base`` updated with the user's ``connect_args`` (theirs win, as in SQLAlchemy)."""
+        merged = dict(base)
+        merged.update(extra)
+        return merged
+
+    def apply_credentials(
+        self,
+        cparams: Mapping[str, Any],
+        user: str | None,
+        password: str | None,
+        connect_args: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Connect arguments with a credentials provider's user, password and requirements.
+
+        The provider's ``connect_args`` use libpq names; ``sslmode`` can only be raised.
+        """
+        merged = dict(cparams)
+        if user is not None:
+            merged["user"] = user
+        if password is not None:
+            merged["password"] = password
+        for key, value in connect_args.items():
+            if key == "sslmode":
+                merged["sslmode"] = stronger_sslmode(merged.get("sslmode"), str(value))
+            else:
+                merged[key] = value
+        return merged
+
+    def get_driver_connection(self, dbapi_conn: Any) -> Any:
+        """The driver's own connection object (we do not wrap drivers)."""
+        return dbapi_conn
+
+    @abstractmethod
+    def is_disconnect(self, exc: BaseException, dbapi_conn: Any) -> bool:
+        """True when ``exc`` means the connection is dead and must not be reused."""
+
+    def is_auth_failure(self, exc: BaseException) -> bool:
+        """True when a connect failed because the user or password was refused."""
+        return False
+
+
+class SyncDialect(_DialectBase):
+    """A dialect for a blocking DB-API driver."""
+
+    is_async: ClassVar[bool] = False
+
+    @abstractmethod
+    def connect(self, cparams: Mapping[str, Any]) -> Any:
+        """Open a new driver connection."""
+
+    @abstractmethod
+    def do_ping(self, dbapi_conn: Any) -> bool:
+        """Round-trip to the server; raises the driver's error when the connection is dead."""
+
+    def do_rollback(self, dbapi_conn: Any) -> None:
+        dbapi_conn.rollback()
+
+    def do_commit(self, dbapi_conn: Any) -> None:
+        dbapi_conn.commit()
+
+    def do_close(self, dbapi_conn: Any) -> None:
+        dbapi_conn.close()
+
+    @abstractmethod
+    def execute(
+        self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None
+    ) -> ExecResult:
+        """Run one statement (psycopg-style placeholders) and fetch its rows."""
+
+
+class AsyncDialect(_DialectBase):
+    """A dialect for an asyncio driver: I/O methods are coroutines."""
+
+    is_async: ClassVar[bool] = True
+
+    @abstractmethod
+    async def connect(self, cparams: Mapping[str, Any]) -> Any:
+        """Open a new driver connection."""
+
+    @abstractmethod
+    async def do_ping(self, dbapi_conn: Any) -> bool:
+        """Round-trip to the server; raises the driver's error when the connection is dead."""
+
+    @abstractmethod
+    async def do_rollback(self, dbapi_conn: Any) -> None:
+        """End the connection's transaction, discarding its work."""
+
+    @abstractmethod
+    async def do_commit(self, dbapi_conn: Any) -> None:
+        """Commit the connection's transaction."""
+
+    @abstractmethod
+    async def do_close(self, dbapi_conn: Any) -> None:
+        """Close the connection for real."""
+
+    @abstractmethod
+    async def execute(
+        self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None
+    ) -> ExecResult:
+        """Run one statement (psycopg-style placeholders) and fetch its rows."""

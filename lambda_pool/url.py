@@ -1,0 +1,320 @@
+"""Database URLs: parsing, validation and password-safe rendering.
+
+``URL`` mirrors SQLAlchemy's ``sqlalchemy.engine.URL`` (immutable; ``set()``,
+``update_query_dict()``, ``render_as_string()``, ``get_backend_name()``,
+``get_driver_name()``) so code written against it keeps working.  ``str()`` and
+``repr()`` always mask the password as ``***``: URLs end up in logs and
+exception messages, and a Lambda's logs are widely readable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import parse_qsl, quote, quote_plus, unquote
+
+from lambda_pool.dialects import DEFAULT_DRIVERS, check_drivername
+from lambda_pool.exc import ArgumentError
+
+__all__ = ["URL", "make_url"]
+
+QueryValue = str | tuple[str, ...]
+
+# SQLAlchemy's URL grammar, so every URL a SQLAlchemy user already has parses the
+# same way: a password may hold ':' or '/', but '@' must be percent-encoded.
+_URL_RE = re.compile(
+    r"""
+        (?P<name>[\w+]+)://
+        (?:
+            (?P<username>[^:/]*)
+            (?::(?P<password>[^@]*))?
+        @)?
+        (?:
+            (?:
+                \[(?P<ipv6host>[^/?]+)\] |
+                (?P<ipv4host>[^/:?]+)
+            )?
+            (?::(?P<port>[^/?]*))?
+        )?
+        (?:/(?P<database>[^?]*))?
+        (?:\?(?P<query>.*))?
+    """,
+    re.X | re.S,
+)
+
+_UNSET: Any = object()
+
+
+def _freeze_query(query: Mapping[str, str | Sequence[str]] | None) -> Mapping[str, QueryValue]:
+    frozen: dict[str, QueryValue] = {}
+    for key, value in (query or {}).items():
+        if not isinstance(key, str):
+            raise ArgumentError(f"URL query keys must be strings, got {key!r}")
+        if isinstance(value, str):
+            frozen[key] = value
+        elif isinstance(value, Iterable) and all(isinstance(v, str) for v in value):
+            frozen[key] = tuple(value)
+        else:
+            raise ArgumentError(
+                f"URL query value for {key!r} must be a string or a sequence of strings"
+            )
+    return MappingProxyType(frozen)
+
+
+def _check_port(port: Any) -> int | None:
+    if port is None:
+        return None
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise ArgumentError(f"URL port must be an integer, got {type(port).__name__}")
+    if not 0 < port < 65536:
+        raise ArgumentError(f"URL port must be between 1 and 65535, got {port}")
+    return port
+
+
+class URL:
+    """An immutable database URL: ``drivername://username:password@host:port/database?query``.
+
+    Build one with :func:`make_url` or :meth:`URL.create`; derive changed copies with
+    :meth:`set` and :meth:`update_query_dict`.  Equal URLs (password included) compare
+    and hash equal; the hash never exposes the password.
+    """
+
+    __slots__ = ("database", "drivername", "host", "password", "port", "query", "username")
+
+    drivername: str
+    username: str | None
+    password: str | None
+    host: str | None
+    port: int | None
+    database: str | None
+    query: Mapping[str, QueryValue]
+
+    def __init__(
+        self,
+        drivername: str,
+        username: str | None = None,
+        password: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        database: str | None = None,
+        query: Mapping[str, str | Sequence[str]] | None = None,
+    ) -> None:
+        if not isinstance(drivername, str) or not drivername:
+            raise ArgumentError("URL drivername must be a non-empty string such as 'postgresql'")
+        check_drivername(drivername)
+        for name, value in (
+            ("username", username),
+            ("password", password),
+            ("host", host),
+            ("database", database),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise ArgumentError(f"URL {name} must be a string or None")
+        setter = object.__setattr__
+        setter(self, "drivername", drivername)
+        setter(self, "username", username)
+        setter(self, "password", password)
+        setter(self, "host", host)
+        setter(self, "port", _check_port(port))
+        setter(self, "database", database)
+        setter(self, "query", _freeze_query(query))
+
+    @classmethod
+    def create(
+        cls,
+        drivername: str,
+        username: str | None = None,
+        password: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        database: str | None = None,
+        query: Mapping[str, str | Sequence[str]] | None = None,
+    ) -> URL:
+        """Build a URL from its parts (SQLAlchemy's spelling of the constructor)."""
+        return cls(drivername, username, password, host, port, database, query)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"URL is immutable; use url.set({name}=...) for a changed copy")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("URL is immutable")
+
+    def set(
+        self,
+        drivername: str | None = None,
+        username: str | None = _UNSET,
+        password: str | None = _UNSET,
+        host: str | None = _UNSET,
+        port: int | None = _UNSET,
+        database: str | None = _UNSET,
+        query: Mapping[str, str | Sequence[str]] | None = _UNSET,
+    ) -> URL:
+        """Return a copy with the given parts replaced (``None`` clears a part)."""
+        return URL(
+            self.drivername if drivername is None else drivername,
+            self.username if username is _UNSET else username,
+            self.password if password is _UNSET else password,
+            self.host if host is _UNSET else host,
+            self.port if port is _UNSET else port,
+            self.database if database is _UNSET else database,
+            self.query if query is _UNSET else query,
+        )
+
+    def update_query_dict(
+        self, query_parameters: Mapping[str, str | Sequence[str]], append: bool = False
+    ) -> URL:
+        """Return a copy whose query has ``query_parameters`` merged in.
+
+        With ``append=True`` a key already present keeps its values and gains the new
+        ones (as a tuple); otherwise the new value replaces the old one.
+        """
+        merged: dict[str, str | Sequence[str]] = dict(self.query)
+        for key, value in _freeze_query(query_parameters).items():
+            if append and key in merged:
+                old = merged[key]
+                old_t = (old,) if isinstance(old, str) else tuple(old)
+                new_t = (value,) if isinstance(value, str) else tuple(value)
+                merged[key] = old_t + new_t
+            else:
+                merged[key] = value
+        return self.set(query=merged)
+
+    def difference_update_query(self, names: Iterable[str]) -> URL:
+        """Return a copy without the given query keys."""
+        drop = set(names)
+        return self.set(query={k: v for k, v in self.query.items() if k not in drop})
+
+    def get_backend_name(self) -> str:
+        """The database part of the drivername: ``postgresql`` or ``sqlite``."""
+        return self.drivername.partition("+")[0]
+
+    def get_driver_name(self) -> str:
+        """The driver part of the drivername, or the backend's default driver when absent."""
+        backend, sep, driver = self.drivername.partition("+")
+        return driver if sep else DEFAULT_DRIVERS[backend]
+
+    def render_as_string(self, hide_password: bool = True) -> str:
+        """The URL as a string; the password shows as ``***`` unless ``hide_password=False``."""
+        out = self.drivername + "://"
+        if self.username is not None:
+            out += quote(self.username, safe=" +")
+            if self.password is not None:
+                out += ":" + ("***" if hide_password else quote(self.password, safe=" +"))
+            out += "@"
+        if self.host is not None:
+            out += f"[{self.host}]" if ":" in self.host else self.host
+        if self.port is not None:
+            out += f":{self.port}"
+        if self.database is not None:
+            # ':' stays readable so sqlite:///:memory: renders as written.
+            out += "/" + quote(self.database, safe=" +/:")
+        if self.query:
+            pairs: list[str] = []
+            for key in sorted(self.query):
+                value = self.query[key]
+                for element in (value,) if isinstance(value, str) else value:
+                    pairs.append(f"{quote_plus(key)}={quote_plus(element)}")
+            out += "?" + "&".join(pairs)
+        return out
+
+    def _key(self) -> tuple[Any, ...]:
+        return (
+            self.drivername,
+            self.username,
+            self.password,
+            self.host,
+            self.port,
+            self.database,
+            tuple(sorted(self.query.items())),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, URL) and self._key() == other._key()
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        # The masked rendering: equal URLs hash equal, and the password never feeds
+        # anything observable.
+        return hash(self.render_as_string())
+
+    def __str__(self) -> str:
+        return self.render_as_string()
+
+    def __repr__(self) -> str:
+        return self.render_as_string()
+
+    def __copy__(self) -> URL:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> URL:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            URL,
+            (
+                self.drivername,
+                self.username,
+                self.password,
+                self.host,
+                self.port,
+                self.database,
+                dict(self.query),
+            ),
+        )
+
+
+def _parse(text: str) -> URL:
+    match = _URL_RE.match(text)
+    if match is None or match.end() != len(text):
+        scheme = text.partition("://")[0] if "://" in text else ""
+        if scheme and not re.fullmatch(r"[\w+]+", scheme):
+            raise ArgumentError("could not parse the database URL: the scheme is malformed")
+        raise ArgumentError(
+            "could not parse the database URL; expected e.g. "
+            "postgresql://user:password@host:5432/dbname or sqlite:///path/to/file.db"
+        )
+    parts = match.groupdict()
+    query: dict[str, str | list[str]] = {}
+    if parts["query"]:
+        for key, value in parse_qsl(parts["query"], keep_blank_values=True):
+            if key in query:
+                existing = query[key]
+                query[key] = [*([existing] if isinstance(existing, str) else existing), value]
+            else:
+                query[key] = value
+    port_text = parts["port"]
+    port: int | None = None
+    if port_text:
+        if not port_text.isdigit():
+            raise ArgumentError(f"URL port must be an integer, got {port_text!r}")
+        port = int(port_text)
+    return URL(
+        parts["name"],
+        username=unquote(parts["username"]) if parts["username"] is not None else None,
+        password=unquote(parts["password"]) if parts["password"] is not None else None,
+        host=parts["ipv4host"] or parts["ipv6host"],
+        port=port,
+        database=unquote(parts["database"]) if parts["database"] else None,
+        query=query,
+    )
+
+
+def make_url(name_or_url: str | URL) -> URL:
+    """Return ``name_or_url`` as a :class:`URL`, parsing it when it is a string.
+
+    Raises :class:`~lambda_pool.exc.ArgumentError` for text that is not a URL or
+    names a backend or driver lambda-pool does not support; the message lists what is
+    supported and never repeats the password.
+    """
+    if isinstance(name_or_url, URL):
+        return name_or_url
+    if not isinstance(name_or_url, str):
+        raise ArgumentError(
+            f"expected a database URL string or lambda_pool.URL, got {type(name_or_url).__name__}"
+        )
+    return _parse(name_or_url.strip())
