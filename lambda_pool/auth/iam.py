@@ -86,6 +86,35 @@ def token_validity(token: str) -> tuple[float, int]:
     return float(calendar.timegm(issued)), lifetime
 
 
+class _HideSigningDebug(logging.Filter):
+    """Drop botocore.auth's debug records while this module signs a token.
+
+    At DEBUG botocore logs the canonical request and the signature; together they are the
+    token.  The filter is scoped to the signing thread and call, so other AWS requests
+    keep their debug logs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.active, "signing", False)
+
+
+_signing_filter = _HideSigningDebug()
+_filter_installed = False
+_filter_lock = threading.Lock()
+
+
+def _install_signing_filter() -> None:
+    global _filter_installed
+    with _filter_lock:
+        if not _filter_installed:
+            logging.getLogger("botocore.auth").addFilter(_signing_filter)
+            _filter_installed = True
+
+
 ClientFactory = Callable[[str], Any]
 
 
@@ -200,6 +229,8 @@ class IAMCredentials:
 
     def _sign(self) -> str:
         reason: str | None = None
+        _install_signing_filter()
+        _signing_filter.active.signing = True
         try:
             token = self._rds_client().generate_db_auth_token(
                 DBHostname=self.host, Port=self.port, DBUsername=self.user, Region=self.region
@@ -212,6 +243,8 @@ class IAMCredentials:
             if isinstance(token, str) and token:
                 return token
             reason = "generate_db_auth_token returned no token"
+        finally:
+            _signing_filter.active.signing = False
         # Raised outside the except block so botocore's error is not attached as context.
         raise CredentialsError(
             f"could not sign an RDS IAM token for {self.user!r} at {self.host}:{self.port} "

@@ -56,7 +56,7 @@ class SecretLocation:
 
 
 class SecretsManagerCredentials:
-    """Credentials from a Secrets Manager secret, cached for ``max_age`` seconds.
+    """Credentials from a Secrets Manager secret, cached for ``max_age`` seconds of ``clock``.
 
     ``region`` defaults to the one in ``secret_id`` when it is an ARN, else to the AWS SDK's
     default (``AWS_REGION``, which Lambda sets).  With ``include_location=True`` the
@@ -103,7 +103,7 @@ class SecretsManagerCredentials:
         return self.location().url(drivername)
 
     def refresh(self) -> None:
-        """Forget the cached value; the next read bypasses Powertools' cache too."""
+        """Forget the cached value; the next read goes to Secrets Manager (``force_fetch``)."""
         with self._lock:
             self._cached = None
             self._force_next = True
@@ -119,10 +119,13 @@ class SecretsManagerCredentials:
             now = self.clock()
             if self._cached is not None and now < self._fetched_at + self.max_age:
                 return self._cached
+            # The first read may take a value the function's own get_secret call cached
+            # moments ago; every later read is a re-read on this provider's clock (or after
+            # refresh()), so it must not be answered from Powertools' cache.
             value = self._read(force_fetch=self._force_next)
             self._cached = self._parse(value)
             self._fetched_at = now
-            self._force_next = False
+            self._force_next = True
             _log.debug("read database credentials from secret %s", self.secret_id)
             return self._cached
 
