@@ -1,0 +1,937 @@
+"""Run a real, throw-away PostgreSQL server for tests and the demo, and inspect it.
+
+`EmbeddedPostgres` finds PostgreSQL binaries, initialises a cluster in a temporary
+directory, starts it on a free 127.0.0.1 port (plus a unix socket in that directory),
+creates a superuser, an application role and database, and removes everything on
+`stop()` (or at interpreter exit). `ExternalPostgres` gives the same interface over an
+existing server named by ``LAMBDA_POOL_TEST_DSN``; `from_env()` picks one of the two.
+
+The helpers (`backend_count`, `backends`, `terminate`, ...) read ``pg_stat_activity`` so
+tests can assert what a user would see on the server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import importlib.util
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote, urlencode
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = [
+    "ADMIN_APPLICATION_NAME",
+    "ENV_BINDIR",
+    "ENV_TEST_DSN",
+    "EmbeddedPostgres",
+    "ExternalPostgres",
+    "PostgresBinaries",
+    "PostgresNotFoundError",
+    "PostgresServer",
+    "PostgresStartError",
+    "candidate_bindirs",
+    "find_binaries",
+    "from_env",
+]
+
+ENV_BINDIR = "LAMBDA_POOL_PG_BINDIR"
+ENV_TEST_DSN = "LAMBDA_POOL_TEST_DSN"
+# The helpers' own sessions carry this name so that counting never sees them, even when
+# a helper runs in another thread while a test counts.
+ADMIN_APPLICATION_NAME = "lambda_pool.testing.admin"
+
+_READY_TIMEOUT = 30.0
+_STOP_TIMEOUT = 10.0
+_LOG_TAIL_LINES = 40
+
+_S = TypeVar("_S", bound="PostgresServer")
+
+
+class PostgresNotFoundError(RuntimeError):
+    """No usable PostgreSQL binaries (postgres + initdb) were found."""
+
+
+class PostgresStartError(RuntimeError):
+    """The throw-away server did not come up; the message carries the server log tail."""
+
+
+# --------------------------------------------------------------------------- binaries
+
+
+@dataclass(frozen=True)
+class PostgresBinaries:
+    """A directory holding ``postgres`` and ``initdb``, and whether it was built with TLS."""
+
+    bindir: Path
+    openssl: bool
+
+    @property
+    def postgres(self) -> Path:
+        return self.bindir / "postgres"
+
+    @property
+    def initdb(self) -> Path:
+        return self.bindir / "initdb"
+
+
+def _pgserver_bindir() -> Path | None:
+    # find_spec locates the package without executing its __init__ (which would start
+    # importing its own helpers); only the bundled binaries are wanted.
+    try:
+        spec = importlib.util.find_spec("pgserver")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        bindir = Path(location) / "pginstall" / "bin"
+        if bindir.is_dir():
+            return bindir
+    return None
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    # /usr/lib/postgresql/<major>/bin: sort numerically so 16 beats 9.6.
+    try:
+        return tuple(int(part) for part in path.parent.name.split("."))
+    except ValueError:
+        return (-1,)
+
+
+def candidate_bindirs() -> list[Path]:
+    """Directories that may hold PostgreSQL binaries, in order of preference.
+
+    ``$LAMBDA_POOL_PG_BINDIR``, the ``pgserver`` wheel's bundled binaries, the directory of
+    ``postgres`` on ``PATH`` (symlinks resolved, as Debian links them into /usr/local/bin),
+    then ``/usr/lib/postgresql/*/bin`` newest first. Only directories holding both
+    ``postgres`` and ``initdb`` are returned, without duplicates.
+    """
+    raw: list[Path] = []
+    env = os.environ.get(ENV_BINDIR)
+    if env:
+        raw.append(Path(env))
+    pgserver = _pgserver_bindir()
+    if pgserver is not None:
+        raw.append(pgserver)
+    on_path = shutil.which("postgres")
+    if on_path:
+        raw.append(Path(os.path.realpath(on_path)).parent)
+    raw.extend(sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True))
+    seen: set[str] = set()
+    result: list[Path] = []
+    for bindir in raw:
+        real = os.path.realpath(bindir)
+        if real in seen:
+            continue
+        if (bindir / "postgres").is_file() and (bindir / "initdb").is_file():
+            seen.add(real)
+            result.append(bindir)
+    return result
+
+
+def _has_openssl(bindir: Path) -> bool:
+    pg_config = bindir / "pg_config"
+    if pg_config.is_file():
+        try:
+            out = subprocess.run(
+                [str(pg_config), "--configure"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        if out:
+            return "--with-openssl" in out or "--with-ssl=openssl" in out
+    # No pg_config: a dynamically linked server built with OpenSSL names libssl in its
+    # binary; this reads only the file, it starts nothing.
+    try:
+        data = (bindir / "postgres").read_bytes()
+    except OSError:
+        return False
+    return b"libssl.so" in data or b"SSL_CTX_new" in data
+
+
+def find_binaries() -> PostgresBinaries:
+    """The first candidate built with OpenSSL, else the first candidate (TLS then off)."""
+    candidates = candidate_bindirs()
+    if not candidates:
+        raise PostgresNotFoundError(
+            "no PostgreSQL binaries found: set LAMBDA_POOL_PG_BINDIR, `pip install pgserver`, "
+            "or `apt-get install postgresql` (the tests can also use an existing server "
+            "named by LAMBDA_POOL_TEST_DSN)"
+        )
+    for bindir in candidates:
+        if _has_openssl(bindir):
+            return PostgresBinaries(bindir, openssl=True)
+    return PostgresBinaries(candidates[0], openssl=False)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _unprivileged_user() -> tuple[int, int] | None:
+    """uid/gid to run the server as when we are root (postgres refuses to run as root)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError as exc:  # pragma: no cover - every Linux has nobody
+        raise PostgresStartError("running as root and no 'nobody' user to run postgres") from exc
+    return entry.pw_uid, entry.pw_gid
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.chown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            os.chown(os.path.join(dirpath, name), uid, gid)
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no server log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _url(
+    user: str, password: str, host: str, port: int, dbname: str, params: Mapping[str, Any]
+) -> str:
+    query = {k: str(v) for k, v in params.items()}
+    netloc_host = host
+    if host.startswith("/"):
+        # A socket directory cannot sit in the URL's authority; libpq takes it as ?host=.
+        query["host"] = host
+        netloc_host = ""
+    auth = quote(user, safe="")
+    if password:
+        auth += ":" + quote(password, safe="")
+    url = f"postgresql://{auth}@{netloc_host}:{port}/{quote(dbname, safe='')}"
+    if query:
+        url += "?" + urlencode(query)
+    return url
+
+
+def _write_self_signed_cert(cert_path: Path, key_path: Path) -> None:
+    """A self-signed certificate for localhost/127.0.0.1; also usable as the client's root."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    # EC keys are generated in microseconds; RSA would add noticeable startup time.
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    # postgres refuses a key readable by group/others.
+    os.chmod(key_path, 0o600)
+
+
+# --------------------------------------------------------------------------- interface
+
+
+class PostgresServer:
+    """What tests rely on, whichever server backs it: URLs, and helpers over pg_stat_activity.
+
+    Subclasses provide the connection facts; the helpers here connect as the admin user
+    (a fresh autocommit session per call, so a test that kills backends cannot break them).
+    """
+
+    @property
+    def dsn(self) -> str:
+        """Application URL: ``postgresql://user:pw@host:port/db``."""
+        raise NotImplementedError
+
+    @property
+    def admin_dsn(self) -> str:
+        """Superuser URL (the same as `dsn` for an external server)."""
+        raise NotImplementedError
+
+    @property
+    def host(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def user(self) -> str:
+        """The application role."""
+        raise NotImplementedError
+
+    @property
+    def password(self) -> str:
+        """The application role's password."""
+        raise NotImplementedError
+
+    @property
+    def dbname(self) -> str:
+        """The application database."""
+        raise NotImplementedError
+
+    @property
+    def ssl_enabled(self) -> bool:
+        """True when the server accepts TLS (``sslmode=require`` then works)."""
+        with self.admin_connect() as conn:
+            row = conn.execute("SHOW ssl").fetchone()
+        return row is not None and row[0] == "on"
+
+    @property
+    def ssl_root_cert(self) -> str | None:
+        """A PEM file to verify the server certificate with (``sslrootcert``), if known."""
+        return None
+
+    @property
+    def version(self) -> str:
+        """``SHOW server_version``, e.g. ``"15.14 (Debian 15.14-0+deb12u1)"``."""
+        with self.admin_connect() as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+        assert row is not None
+        return str(row[0])
+
+    @property
+    def version_num(self) -> int:
+        """``server_version_num``, e.g. ``150014``: compare with ``>= 150000``."""
+        with self.admin_connect() as conn:
+            row = conn.execute("SHOW server_version_num").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    # lifecycle --------------------------------------------------------------
+
+    def start(self: _S) -> _S:
+        return self
+
+    def stop(self) -> None:
+        return None
+
+    def __enter__(self: _S) -> _S:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # URLs --------------------------------------------------------------------
+
+    def dsn_for(
+        self, user: str, password: str = "", dbname: str | None = None, **params: Any
+    ) -> str:
+        """A URL to this server for another role (e.g. one made by `create_role`).
+
+        Extra keywords become query parameters (``sslmode="require"``, ``application_name=...``).
+        """
+        return _url(user, password, self.host, self.port, dbname or self.dbname, params)
+
+    # helpers -----------------------------------------------------------------
+
+    def admin_connect(self, **kwargs: Any) -> psycopg.Connection[tuple[Any, ...]]:
+        """A psycopg autocommit connection as the superuser (close it, or use ``with``)."""
+        import psycopg
+
+        options: dict[str, Any] = {
+            "autocommit": True,
+            "application_name": ADMIN_APPLICATION_NAME,
+            "connect_timeout": 10,
+        }
+        options.update(kwargs)
+        return psycopg.connect(self.admin_dsn, **options)
+
+    def backends(
+        self, application_name: str | None = None, user: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Client backends (oldest first), excluding the helpers' own sessions.
+
+        Each dict has ``pid, user, database, application_name, state, query,
+        backend_start, xact_start, client_addr, ssl`` (``ssl`` from ``pg_stat_ssl``).
+        """
+        from psycopg.rows import dict_row
+
+        with self.admin_connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                """
+                SELECT a.pid, a.usename AS user, a.datname AS database,
+                       a.application_name, a.state, a.query, a.backend_start,
+                       a.xact_start, host(a.client_addr) AS client_addr,
+                       COALESCE(s.ssl, false) AS ssl
+                FROM pg_stat_activity a
+                LEFT JOIN pg_stat_ssl s ON s.pid = a.pid
+                WHERE a.backend_type = 'client backend'
+                  AND a.pid <> pg_backend_pid()
+                  AND a.application_name IS DISTINCT FROM %(admin)s
+                  AND (%(app)s::text IS NULL OR a.application_name = %(app)s::text)
+                  AND (%(user)s::text IS NULL OR a.usename = %(user)s::text)
+                ORDER BY a.backend_start, a.pid
+                """,
+                {"admin": ADMIN_APPLICATION_NAME, "app": application_name, "user": user},
+            )
+            return list(cur.fetchall())
+
+    def backend_count(self, application_name: str | None = None, user: str | None = None) -> int:
+        """How many client backends match (the helpers' own sessions never count)."""
+        return len(self.backends(application_name, user))
+
+    def wait_for_backend_count(
+        self,
+        expected: int,
+        application_name: str | None = None,
+        user: str | None = None,
+        timeout: float = 10.0,
+    ) -> int:
+        """Poll until `backend_count` equals `expected` or `timeout` passes; return the last count.
+
+        A backend leaves pg_stat_activity a moment after its client closes the socket, so a
+        test asserting "gone after close" should wait for it rather than read once.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            count = self.backend_count(application_name, user)
+            if count == expected or time.monotonic() >= deadline:
+                return count
+            time.sleep(0.02)
+
+    def terminate(self, application_name: str, timeout: float = 10.0) -> int:
+        """``pg_terminate_backend`` every backend with this name; wait until they are gone.
+
+        Returns how many were signalled. Raises `TimeoutError` if any outlives `timeout`.
+        """
+        pids = [row["pid"] for row in self.backends(application_name)]
+        if not pids:
+            return 0
+        with self.admin_connect() as conn:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
+                "FROM unnest(%s::int[]) AS pid",
+                (pids,),
+            ).fetchone()
+        signalled = int(row[0]) if row else 0
+        left = self.wait_for_backend_count(0, application_name, timeout=timeout)
+        if left:
+            raise TimeoutError(
+                f"{left} backend(s) named {application_name!r} still alive {timeout}s after "
+                "pg_terminate_backend"
+            )
+        return signalled
+
+    def set_password(self, role: str, password: str) -> None:
+        """``ALTER ROLE role PASSWORD ...`` (stored as SCRAM), e.g. to simulate rotation."""
+        from psycopg import sql
+
+        with self.admin_connect() as conn:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(password)
+                )
+            )
+
+    def create_role(self, name: str, password: str, superuser: bool = False) -> None:
+        """Create a login role with this password (or reset an existing one to it).
+
+        The role can connect to the application database and create objects in its
+        ``public`` schema.
+        """
+        from psycopg import sql
+
+        attributes = sql.SQL("LOGIN SUPERUSER" if superuser else "LOGIN NOSUPERUSER")
+        with self.admin_connect() as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+            verb = sql.SQL("ALTER ROLE" if exists else "CREATE ROLE")
+            conn.execute(
+                sql.SQL("{} {} {} PASSWORD {}").format(
+                    verb, sql.Identifier(name), attributes, sql.Literal(password)
+                )
+            )
+        with self.admin_connect(dbname=self.dbname) as conn:
+            conn.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(name)))
+
+
+# --------------------------------------------------------------------------- embedded
+
+
+class EmbeddedPostgres(PostgresServer):
+    """A throw-away PostgreSQL cluster in a temporary directory.
+
+    >>> with EmbeddedPostgres() as pg:
+    ...     psycopg.connect(pg.dsn)
+
+    As root the server runs as ``nobody`` (postgres refuses root). TLS is on when the
+    binaries were built with OpenSSL and ``cryptography`` is importable; both plain and TLS
+    connections are then accepted over TCP (scram-sha-256), and the unix socket in
+    `socket_dir` trusts local connections.
+    """
+
+    def __init__(
+        self,
+        binaries: PostgresBinaries | None = None,
+        *,
+        max_connections: int = 100,
+        settings: Mapping[str, str | int] | None = None,
+        app_user: str = "lambda_pool",
+        app_database: str = "lambda_pool_test",
+        ssl: bool | None = None,
+    ) -> None:
+        """`settings` are extra ``postgresql.conf`` lines; ``ssl=False`` forces TLS off."""
+        self._binaries = binaries
+        self._max_connections = max_connections
+        self._settings = dict(settings or {})
+        self._app_user = app_user
+        self._app_database = app_database
+        self._want_ssl = ssl
+        self._app_password = secrets.token_urlsafe(18)
+        self._admin_user = "postgres"
+        self._admin_password = secrets.token_urlsafe(18)
+        self._lock = threading.RLock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmpdir: Path | None = None
+        self._port = 0
+        self._ssl = False
+        self._version = ""
+        self._version_num = 0
+        self._owner_pid = 0
+
+    # facts -------------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        return _url(self._app_user, self._app_password, self.host, self.port, self.dbname, {})
+
+    @property
+    def admin_dsn(self) -> str:
+        return _url(self._admin_user, self._admin_password, self.host, self.port, self.dbname, {})
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        self._require_running()
+        return self._port
+
+    @property
+    def user(self) -> str:
+        return self._app_user
+
+    @property
+    def password(self) -> str:
+        return self._app_password
+
+    @property
+    def dbname(self) -> str:
+        return self._app_database
+
+    @property
+    def admin_user(self) -> str:
+        return self._admin_user
+
+    @property
+    def admin_password(self) -> str:
+        return self._admin_password
+
+    @property
+    def ssl_enabled(self) -> bool:
+        self._require_running()
+        return self._ssl
+
+    @property
+    def ssl_root_cert(self) -> str | None:
+        self._require_running()
+        return str(self._cert_path) if self._ssl else None
+
+    @property
+    def version(self) -> str:
+        self._require_running()
+        return self._version
+
+    @property
+    def version_num(self) -> int:
+        self._require_running()
+        return self._version_num
+
+    @property
+    def socket_dir(self) -> str:
+        """The unix socket directory (``host=`` for libpq); trusts local connections."""
+        self._require_running()
+        assert self._tmpdir is not None
+        return str(self._tmpdir)
+
+    @property
+    def data_dir(self) -> Path:
+        self._require_running()
+        assert self._tmpdir is not None
+        return self._tmpdir / "data"
+
+    @property
+    def log_file(self) -> Path:
+        self._require_running()
+        assert self._tmpdir is not None
+        return self._tmpdir / "postgres.log"
+
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id."""
+        self._require_running()
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def binaries(self) -> PostgresBinaries | None:
+        return self._binaries
+
+    @property
+    def _cert_path(self) -> Path:
+        assert self._tmpdir is not None
+        return self._tmpdir / "data" / "server.crt"
+
+    def _require_running(self) -> None:
+        if self._proc is None:
+            raise RuntimeError("EmbeddedPostgres is not started: call start() or use `with`")
+
+    def __repr__(self) -> str:
+        state = f"port={self._port}" if self._proc is not None else "stopped"
+        return f"<EmbeddedPostgres {state}>"
+
+    # lifecycle ---------------------------------------------------------------
+
+    def start(self) -> EmbeddedPostgres:
+        """Initialise and start the cluster; idempotent. Raises `PostgresStartError`."""
+        with self._lock:
+            if self._proc is not None:
+                return self
+            if self._binaries is None:
+                self._binaries = find_binaries()
+            try:
+                self._start_locked(self._binaries)
+            except BaseException:
+                self._stop_locked()
+                raise
+            return self
+
+    def _start_locked(self, binaries: PostgresBinaries) -> None:
+        self._owner_pid = os.getpid()
+        # Registered before anything is spawned, so an interrupted start is cleaned too.
+        atexit.register(self.stop)
+        tmp = Path(tempfile.mkdtemp(prefix="lambda-pool-pg-"))
+        self._tmpdir = tmp
+        run_as = _unprivileged_user()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        # A stray PGDATA/PGPORT/PGHOST from the caller's shell must not steer our cluster.
+        env.update({"LC_ALL": "C", "LANG": "C", "HOME": str(tmp)})
+        spawn: dict[str, Any] = {"cwd": str(tmp), "env": env}
+        if run_as is not None:
+            spawn.update(user=run_as[0], group=run_as[1], extra_groups=[])
+
+        pwfile = tmp / "pwfile"
+        pwfile.write_text(self._admin_password + "\n")
+        if run_as is not None:
+            _chown_tree(tmp, *run_as)
+        log = tmp / "postgres.log"
+        with open(log, "ab") as log_fh:
+            result = subprocess.run(
+                [
+                    str(binaries.initdb),
+                    "-D",
+                    str(tmp / "data"),
+                    "-U",
+                    self._admin_user,
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    # Durability is worthless for a throw-away cluster and fsync is slow.
+                    "--no-sync",
+                ],
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+                check=False,
+                **spawn,
+            )
+        pwfile.unlink()
+        if result.returncode != 0:
+            raise PostgresStartError(
+                f"initdb ({binaries.initdb}) failed with status {result.returncode}:\n" + _tail(log)
+            )
+
+        data = tmp / "data"
+        want_ssl = binaries.openssl if self._want_ssl is None else self._want_ssl
+        self._ssl = False
+        if want_ssl and binaries.openssl:
+            try:
+                _write_self_signed_cert(data / "server.crt", data / "server.key")
+                self._ssl = True
+            except ImportError:
+                # cryptography is an optional test extra: without it, TLS stays off.
+                self._ssl = False
+        (data / "pg_hba.conf").write_text(
+            "# Written by lambda_pool.testing.postgres: throw-away test cluster.\n"
+            "local   all all                trust\n"
+            "hostssl all all 127.0.0.1/32   scram-sha-256\n"
+            "host    all all 127.0.0.1/32   scram-sha-256\n"
+            "host    all all ::1/128        scram-sha-256\n"
+        )
+        if run_as is not None:
+            _chown_tree(tmp, *run_as)
+
+        # A free port can be taken by someone else between probing and binding: retry.
+        for attempt in range(5):
+            self._port = _free_port()
+            self._write_conf(data, tmp)
+            if self._launch(binaries, data, log, spawn, last_attempt=attempt == 4):
+                break
+        self._bootstrap()
+
+    def _write_conf(self, data: Path, tmp: Path) -> None:
+        conf: dict[str, str | int] = {
+            "listen_addresses": "127.0.0.1",
+            "port": self._port,
+            "unix_socket_directories": str(tmp),
+            "max_connections": self._max_connections,
+            "password_encryption": "scram-sha-256",
+            # A test server: speed over crash safety.
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "shared_buffers": "32MB",
+            # Containers often have a tiny /dev/shm and no huge pages.
+            "dynamic_shared_memory_type": "mmap",
+            "huge_pages": "off",
+            "ssl": "on" if self._ssl else "off",
+            "log_min_messages": "warning",
+            "log_line_prefix": "%m [%p] %q%u@%d ",
+        }
+        if self._ssl:
+            conf["ssl_cert_file"] = str(data / "server.crt")
+            conf["ssl_key_file"] = str(data / "server.key")
+        conf.update(self._settings)
+        lines = [
+            f"{key} = {value if isinstance(value, int) else _conf_quote(value)}"
+            for key, value in conf.items()
+        ]
+        # postgresql.auto.conf is read last and overrides postgresql.conf; rewriting it on
+        # a port retry keeps one copy of each setting.
+        (data / "postgresql.auto.conf").write_text("\n".join(lines) + "\n")
+
+    def _launch(
+        self,
+        binaries: PostgresBinaries,
+        data: Path,
+        log: Path,
+        spawn: dict[str, Any],
+        last_attempt: bool,
+    ) -> bool:
+        """Start the postmaster and wait until ready; False when the port was taken."""
+        with open(log, "ab") as log_fh:
+            offset = log_fh.tell()
+            self._proc = subprocess.Popen(
+                [str(binaries.postgres), "-D", str(data)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                **spawn,
+            )
+        pidfile = data / "postmaster.pid"
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while time.monotonic() < deadline:
+            status = self._proc.poll()
+            if status is not None:
+                self._proc = None
+                text = log.read_bytes()[offset:].decode(errors="replace")
+                if not last_attempt and "could not bind" in text:
+                    return False
+                raise PostgresStartError(
+                    f"postgres ({binaries.postgres}) exited with status {status} during "
+                    f"startup; server log tail:\n{_tail(log)}"
+                )
+            try:
+                lines = pidfile.read_text().splitlines()
+            except OSError:
+                lines = []
+            # Line 8 of postmaster.pid is the postmaster's status; pg_ctl waits on it too.
+            if len(lines) >= 8 and lines[7].strip() == "ready":
+                return True
+            time.sleep(0.02)
+        raise PostgresStartError(
+            f"postgres did not become ready within {_READY_TIMEOUT:.0f}s; server log tail:\n"
+            + _tail(log)
+        )
+
+    def _bootstrap(self) -> None:
+        from psycopg import sql
+
+        with self.admin_connect(dbname="postgres") as conn:
+            row = conn.execute(
+                "SELECT current_setting('server_version'), "
+                "current_setting('server_version_num')::int"
+            ).fetchone()
+            assert row is not None
+            self._version, self._version_num = str(row[0]), int(row[1])
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(self._app_user), sql.Literal(self._app_password)
+                )
+            )
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(self._app_database), sql.Identifier(self._app_user)
+                )
+            )
+
+    def admin_connect(self, **kwargs: Any) -> psycopg.Connection[tuple[Any, ...]]:
+        self._require_running()
+        return super().admin_connect(**kwargs)
+
+    def stop(self) -> None:
+        """Fast shutdown (sessions aborted), then remove the temporary directory."""
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        if self._owner_pid and self._owner_pid != os.getpid():
+            # A forked child (its atexit runs too) must not stop its parent's server.
+            return
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            # SIGINT = fast shutdown; escalate to immediate (SIGQUIT), then SIGKILL.
+            for sig, wait in (
+                (signal.SIGINT, _STOP_TIMEOUT),
+                (signal.SIGQUIT, 5.0),
+                (signal.SIGKILL, 5.0),
+            ):
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+                try:
+                    proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        atexit.unregister(self.stop)
+        self._owner_pid = 0
+
+
+# --------------------------------------------------------------------------- external
+
+
+class ExternalPostgres(PostgresServer):
+    """An existing server (``LAMBDA_POOL_TEST_DSN``): start/stop do nothing.
+
+    The same DSN serves as app and admin URL, so helpers that create roles or terminate
+    backends need that role to be allowed to (a superuser is simplest).
+    """
+
+    def __init__(self, dsn: str) -> None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        self._dsn = dsn
+        info = conninfo_to_dict(dsn)
+        self._host = str(info.get("host") or "localhost")
+        self._port = int(info.get("port") or 5432)
+        self._user = str(info.get("user") or os.environ.get("USER", "postgres"))
+        self._password = str(info.get("password") or "")
+        self._dbname = str(info.get("dbname") or self._user)
+
+    def __repr__(self) -> str:
+        return f"<ExternalPostgres {self._host}:{self._port}/{self._dbname}>"
+
+    @property
+    def dsn(self) -> str:
+        return self._dsn
+
+    @property
+    def admin_dsn(self) -> str:
+        return self._dsn
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def user(self) -> str:
+        return self._user
+
+    @property
+    def password(self) -> str:
+        return self._password
+
+    @property
+    def dbname(self) -> str:
+        return self._dbname
+
+
+def from_env(**kwargs: Any) -> PostgresServer:
+    """`ExternalPostgres` when ``LAMBDA_POOL_TEST_DSN`` is set, else a (not yet started)
+    `EmbeddedPostgres` built with `kwargs`."""
+    dsn = os.environ.get(ENV_TEST_DSN)
+    if dsn:
+        return ExternalPostgres(dsn)
+    return EmbeddedPostgres(**kwargs)
