@@ -1,0 +1,200 @@
+"""The local Lambda environment drives the real awslambdaric like Lambda does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lambda_pool.testing.runtime import LocalLambda, RuntimeInitError
+
+pytest.importorskip("awslambdaric", reason="pip install 'lambda-pool[testing]'")
+
+pytestmark = pytest.mark.e2e
+
+HANDLERS = textwrap.dedent(
+    """
+    import os, signal, time
+
+    INIT_PID = os.getpid()
+
+    if os.environ.get("T_EXTENSION"):
+        from lambda_pool.lifecycle import register_internal_extension
+        EXTENSION_ID = register_internal_extension()
+
+        def on_sigterm(signum, frame):
+            with open(os.environ["T_MARK"], "w") as mark:
+                mark.write("SIGTERM in handler module")
+            raise SystemExit(0)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def echo(event, context):
+        return {
+            "event": event,
+            "pid": os.getpid(),
+            "request_id": context.aws_request_id,
+            "arn": context.invoked_function_arn,
+            "remaining_ms": context.get_remaining_time_in_millis(),
+            "function": os.environ["AWS_LAMBDA_FUNCTION_NAME"],
+        }
+
+    def fail_or_echo(event, context):
+        if event.get("fail"):
+            raise KeyError("no such order")
+        return echo(event, context)
+
+    def sleep_or_echo(event, context):
+        time.sleep(event.get("sleep", 0))
+        return echo(event, context)
+    """
+)
+
+
+@pytest.fixture
+def code_dir(tmp_path: Path) -> Path:
+    (tmp_path / "fn.py").write_text(HANDLERS)
+    return tmp_path
+
+
+@pytest.fixture
+def make_lambda(code_dir: Path) -> Iterator[type[LocalLambda]]:
+    made: list[LocalLambda] = []
+
+    class Tracked(LocalLambda):
+        def __init__(self, handler: str, **kwargs: object) -> None:
+            super().__init__(handler, code_dir, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    yield Tracked
+    for fn in made:
+        fn.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_responses_come_back_with_the_lambda_context(make_lambda: type[LocalLambda]) -> None:
+    with make_lambda("fn.echo", function_name="orders", timeout_s=5) as fn:
+        first = fn.invoke({"n": 1})
+        second = fn.invoke({"n": 2})
+
+    assert first.ok and second.ok
+    assert first.payload["event"] == {"n": 1}
+    assert first.payload["request_id"] == first.request_id
+    assert first.payload["arn"] == "arn:aws:lambda:us-east-1:123456789012:function:orders"
+    assert first.payload["function"] == "orders"
+    assert 0 < first.payload["remaining_ms"] <= 5000
+    # One environment served both: the first was the cold start, the second was warm.
+    assert (first.cold, second.cold) == (True, False)
+    assert first.payload["pid"] == second.payload["pid"]
+
+
+def test_handler_exception_comes_back_as_an_error_and_the_next_invocation_succeeds(
+    make_lambda: type[LocalLambda],
+) -> None:
+    with make_lambda("fn.fail_or_echo") as fn:
+        failed = fn.invoke({"fail": True})
+        after = fn.invoke({"fail": False})
+
+    assert not failed.ok
+    assert failed.error_type == "KeyError"
+    assert "no such order" in (failed.error_message or "")
+    assert failed.stack_trace and any("fail_or_echo" in line for line in failed.stack_trace)
+    assert after.ok and not after.cold
+    assert after.payload["event"] == {"fail": False}
+
+
+def test_handler_past_its_deadline_is_killed_and_the_next_invocation_is_cold(
+    make_lambda: type[LocalLambda],
+) -> None:
+    with make_lambda("fn.sleep_or_echo") as fn:
+        warm = fn.invoke({})
+        pid = warm.payload["pid"]
+        slow = fn.invoke({"sleep": 30}, timeout_s=0.5)
+        assert not _alive(pid)
+        next_one = fn.invoke({})
+
+    assert slow.timed_out and slow.error_type == "Sandbox.Timedout"
+    assert next_one.ok and next_one.cold
+    assert next_one.payload["pid"] != pid
+    assert fn.cold_starts == 2
+
+
+def test_observe_hook_result_is_attached_to_each_invocation(
+    make_lambda: type[LocalLambda],
+) -> None:
+    calls: list[int] = []
+
+    def observe() -> dict[str, int]:
+        calls.append(1)
+        return {"observations": len(calls)}
+
+    with make_lambda("fn.echo", observe=observe) as fn:
+        results = [fn.invoke({}), fn.invoke({})]
+
+    assert [r.observed for r in results] == [{"observations": 1}, {"observations": 2}]
+
+
+def test_import_error_during_init_is_reported(make_lambda: type[LocalLambda]) -> None:
+    with make_lambda("missing_module.handler") as fn:
+        with pytest.raises(RuntimeInitError) as info:
+            fn.start()
+        result = fn.invoke({})
+
+    assert info.value.error_type == "Runtime.ImportModuleError"
+    assert result.error_type == "Runtime.ImportModuleError" and result.cold
+
+
+def test_sigterm_reaches_the_handler_module_when_an_internal_extension_registered(
+    make_lambda: type[LocalLambda], tmp_path: Path
+) -> None:
+    mark = tmp_path / "sigterm.mark"
+    fn = make_lambda("fn.echo", env={"T_EXTENSION": "1", "T_MARK": str(mark)})
+    fn.start()
+    assert fn.extensions_registered == 1
+    pid = fn.invoke({}).payload["pid"]
+    fn.idle(0.1)
+
+    status = fn.shutdown(grace=0.5)
+
+    assert mark.read_text() == "SIGTERM in handler module"
+    assert status == 0  # the module's handler exited cleanly within the grace period
+    assert not _alive(pid)
+
+
+def test_without_an_extension_shutdown_kills_without_sigterm(
+    make_lambda: type[LocalLambda], tmp_path: Path
+) -> None:
+    mark = tmp_path / "sigterm.mark"
+    fn = make_lambda("fn.echo", env={"T_MARK": str(mark)})
+    pid = fn.invoke({}).payload["pid"]
+
+    status = fn.shutdown()
+
+    # As in Lambda: no extension registered, so no SIGTERM, just SIGKILL.
+    assert status == -signal.SIGKILL
+    assert not mark.exists()
+    assert not _alive(pid)
+
+
+def test_close_leaves_no_process_and_no_server(make_lambda: type[LocalLambda]) -> None:
+    fn = make_lambda("fn.sleep_or_echo")
+    fn.invoke({})
+    pid = fn.pid
+    assert pid is not None and _alive(pid)
+    fn.idle(0.05, freeze=True)
+
+    fn.close()
+
+    assert fn.pid is None
+    assert not _alive(pid)
