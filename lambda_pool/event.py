@@ -1,1 +1,236 @@
+"""Pool event listeners: ``listen``, ``listens_for``, ``remove``, ``contains``.
 
+Events and their arguments (SQLAlchemy's)::
+
+    first_connect, connect, close, detach  (dbapi_connection, connection_record)
+    checkout        (dbapi_connection, connection_record, connection_proxy)
+    checkin         (dbapi_connection or None, connection_record)
+    reset           (dbapi_connection, connection_record, reset_state)
+    invalidate, soft_invalidate  (dbapi_connection, connection_record, exception or None)
+    close_detached  (dbapi_connection)
+
+Targets and where a listener is stored:
+
+* a pool **class** (``QueuePool``, ``Pool``…): a registry per class; a pool fires the
+  registries of every class in its MRO, so ``Pool`` reaches every pool.  Class-level
+  listeners run before the others.
+* a pool **instance**: the pool's own registry; ``pool.recreate()`` copies it.
+* an **engine**: an engine owns one :class:`EventRegistry` and passes it to every pool
+  it creates (``PoolClass(creator, events=engine.pool_events)``).  ``listen`` finds it
+  as ``engine.pool_events`` (or ``engine.dispatch`` when that is an ``EventRegistry``);
+  because the engine keeps the registry, listeners survive ``engine.dispose()``
+  replacing the pool.  Failing that, an object with a ``.pool`` attribute is treated as
+  that pool instance (whose listeners ``recreate()`` carries over), and an async engine
+  wrapper is followed through ``.sync_engine``.
+
+Order when an event fires: class-level, then engine-level, then instance-level; within
+each, ``insert=True`` listeners first (latest inserted first), then registration order.
+``once=True`` fires a listener at most once.  ``named=True`` passes keyword arguments.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from lambda_pool.exc import ArgumentError
+
+__all__ = ["EVENTS", "EventRegistry", "contains", "listen", "listens_for", "remove"]
+
+#: Every pool event with its argument names (used for validation and ``named=True``).
+EVENTS: dict[str, tuple[str, ...]] = {
+    "first_connect": ("dbapi_connection", "connection_record"),
+    "connect": ("dbapi_connection", "connection_record"),
+    "checkout": ("dbapi_connection", "connection_record", "connection_proxy"),
+    "checkin": ("dbapi_connection", "connection_record"),
+    "close": ("dbapi_connection", "connection_record"),
+    "detach": ("dbapi_connection", "connection_record"),
+    "close_detached": ("dbapi_connection",),
+    "reset": ("dbapi_connection", "connection_record", "reset_state"),
+    "invalidate": ("dbapi_connection", "connection_record", "exception"),
+    "soft_invalidate": ("dbapi_connection", "connection_record", "exception"),
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Ordering key source: inserted listeners take negative numbers so they sort first.
+_sequence = itertools.count(1)
+_lock = threading.Lock()
+# Bumped on every change so pools can cache their merged listener lists.
+_generation = 0
+
+
+class _Listener:
+    """One registered function with its options."""
+
+    __slots__ = ("fired", "fn", "name", "named", "once", "order")
+
+    def __init__(self, name: str, fn: Callable[..., Any], *, insert: bool, once: bool, named: bool):
+        self.name = name
+        self.fn = fn
+        self.once = once
+        self.named = named
+        self.fired = False
+        seq = next(_sequence)
+        self.order = -seq if insert else seq
+
+    def __call__(self, *args: Any) -> None:
+        if self.once:
+            with _lock:
+                if self.fired:
+                    return
+                self.fired = True
+        if self.named:
+            self.fn(**dict(zip(EVENTS[self.name], args, strict=False)))
+        else:
+            self.fn(*args)
+
+
+class EventRegistry:
+    """The listeners registered on one target (a pool class, a pool, or an engine)."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, list[_Listener]] = {}
+
+    def add(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        insert: bool = False,
+        once: bool = False,
+        named: bool = False,
+    ) -> None:
+        _check_name(name)
+        listener = _Listener(name, fn, insert=insert, once=once, named=named)
+        with _lock:
+            bucket = self._listeners.setdefault(name, [])
+            bucket.append(listener)
+            bucket.sort(key=lambda item: item.order)
+            _changed()
+
+    def remove(self, name: str, fn: Callable[..., Any]) -> None:
+        _check_name(name)
+        with _lock:
+            bucket = self._listeners.get(name, [])
+            for listener in bucket:
+                if listener.fn is fn or listener.fn == fn:
+                    bucket.remove(listener)
+                    _changed()
+                    return
+        raise ArgumentError(f"No listener {fn!r} registered for pool event {name!r}")
+
+    def contains(self, name: str, fn: Callable[..., Any]) -> bool:
+        _check_name(name)
+        return any(item.fn is fn or item.fn == fn for item in self._listeners.get(name, ()))
+
+    def listeners(self, name: str) -> list[_Listener]:
+        return list(self._listeners.get(name, ()))
+
+    def copy(self) -> EventRegistry:
+        """A registry with the same listeners (``once`` state shared), for ``recreate()``."""
+        clone = EventRegistry()
+        with _lock:
+            clone._listeners = {name: list(items) for name, items in self._listeners.items()}
+            _changed()
+        return clone
+
+    def __bool__(self) -> bool:
+        return any(self._listeners.values())
+
+
+# Class-level registries; weak so that throw-away subclasses (tests) can be collected.
+_class_registries: weakref.WeakKeyDictionary[type, EventRegistry] = weakref.WeakKeyDictionary()
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
+
+
+def generation() -> int:
+    """Changes whenever any listener is added or removed anywhere (cache key for pools)."""
+    return _generation
+
+
+def class_registry(cls: type, *, create: bool = False) -> EventRegistry | None:
+    """The registry of listeners attached to pool class ``cls`` itself (not its bases)."""
+    registry = _class_registries.get(cls)
+    if registry is None and create:
+        registry = EventRegistry()
+        _class_registries[cls] = registry
+    return registry
+
+
+def _check_name(name: str) -> None:
+    if name not in EVENTS:
+        raise ArgumentError(
+            f"No such pool event {name!r}; valid events: {', '.join(sorted(EVENTS))}"
+        )
+
+
+def _registry_for(target: Any) -> EventRegistry:
+    from lambda_pool.pool.base import Pool  # the pool imports this module: import late
+
+    if isinstance(target, type):
+        if issubclass(target, Pool):
+            registry = class_registry(target, create=True)
+            assert registry is not None
+            return registry
+    elif isinstance(target, Pool):
+        return target._instance_events
+    else:
+        for attribute in ("pool_events", "dispatch"):
+            candidate = getattr(target, attribute, None)
+            if isinstance(candidate, EventRegistry):
+                return candidate
+        sync_engine = getattr(target, "sync_engine", None)
+        if sync_engine is not None and sync_engine is not target:
+            return _registry_for(sync_engine)
+        pool = getattr(target, "pool", None)
+        if isinstance(pool, Pool):
+            return pool._instance_events
+    raise ArgumentError(
+        f"Cannot listen for pool events on {target!r}; accepted targets: a Pool class, "
+        "a Pool instance, or an engine (an object with 'pool_events' or a 'pool')"
+    )
+
+
+def listen(
+    target: Any,
+    identifier: str,
+    fn: Callable[..., Any],
+    *,
+    insert: bool = False,
+    once: bool = False,
+    named: bool = False,
+) -> None:
+    """Register ``fn`` for pool event ``identifier`` on ``target``."""
+    _check_name(identifier)
+    _registry_for(target).add(identifier, fn, insert=insert, once=once, named=named)
+
+
+def listens_for(
+    target: Any, identifier: str, *, insert: bool = False, once: bool = False, named: bool = False
+) -> Callable[[F], F]:
+    """Decorator form of :func:`listen`."""
+    _check_name(identifier)
+
+    def decorate(fn: F) -> F:
+        listen(target, identifier, fn, insert=insert, once=once, named=named)
+        return fn
+
+    return decorate
+
+
+def remove(target: Any, identifier: str, fn: Callable[..., Any]) -> None:
+    """Unregister ``fn``; an error if it was not registered there."""
+    _registry_for(target).remove(identifier, fn)
+
+
+def contains(target: Any, identifier: str, fn: Callable[..., Any]) -> bool:
+    """True if ``fn`` is registered for ``identifier`` on ``target``."""
+    return _registry_for(target).contains(identifier, fn)

@@ -1,0 +1,935 @@
+"""The pool machinery: ``Pool``, connection records, checked-out proxies, and the two shells.
+
+Every pool procedure (checkout, return, invalidate, detach, dispose) is written once,
+as a generator that makes its decisions through :mod:`lambda_pool.pool.core` and yields
+an :class:`~lambda_pool.pool.core.Op` whenever it needs I/O.  Thin shells run those
+generators: ``_run_sync`` performs each step directly (threads wait on a
+``threading.Condition``), ``_run_async`` awaits it (callers wait on asyncio futures),
+and ``_run_nowait`` serves the few sync entry points of an async pool (``invalidate()``,
+``dispose()``, garbage collection) by scheduling closes instead of awaiting them.  The
+sync and async modes therefore share one source of truth for accounting, ordering of
+events and error handling.
+
+A pool's mode comes from its creator: ``async def creator()`` (or a dialect with
+``is_async = True``) makes an async pool, used with ``await pool.aconnect()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from lambda_pool import event
+from lambda_pool.exc import (
+    DisconnectionError,
+    InvalidRequestError,
+    ResourceClosedError,
+)
+from lambda_pool.exc import (
+    TimeoutError as PoolTimeoutError,
+)
+from lambda_pool.pool import core
+from lambda_pool.pool.core import Acquire, Op, Stale, Step
+from lambda_pool.pool.dialect import AsyncDefaultDialect, DefaultDialect
+
+T = TypeVar("T")
+Proc = Generator[Step, Any, T]
+
+# How many connections a checkout tries before giving up on DisconnectionErrors
+# (SQLAlchemy's number).
+CHECKOUT_ATTEMPTS = 2
+
+# Reinitialised in a forked child: a thread of the parent may have held it at fork time.
+_fork_lock = threading.Lock()
+
+
+def _reinit_fork_lock() -> None:
+    global _fork_lock
+    _fork_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_fork_lock)
+
+
+@dataclass(frozen=True)
+class PoolResetState:
+    """Describes the reset a returning connection gets (argument of the ``reset`` event)."""
+
+    transaction_was_reset: bool
+    """The caller already ended the transaction (the pool does not roll back again)."""
+    terminate_only: bool
+    """The connection is being dropped, not returned (no rollback is attempted)."""
+    asyncio_safe: bool
+    """The reset may use the connection's I/O (False while garbage-collecting an async one)."""
+
+
+class _PrePingDisconnect(DisconnectionError):
+    """The pre-ping found the connection dead: the whole pool is marked invalidated."""
+
+    invalidate_pool = True
+
+
+_ECHO_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class _EchoLogger:
+    """Logs to ``lambda_pool.pool`` (``.<logging_name>``); ``echo`` forces INFO or DEBUG."""
+
+    _LEVELS: dict[bool | str, int] = {False: logging.NOTSET, True: logging.INFO}
+
+    def __init__(self, echo: bool | str, logging_name: str | None) -> None:
+        name = "lambda_pool.pool" + (f".{logging_name}" if logging_name else "")
+        self.logger = logging.getLogger(name)
+        self.level = logging.DEBUG if echo == "debug" else self._LEVELS.get(echo, logging.INFO)
+        if echo and not self.logger.handlers:
+            # What echo=True promises: output without configuring logging first.
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+            )
+            self.logger.addHandler(handler)
+
+    def log(self, level: int, msg: str, *args: Any, exc_info: bool = False) -> None:
+        forced = self.level != logging.NOTSET and level >= self.level
+        if forced or self.logger.isEnabledFor(level):
+            record = self.logger.makeRecord(
+                self.logger.name,
+                level,
+                __file__,
+                0,
+                msg,
+                args,
+                sys.exc_info() if exc_info else None,
+            )
+            self.logger.handle(record)
+
+    def debug(self, msg: str, *args: Any) -> None:
+        self.log(logging.DEBUG, msg, *args)
+
+    def info(self, msg: str, *args: Any) -> None:
+        self.log(logging.INFO, msg, *args)
+
+    def error(self, msg: str, *args: Any, exc_info: bool = False) -> None:
+        self.log(logging.ERROR, msg, *args, exc_info=exc_info)
+
+
+class ConnectionPoolEntry:
+    """One slot of a pool and the DB-API connection it currently holds (a "record").
+
+    ``info`` belongs to the physical connection and is emptied when the slot
+    reconnects; ``record_info`` belongs to the slot and survives invalidation.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._epoch = pool._epoch
+        self.dbapi_connection: Any = None
+        self.starttime = 0.0
+        self.soft_invalidate_time = 0.0
+        self.fresh = False
+        self._info: dict[Any, Any] | None = None
+        self._record_info: dict[Any, Any] | None = None
+
+    @property
+    def info(self) -> dict[Any, Any]:
+        if self._info is None:
+            self._info = {}
+        return self._info
+
+    @property
+    def record_info(self) -> dict[Any, Any]:
+        if self._record_info is None:
+            self._record_info = {}
+        return self._record_info
+
+    @property
+    def driver_connection(self) -> Any:
+        if self.dbapi_connection is None:
+            return None
+        return self._pool._dialect.get_driver_connection(self.dbapi_connection)
+
+    def invalidate(self, e: BaseException | None = None, soft: bool = False) -> None:
+        """Hard: close the connection now (the slot reconnects later). Soft: at next checkout."""
+        self._pool._run_here(self._pool._g_invalidate(self, e, soft))
+
+    async def ainvalidate(self, e: BaseException | None = None, soft: bool = False) -> None:
+        await self._pool._run_async(self._pool._g_invalidate(self, e, soft))
+
+    def __repr__(self) -> str:
+        return f"<ConnectionPoolEntry at {id(self):#x}; {self.dbapi_connection!r}>"
+
+
+#: SQLAlchemy's historical name for a connection record.
+_ConnectionRecord = ConnectionPoolEntry
+
+
+class PoolProxiedConnection:
+    """A checked-out connection: forwards to the DB-API connection, returns it on ``close()``."""
+
+    def __init__(self, pool: Pool, record: ConnectionPoolEntry) -> None:
+        self._pool = pool
+        self._record: ConnectionPoolEntry | None = record
+        self._detached: Any = None  # the DB-API connection once detach() ran
+        self._detached_info: dict[Any, Any] | None = None
+        self._closed = False
+        self._nested = 1  # SingletonThreadPool hands the same proxy to nested checkouts
+
+    # --- the connection ---------------------------------------------------------------
+
+    @property
+    def dbapi_connection(self) -> Any:
+        if self._closed:
+            return None
+        if self._record is None:
+            return self._detached
+        return self._record.dbapi_connection
+
+    @property
+    def driver_connection(self) -> Any:
+        dbapi = self.dbapi_connection
+        return None if dbapi is None else self._pool._dialect.get_driver_connection(dbapi)
+
+    @property
+    def is_valid(self) -> bool:
+        return self.dbapi_connection is not None
+
+    @property
+    def is_detached(self) -> bool:
+        return self._record is None and not self._closed
+
+    @property
+    def record(self) -> ConnectionPoolEntry | None:
+        return self._record
+
+    @property
+    def info(self) -> dict[Any, Any]:
+        if self._record is None:
+            if self._detached_info is None:
+                self._detached_info = {}
+            return self._detached_info
+        return self._record.info
+
+    @property
+    def record_info(self) -> dict[Any, Any] | None:
+        return None if self._record is None else self._record.record_info
+
+    def _live(self) -> Any:
+        dbapi = self.dbapi_connection
+        if dbapi is None:
+            raise ResourceClosedError(
+                "This pooled connection is closed (or was invalidated); "
+                "check out a new one with pool.connect()"
+            )
+        return dbapi
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names not found on the proxy: forward to the DB-API connection.
+        if name.startswith("__") or name in _PROXY_SLOTS:
+            raise AttributeError(name)
+        return getattr(self._live(), name)
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        return self._live().cursor(*args, **kwargs)
+
+    # --- giving it back ----------------------------------------------------------------
+
+    def close(self, *, transaction_was_reset: bool = False) -> None:
+        """Return the connection to the pool (reset first). A second call does nothing."""
+        if self._closed:
+            return
+        if self._pool._is_async:
+            raise InvalidRequestError(
+                "This connection belongs to an async pool: use 'await proxy.aclose()'"
+            )
+        if self._release_nested():
+            return
+        self._pool._run_sync(self._pool._g_checkin(self, transaction_was_reset))
+
+    async def aclose(self, *, transaction_was_reset: bool = False) -> None:
+        """``close()`` for either mode, awaiting the reset and close of an async connection."""
+        if self._closed or self._release_nested():
+            return
+        await self._pool._run_any(self._pool._g_checkin(self, transaction_was_reset))
+
+    def _release_nested(self) -> bool:
+        self._nested -= 1
+        return self._nested > 0
+
+    def invalidate(self, e: BaseException | None = None, soft: bool = False) -> None:
+        """Hard: close the connection now and return the slot. Soft: replace at next checkout."""
+        if self._closed:
+            return
+        self._pool._run_here(self._pool._g_invalidate_proxy(self, e, soft))
+
+    async def ainvalidate(self, e: BaseException | None = None, soft: bool = False) -> None:
+        if self._closed:
+            return
+        await self._pool._run_any(self._pool._g_invalidate_proxy(self, e, soft))
+
+    def detach(self) -> None:
+        """Take the connection out of the pool: its slot is free now; close() closes it."""
+        if self._closed or self._record is None:
+            return
+        self._pool._detach(self)
+
+    # --- context managers and garbage collection ---------------------------------------
+
+    def __enter__(self) -> PoolProxiedConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> PoolProxiedConnection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        with contextlib.suppress(Exception):
+            self._pool._collect(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("detached" if self._record is None else "open")
+        return f"<PoolProxiedConnection {state} {self.dbapi_connection!r}>"
+
+
+_PROXY_SLOTS = frozenset(vars(PoolProxiedConnection)) | {
+    "_pool",
+    "_record",
+    "_detached",
+    "_detached_info",
+    "_closed",
+    "_nested",
+}
+
+#: SQLAlchemy's historical name for the checked-out proxy.
+_ConnectionFairy = PoolProxiedConnection
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Pool:
+    """Base of every pool class: a creator, a dialect, listeners, and the shared procedures."""
+
+    def __init__(
+        self,
+        creator: Callable[[], Any],
+        *,
+        recycle: float = -1,
+        echo: bool | str | None = False,
+        logging_name: str | None = None,
+        reset_on_return: bool | str | None = True,
+        events: event.EventRegistry | None = None,
+        dialect: Any = None,
+        pre_ping: bool = False,
+    ) -> None:
+        if not callable(creator):
+            raise core.ArgumentError(
+                f"Invalid creator {creator!r}; accepted: a function returning a DB-API "
+                "connection (or an async function returning an async connection)"
+            )
+        self._creator = creator
+        self._recycle = core.check_recycle(recycle)
+        self.echo = core.check_echo(echo)
+        self.logging_name = logging_name
+        self._reset_on_return = core.check_reset_on_return(reset_on_return)
+        self._pre_ping = bool(pre_ping)
+        self._is_async = inspect.iscoroutinefunction(creator) or bool(
+            getattr(dialect, "is_async", False)
+        )
+        if dialect is None:
+            dialect = AsyncDefaultDialect() if self._is_async else DefaultDialect()
+        self._dialect: Any = dialect
+        self._dialect_async = bool(getattr(dialect, "is_async", False))
+        self._engine_events = events
+        self._instance_events = event.EventRegistry()
+        self._listener_cache: dict[str, list[Any]] = {}
+        self._listener_generation = -1
+        self._logger = _EchoLogger(self.echo, logging_name)
+        # Keyword arguments recreate() passes on; subclasses add theirs.
+        self._kwargs: dict[str, Any] = {
+            "recycle": recycle,
+            "echo": echo,
+            "logging_name": logging_name,
+            "reset_on_return": reset_on_return,
+            "dialect": dialect,
+            "pre_ping": pre_ping,
+        }
+        self._timeout: float | None = None
+        self._invalidate_time = 0.0
+        self._first_connect_done = False
+        self._pid = os.getpid()
+        self._epoch = 0
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._slots: core.Slots[ConnectionPoolEntry] = self._make_slots()
+
+    # --- subclass hooks -----------------------------------------------------------------
+
+    def _make_slots(self) -> core.Slots[ConnectionPoolEntry]:
+        raise NotImplementedError
+
+    # --- public API ---------------------------------------------------------------------
+
+    @property
+    def dialect(self) -> Any:
+        return self._dialect
+
+    @property
+    def is_async(self) -> bool:
+        """True when the creator is a coroutine function: use ``aconnect``/``adispose``."""
+        return self._is_async
+
+    def connect(self) -> PoolProxiedConnection:
+        """Check a connection out (sync pools)."""
+        if self._is_async:
+            raise InvalidRequestError("This pool has an async creator: use 'await pool.aconnect()'")
+        return self._run_sync(self._g_checkout())
+
+    async def aconnect(self) -> PoolProxiedConnection:
+        """Check a connection out (async pools)."""
+        if not self._is_async:
+            raise InvalidRequestError("This pool has a sync creator: use 'pool.connect()'")
+        return await self._run_async(self._g_checkout())
+
+    def dispose(self) -> None:
+        """Close every idle connection; checked-out ones are handled when they come back."""
+        self._run_here(self._g_dispose())
+
+    async def adispose(self) -> None:
+        await self._run_any(self._g_dispose())
+
+    def recreate(self) -> Pool:
+        """A new, unconnected pool of the same class, arguments and listeners."""
+        self._logger.info("Pool recreating")
+        new = type(self)(self._creator, events=self._engine_events, **self._kwargs)
+        new._instance_events = self._instance_events.copy()
+        return new
+
+    def size(self) -> int:
+        return self._slots.size()
+
+    def checkedin(self) -> int:
+        return self._slots.checkedin()
+
+    def checkedout(self) -> int:
+        return self._slots.checkedout()
+
+    def overflow(self) -> int:
+        return self._slots.overflow()
+
+    def timeout(self) -> float | None:
+        return self._timeout
+
+    def status(self) -> str:
+        return (
+            f"Pool size: {self.size()}  Connections in pool: {self.checkedin()} "
+            f"Current Overflow: {self.overflow()} "
+            f"Current Checked out connections: {self.checkedout()}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.status()}>"
+
+    # --- events -------------------------------------------------------------------------
+
+    def _listeners(self, name: str) -> list[Any]:
+        generation = event.generation()
+        if generation != self._listener_generation:
+            self._listener_cache = {}
+            self._listener_generation = generation
+        found = self._listener_cache.get(name)
+        if found is None:
+            class_level: list[Any] = []
+            for klass in type(self).__mro__:
+                registry = event.class_registry(klass)
+                if registry is not None:
+                    class_level.extend(registry.listeners(name))
+            class_level.sort(key=lambda item: item.order)
+            found = class_level
+            if self._engine_events is not None:
+                found = found + self._engine_events.listeners(name)
+            found = found + self._instance_events.listeners(name)
+            self._listener_cache[name] = found
+        return found
+
+    def _fire(self, name: str, *args: Any) -> None:
+        for listener in self._listeners(name):
+            listener(*args)
+
+    # --- shells -------------------------------------------------------------------------
+
+    def _run_sync(self, proc: Proc[T]) -> T:
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = proc.throw(error) if error is not None else proc.send(send)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            error = None
+            try:
+                send = self._perform_sync(step)
+            except BaseException as exc:
+                error, send = exc, None
+
+    def _perform_sync(self, step: Step) -> Any:
+        op, arg = step
+        if op is Op.CONNECT:
+            return self._creator()
+        if op is Op.WAIT:
+            version, seconds = arg
+            with self._cond:
+                if self._slots.version == version:
+                    self._cond.wait(seconds)
+            return None
+        return self._dialect_call(op, arg)
+
+    def _dialect_call(self, op: Op, dbapi: Any) -> Any:
+        if op is Op.PING:
+            return self._dialect.do_ping(dbapi)
+        if op is Op.ROLLBACK:
+            return self._dialect.do_rollback(dbapi)
+        if op is Op.COMMIT:
+            return self._dialect.do_commit(dbapi)
+        if op is Op.CLOSE:
+            return self._dialect.do_close(dbapi)
+        raise AssertionError(op)  # pragma: no cover - every Op is handled
+
+    async def _run_async(self, proc: Proc[T]) -> T:
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = proc.throw(error) if error is not None else proc.send(send)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            error = None
+            try:
+                send = await self._perform_async(step)
+            except BaseException as exc:
+                error, send = exc, None
+
+    async def _perform_async(self, step: Step) -> Any:
+        op, arg = step
+        if op is Op.CONNECT:
+            connection = self._creator()
+            if inspect.isawaitable(connection):
+                connection = await connection
+            return connection
+        if op is Op.WAIT:
+            version, seconds = arg
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[None] = loop.create_future()
+            with self._lock:
+                if self._slots.version != version:
+                    return None
+                self._async_waiters.append((loop, future))
+            try:
+                await asyncio.wait_for(future, seconds)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                with self._lock:
+                    if (loop, future) in self._async_waiters:
+                        self._async_waiters.remove((loop, future))
+            return None
+        result = self._dialect_call(op, arg)
+        if self._dialect_async:
+            result = await result
+        return result
+
+    async def _run_any(self, proc: Proc[T]) -> T:
+        """Async entry points accept sync pools too (they then run without awaiting)."""
+        if self._is_async:
+            return await self._run_async(proc)
+        return self._run_sync(proc)
+
+    def _run_here(self, proc: Proc[T]) -> T:
+        """Sync entry points of either mode: an async pool schedules its closes."""
+        if self._is_async:
+            return self._run_nowait(proc)
+        return self._run_sync(proc)
+
+    def _run_nowait(self, proc: Proc[T]) -> T:
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = proc.throw(error) if error is not None else proc.send(send)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            error = None
+            op, arg = step
+            if op is Op.CLOSE:
+                self._close_soon(arg)
+            else:
+                error = InvalidRequestError(
+                    f"An async pool cannot {op.value} without awaiting: use the 'a…' method"
+                )
+
+    def _close_soon(self, dbapi: Any) -> None:
+        """Close an async connection from sync code: a task if a loop runs, else terminate."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and self._dialect_async:
+            task = loop.create_task(self._close_quietly(dbapi))
+            self._background.add(task)  # keep a reference until it finishes
+            task.add_done_callback(self._background.discard)
+            return
+        terminate = getattr(self._dialect, "do_terminate", None)
+        try:
+            if callable(terminate):
+                terminate(dbapi)
+            elif not self._dialect_async:
+                self._dialect.do_close(dbapi)
+        except Exception:
+            self._logger.error("Exception terminating connection %r", dbapi, exc_info=True)
+
+    async def _close_quietly(self, dbapi: Any) -> None:
+        try:
+            await self._dialect.do_close(dbapi)
+        except Exception:
+            self._logger.error("Exception closing connection %r", dbapi, exc_info=True)
+
+    def _notify_locked(self) -> None:
+        """Wake every waiter (threads and tasks); each re-checks the slots. Hold the lock."""
+        self._cond.notify_all()
+        waiters, self._async_waiters = self._async_waiters, []
+        for loop, future in waiters:
+            # A closed loop raises RuntimeError: nobody is waiting on it any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_wake, future)
+
+    # --- fork safety --------------------------------------------------------------------
+
+    def _check_fork(self) -> None:
+        """In a forked child, forget the parent's connections without touching their sockets."""
+        pid = os.getpid()
+        if pid == self._pid:
+            return
+        with _fork_lock:
+            if pid == self._pid:
+                return
+            # The parent's lock may have been held by a thread that does not exist here.
+            self._lock = threading.Lock()
+            self._cond = threading.Condition(self._lock)
+            self._async_waiters = []
+            dropped = self._slots.forget_all()
+            self._epoch += 1
+            self._pid = pid
+        for record in dropped:
+            # Dropped, never closed: closing would end the parent's session (psycopg sends
+            # Terminate on the shared socket); the drivers skip that when collected here.
+            record.dbapi_connection = None
+        self._logger.info("Process %d forked from the pool's: parent connections dropped", pid)
+
+    # --- procedures (shared by every shell) ---------------------------------------------
+
+    def _new_record(self) -> ConnectionPoolEntry:
+        return ConnectionPoolEntry(self)
+
+    def _g_checkout(self) -> Proc[PoolProxiedConnection]:
+        self._check_fork()
+        deadline = core.Deadline(time.monotonic(), self._timeout)
+        key = threading.get_ident()
+        while True:
+            with self._lock:
+                kind, record = self._slots.acquire(self._new_record, key)
+                version = self._slots.version
+            if kind is not Acquire.WAIT:
+                break
+            if deadline.expired(time.monotonic()):
+                raise PoolTimeoutError(self._timeout_message())
+            yield Op.WAIT, (version, deadline.remaining(time.monotonic()))
+        assert record is not None
+        proxy = PoolProxiedConnection(self, record)
+        try:
+            if kind is not Acquire.SHARED:
+                yield from self._g_prepare(record, proxy)
+        except BaseException as exc:
+            proxy._closed = True
+            if record.dbapi_connection is not None:
+                try:
+                    yield from self._g_invalidate(record, exc)
+                except Exception:
+                    self._logger.error("Exception invalidating after a failed checkout")
+            with self._lock:
+                if kind is Acquire.NEW:
+                    self._slots.discard(record)
+                else:
+                    self._slots.release(record)
+                self._slots.ready(record)
+                self._notify_locked()
+            raise
+        if kind is not Acquire.SHARED:
+            with self._lock:
+                self._slots.ready(record)
+                self._notify_locked()
+        self._logger.debug("Connection %r checked out from pool", record.dbapi_connection)
+        return proxy
+
+    def _timeout_message(self) -> str:
+        return core.timeout_message(0, 0, self._timeout)
+
+    def _g_prepare(self, record: ConnectionPoolEntry, proxy: PoolProxiedConnection) -> Proc[None]:
+        reason = core.stale_reason(
+            now=time.time(),
+            has_connection=record.dbapi_connection is not None,
+            starttime=record.starttime,
+            recycle=self._recycle,
+            pool_invalidated_at=self._invalidate_time,
+            soft_invalidated_at=record.soft_invalidate_time,
+        )
+        if reason is not None:
+            if reason is not Stale.NO_CONNECTION:
+                self._logger.info(
+                    "Connection %r %s: closing and reconnecting",
+                    record.dbapi_connection,
+                    reason.value,
+                )
+                yield from self._g_close_connection(record)
+            yield from self._g_connect(record)
+        attempts = CHECKOUT_ATTEMPTS
+        while True:
+            fresh, record.fresh = record.fresh, False
+            try:
+                if self._pre_ping and not fresh:
+                    yield from self._g_ping(record)
+                self._fire("checkout", record.dbapi_connection, record, proxy)
+                return
+            except DisconnectionError as exc:
+                attempts -= 1
+                self._logger.info(
+                    "Disconnection detected on checkout, invalidating %s: %r",
+                    "all pooled connections prior to this timestamp"
+                    if getattr(exc, "invalidate_pool", False)
+                    else "individual connection",
+                    exc,
+                )
+                if getattr(exc, "invalidate_pool", False):
+                    self._invalidate_time = time.time()
+                yield from self._g_invalidate(record, exc)
+                if attempts <= 0:
+                    raise InvalidRequestError(
+                        f"Reconnection attempts exhausted on checkout ({CHECKOUT_ATTEMPTS} "
+                        f"connections were found disconnected); last error: {exc!r}"
+                    ) from exc
+                yield from self._g_connect(record)
+
+    def _g_ping(self, record: ConnectionPoolEntry) -> Proc[None]:
+        dbapi = record.dbapi_connection
+        try:
+            alive = yield Op.PING, dbapi
+        except Exception as exc:
+            if self._dialect.is_disconnect(exc, dbapi):
+                raise _PrePingDisconnect(f"pre-ping failed: {exc}") from exc
+            raise
+        if not alive:
+            raise _PrePingDisconnect("pre-ping reported the connection dead")
+
+    def _g_connect(self, record: ConnectionPoolEntry) -> Proc[None]:
+        dbapi = yield Op.CONNECT, None
+        record.dbapi_connection = dbapi
+        record.starttime = time.time()
+        record.fresh = True
+        record._info = None  # info belongs to the physical connection
+        self._logger.debug("Created new connection %r", dbapi)
+        try:
+            if not self._first_connect_done:
+                self._fire("first_connect", dbapi, record)
+                self._first_connect_done = True
+            self._fire("connect", dbapi, record)
+        except BaseException:
+            # A failing connect listener: the connection must not leak.
+            record.dbapi_connection = None
+            try:
+                yield Op.CLOSE, dbapi
+            except Exception:
+                self._logger.error("Exception closing connection %r", dbapi, exc_info=True)
+            raise
+
+    def _g_close_connection(self, record: ConnectionPoolEntry) -> Proc[None]:
+        dbapi = record.dbapi_connection
+        if dbapi is None:
+            return
+        record.dbapi_connection = None
+        self._logger.debug("Closing connection %r", dbapi)
+        try:
+            self._fire("close", dbapi, record)
+        finally:
+            try:
+                yield Op.CLOSE, dbapi
+            except Exception:
+                self._logger.error("Exception closing connection %r", dbapi, exc_info=True)
+
+    def _g_invalidate(
+        self, record: ConnectionPoolEntry, exc: BaseException | None, soft: bool = False
+    ) -> Proc[None]:
+        dbapi = record.dbapi_connection
+        if dbapi is None:
+            return
+        if soft:
+            record.soft_invalidate_time = time.time()
+            self._fire("soft_invalidate", dbapi, record, exc)
+            self._logger.info("Soft invalidate connection %r (reason: %r)", dbapi, exc)
+            return
+        self._logger.info("Invalidate connection %r (reason: %r)", dbapi, exc)
+        try:
+            self._fire("invalidate", dbapi, record, exc)
+        finally:
+            yield from self._g_close_connection(record)
+
+    def _g_invalidate_proxy(
+        self, proxy: PoolProxiedConnection, exc: BaseException | None, soft: bool
+    ) -> Proc[None]:
+        record = proxy._record
+        if record is None:  # detached: nothing in the pool to invalidate
+            if not soft and proxy._detached is not None:
+                dbapi, proxy._detached = proxy._detached, None
+                proxy._closed = True
+                yield Op.CLOSE, dbapi
+            return
+        yield from self._g_invalidate(record, exc, soft)
+        if not soft:
+            proxy._nested = 1
+            yield from self._g_checkin(proxy, False)
+
+    def _g_checkin(
+        self,
+        proxy: PoolProxiedConnection,
+        transaction_was_reset: bool,
+        *,
+        terminate_only: bool = False,
+    ) -> Proc[None]:
+        proxy._closed = True
+        record = proxy._record
+        if record is None:
+            yield from self._g_close_detached(proxy, transaction_was_reset)
+            return
+        self._check_fork()
+        if record._epoch != self._epoch:
+            record.dbapi_connection = None  # the parent's: drop it (see _check_fork)
+            return
+        shared = isinstance(self._slots, core.StaticSlots) and self._slots.users > 1
+        dbapi = record.dbapi_connection
+        if dbapi is not None and not shared:
+            yield from self._g_reset(dbapi, record, transaction_was_reset, terminate_only)
+        try:
+            self._fire("checkin", record.dbapi_connection, record)
+        finally:
+            with self._lock:
+                keep = self._slots.release(record)
+                self._notify_locked()
+            if not keep:
+                yield from self._g_close_connection(record)
+
+    def _g_reset(
+        self,
+        dbapi: Any,
+        record: ConnectionPoolEntry | None,
+        transaction_was_reset: bool,
+        terminate_only: bool,
+    ) -> Proc[None]:
+        state = PoolResetState(
+            transaction_was_reset=transaction_was_reset,
+            terminate_only=terminate_only,
+            asyncio_safe=not terminate_only,
+        )
+        try:
+            self._fire("reset", dbapi, record, state)
+            if terminate_only or transaction_was_reset:
+                return
+            if self._reset_on_return == core.RESET_ROLLBACK:
+                self._logger.debug("Connection %r being returned to pool; rollback", dbapi)
+                yield Op.ROLLBACK, dbapi
+            elif self._reset_on_return == core.RESET_COMMIT:
+                self._logger.debug("Connection %r being returned to pool; commit", dbapi)
+                yield Op.COMMIT, dbapi
+        except Exception as exc:
+            # The caller is done with this connection; a broken one is replaced, not reported.
+            self._logger.error("Exception during reset or similar", exc_info=True)
+            if record is not None:
+                yield from self._g_invalidate(record, exc)
+            else:
+                raise
+
+    def _g_close_detached(
+        self, proxy: PoolProxiedConnection, transaction_was_reset: bool
+    ) -> Proc[None]:
+        dbapi, proxy._detached = proxy._detached, None
+        if dbapi is None:
+            return
+        try:
+            yield from self._g_reset(dbapi, None, transaction_was_reset, False)
+        except Exception:
+            self._logger.error("Exception resetting a detached connection", exc_info=True)
+        try:
+            yield Op.CLOSE, dbapi
+        except Exception:
+            self._logger.error("Exception closing connection %r", dbapi, exc_info=True)
+        self._fire("close_detached", dbapi)
+
+    def _detach(self, proxy: PoolProxiedConnection) -> None:
+        record = proxy._record
+        assert record is not None
+        dbapi = record.dbapi_connection
+        proxy._detached = dbapi
+        proxy._detached_info = dict(record.info)
+        proxy._record = None
+        record.dbapi_connection = None
+        with self._lock:
+            # The emptied slot goes back to the pool at once (SQLAlchemy's order).
+            self._slots.release(record)
+            self._notify_locked()
+        self._fire("detach", dbapi, record)
+
+    def _g_dispose(self) -> Proc[None]:
+        self._check_fork()
+        with self._lock:
+            idle = self._slots.drain_idle()
+            self._notify_locked()
+        for record in idle:
+            yield from self._g_close_connection(record)
+        self._logger.info("Pool disposed. %s", self.status())
+
+    def _collect(self, proxy: PoolProxiedConnection) -> None:
+        """A proxy was garbage-collected without being closed."""
+        if self._is_async:
+            warnings.warn(
+                "An async pooled connection was garbage-collected without 'await "
+                "proxy.aclose()'; it is dropped, not returned. Close connections explicitly.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            record = proxy._record
+            if record is not None:
+                dbapi = record.dbapi_connection
+                if dbapi is not None:
+                    self._fire("reset", dbapi, record, PoolResetState(False, True, False))
+                    self._run_nowait(self._g_close_connection(record))
+            self._run_nowait(self._g_checkin(proxy, False, terminate_only=True))
+        else:
+            self._run_sync(self._g_checkin(proxy, False))

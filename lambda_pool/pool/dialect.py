@@ -1,0 +1,130 @@
+"""The generic dialects a pool uses when the engine gives it none.
+
+A dialect is how a pool talks to connections (see docs/ARCHITECTURE.md, "Pool ↔
+dialect").  These work with any DB-API connection and recognise disconnects of the
+drivers lambda-pool supports (psycopg, sqlite3, asyncpg) by duck typing and class
+names, so no driver is imported here.  The engine passes the precise dialects.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Protocol
+
+
+class Dialect(Protocol):
+    """What a sync pool needs from a dialect."""
+
+    def do_rollback(self, dbapi_connection: Any) -> None: ...
+    def do_commit(self, dbapi_connection: Any) -> None: ...
+    def do_close(self, dbapi_connection: Any) -> None: ...
+    def do_ping(self, dbapi_connection: Any) -> bool: ...
+    def is_disconnect(self, exc: BaseException, dbapi_connection: Any) -> bool: ...
+    def get_driver_connection(self, dbapi_connection: Any) -> Any: ...
+
+
+def _class_names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def generic_is_disconnect(exc: BaseException, dbapi_connection: Any) -> bool:
+    """Disconnect detection shared by the generic sync and async dialects."""
+    module = type(exc).__module__
+    names = _class_names(exc)
+    if module.startswith("psycopg"):
+        # psycopg: OperationalError (AdminShutdown, "consuming input failed", …) or a
+        # connection it already knows is closed.
+        return "OperationalError" in names or bool(getattr(dbapi_connection, "closed", False))
+    if module.startswith("sqlite3") or module == "_sqlite3":
+        return "ProgrammingError" in names and "closed database" in str(exc)
+    if module.startswith("asyncpg"):
+        closed = getattr(dbapi_connection, "is_closed", None)
+        return (
+            bool(names & {"ConnectionDoesNotExistError", "ConnectionFailureError"})
+            or ("InterfaceError" in names and "closed" in str(exc))
+            or (callable(closed) and bool(closed()))
+        )
+    return isinstance(exc, (ConnectionError, EOFError))
+
+
+class DefaultDialect:
+    """Any DB-API 2 connection: ``SELECT 1`` through a cursor, ``rollback``, ``commit``."""
+
+    is_async = False
+
+    def do_rollback(self, dbapi_connection: Any) -> None:
+        dbapi_connection.rollback()
+
+    def do_commit(self, dbapi_connection: Any) -> None:
+        dbapi_connection.commit()
+
+    def do_close(self, dbapi_connection: Any) -> None:
+        dbapi_connection.close()
+
+    def do_ping(self, dbapi_connection: Any) -> bool:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT 1")
+        finally:
+            cursor.close()
+        return True
+
+    def is_disconnect(self, exc: BaseException, dbapi_connection: Any) -> bool:
+        return generic_is_disconnect(exc, dbapi_connection)
+
+    def get_driver_connection(self, dbapi_connection: Any) -> Any:
+        return dbapi_connection
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class AsyncDefaultDialect:
+    """psycopg's ``AsyncConnection`` and asyncpg connections, told apart by their methods."""
+
+    is_async = True
+
+    async def do_rollback(self, dbapi_connection: Any) -> None:
+        if hasattr(dbapi_connection, "rollback"):
+            await _maybe_await(dbapi_connection.rollback())
+        elif dbapi_connection.is_in_transaction():  # asyncpg has no rollback()
+            await dbapi_connection.execute("ROLLBACK")
+
+    async def do_commit(self, dbapi_connection: Any) -> None:
+        if hasattr(dbapi_connection, "commit"):
+            await _maybe_await(dbapi_connection.commit())
+        elif dbapi_connection.is_in_transaction():
+            await dbapi_connection.execute("COMMIT")
+
+    async def do_close(self, dbapi_connection: Any) -> None:
+        await _maybe_await(dbapi_connection.close())
+
+    async def do_ping(self, dbapi_connection: Any) -> bool:
+        if hasattr(dbapi_connection, "fetchval"):  # asyncpg
+            await dbapi_connection.fetchval("SELECT 1")
+            return True
+        cursor = dbapi_connection.cursor()
+        try:
+            await _maybe_await(cursor.execute("SELECT 1"))
+        finally:
+            await _maybe_await(cursor.close())
+        return True
+
+    def do_terminate(self, dbapi_connection: Any) -> None:
+        """Close without awaiting (sync ``dispose()`` of an async pool, no loop running)."""
+        terminate = getattr(dbapi_connection, "terminate", None)  # asyncpg
+        if callable(terminate):
+            terminate()
+            return
+        pgconn = getattr(dbapi_connection, "pgconn", None)  # psycopg
+        if pgconn is not None:
+            pgconn.finish()
+
+    def is_disconnect(self, exc: BaseException, dbapi_connection: Any) -> bool:
+        return generic_is_disconnect(exc, dbapi_connection)
+
+    def get_driver_connection(self, dbapi_connection: Any) -> Any:
+        return dbapi_connection
