@@ -1,4 +1,5 @@
-"""RDS IAM tokens: signed by real boto3 (under moto), cached until near expiry, TLS only.
+"""RDS IAM tokens: signed by real boto3 (under moto, the plugin's ``aws`` fixture), cached
+until near expiry, TLS only.
 
 The embedded PostgreSQL stands in for RDS: a role's password is set to the issued token,
 so a connection authenticates exactly when it presents that token over TLS.
@@ -12,7 +13,6 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -28,23 +28,6 @@ from lambda_pool.exc import ArgumentError, CredentialsError
 
 REGION = "eu-west-1"
 HOST = "mydb.cluster-abc123.eu-west-1.rds.amazonaws.com"
-
-
-@pytest.fixture
-def mocked_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Fake AWS credentials and region, every AWS call answered by moto."""
-    from moto import mock_aws
-
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_REGION": REGION,
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        yield
 
 
 class FakeClock:
@@ -101,7 +84,7 @@ def _query(token: str) -> dict[str, list[str]]:
     return parse_qs(urlsplit("https://" + token).query)
 
 
-def test_token_is_a_presigned_connect_url_valid_for_900_seconds(mocked_aws: None) -> None:
+def test_token_is_a_presigned_connect_url_valid_for_900_seconds(aws: str) -> None:
     provider = IAMCredentials(HOST, 5432, "app_user", region=REGION)
     creds = provider.get()
 
@@ -117,7 +100,7 @@ def test_token_is_a_presigned_connect_url_valid_for_900_seconds(mocked_aws: None
 
 
 def test_expires_at_is_the_tokens_own_issue_time_plus_lifetime_minus_margin(
-    mocked_aws: None,
+    aws: str,
 ) -> None:
     provider = IAMCredentials(HOST, 5432, "app_user", region=REGION, margin=60)
     creds = provider.get()
@@ -129,7 +112,7 @@ def test_expires_at_is_the_tokens_own_issue_time_plus_lifetime_minus_margin(
     assert abs(creds.expires_at - (issued_at + 900 - 60)) < 2.0
 
 
-def test_lifetime_is_read_from_x_amz_expires_not_assumed(mocked_aws: None) -> None:
+def test_lifetime_is_read_from_x_amz_expires_not_assumed(aws: str) -> None:
     factory = CountingFactory(rewrite_expires="300")
     clock = FakeClock()
     provider = IAMCredentials(
@@ -144,7 +127,7 @@ def test_lifetime_is_read_from_x_amz_expires_not_assumed(mocked_aws: None) -> No
     assert factory.generated == 2
 
 
-def test_token_is_generated_once_and_reused_within_its_lifetime(mocked_aws: None) -> None:
+def test_token_is_generated_once_and_reused_within_its_lifetime(aws: str) -> None:
     factory = CountingFactory()
     clock = FakeClock()
     provider = IAMCredentials(
@@ -160,7 +143,7 @@ def test_token_is_generated_once_and_reused_within_its_lifetime(mocked_aws: None
     assert factory.regions == [REGION]
 
 
-def test_new_token_after_the_clock_passes_expires_at(mocked_aws: None) -> None:
+def test_new_token_after_the_clock_passes_expires_at(aws: str) -> None:
     factory = CountingFactory()
     clock = FakeClock()
     provider = IAMCredentials(
@@ -178,7 +161,7 @@ def test_new_token_after_the_clock_passes_expires_at(mocked_aws: None) -> None:
     assert second.expires_at - clock.now == pytest.approx(900 - 60, abs=2.0)
 
 
-def test_concurrent_first_calls_share_one_token(mocked_aws: None) -> None:
+def test_concurrent_first_calls_share_one_token(aws: str) -> None:
     factory = CountingFactory()
     provider = IAMCredentials(HOST, 5432, "app_user", region=REGION, client_factory=factory)
     barrier = threading.Barrier(8)
@@ -197,7 +180,7 @@ def test_concurrent_first_calls_share_one_token(mocked_aws: None) -> None:
     assert len(set(results)) == 1
 
 
-def test_refresh_signs_a_new_token_with_a_new_client(mocked_aws: None) -> None:
+def test_refresh_signs_a_new_token_with_a_new_client(aws: str) -> None:
     factory = CountingFactory()
     provider = IAMCredentials(HOST, 5432, "app_user", region=REGION, client_factory=factory)
     provider.get()
@@ -208,7 +191,7 @@ def test_refresh_signs_a_new_token_with_a_new_client(mocked_aws: None) -> None:
     assert len(factory.clients) == 2
 
 
-def test_forget_all_cached_credentials_makes_every_provider_sign_again(mocked_aws: None) -> None:
+def test_forget_all_cached_credentials_makes_every_provider_sign_again(aws: str) -> None:
     factory = CountingFactory()
     a = IAMCredentials(HOST, 5432, "a_user", region=REGION, client_factory=factory)
     b = IAMCredentials(HOST, 5433, "b_user", region=REGION, client_factory=factory)
@@ -220,7 +203,7 @@ def test_forget_all_cached_credentials_makes_every_provider_sign_again(mocked_aw
     assert factory.generated == 4
 
 
-def test_registry_does_not_keep_providers_alive(mocked_aws: None) -> None:
+def test_registry_does_not_keep_providers_alive(aws: str) -> None:
     provider = IAMCredentials(HOST, 5432, "app_user", region=REGION)
     ref = weakref.ref(provider)
     del provider
@@ -230,7 +213,7 @@ def test_registry_does_not_keep_providers_alive(mocked_aws: None) -> None:
 
 
 @pytest.mark.parametrize("sslmode", ["disable", "allow", "prefer"])
-def test_non_tls_sslmode_is_refused_with_iam(mocked_aws: None, sslmode: str) -> None:
+def test_non_tls_sslmode_is_refused_with_iam(aws: str, sslmode: str) -> None:
     with pytest.raises(ArgumentError, match="TLS"):
         IAMCredentials(HOST, 5432, "app_user", region=REGION, sslmode=sslmode)
     with pytest.raises(ArgumentError, match="only over TLS"):
@@ -238,13 +221,13 @@ def test_non_tls_sslmode_is_refused_with_iam(mocked_aws: None, sslmode: str) -> 
 
 
 @pytest.mark.parametrize("sslmode", ["verify-ca", "verify-full"])
-def test_stricter_tls_sslmode_is_kept(mocked_aws: None, sslmode: str) -> None:
+def test_stricter_tls_sslmode_is_kept(aws: str, sslmode: str) -> None:
     provider = IAMCredentials(HOST, 5432, "app_user", region=REGION, sslmode=sslmode)
     assert dict(provider.get().connect_args) == {"sslmode": sslmode}
 
 
 def test_region_comes_from_aws_region_then_aws_default_region(
-    mocked_aws: None, monkeypatch: pytest.MonkeyPatch
+    aws: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_REGION", "us-east-2")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
@@ -284,7 +267,7 @@ def test_signing_without_aws_credentials_is_a_credentials_error(
     assert info.value.__context__ is None
 
 
-def test_sdk_error_text_never_reaches_the_exception(mocked_aws: None) -> None:
+def test_sdk_error_text_never_reaches_the_exception(aws: str) -> None:
     from botocore.exceptions import ClientError
 
     leaked = "SECRET-" + uuid.uuid4().hex
@@ -308,7 +291,7 @@ def test_sdk_error_text_never_reaches_the_exception(mocked_aws: None) -> None:
 
 
 def test_token_never_appears_in_repr_str_or_logs(
-    mocked_aws: None, caplog: pytest.LogCaptureFixture
+    aws: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     provider = IAMCredentials(HOST, 5432, "app_user", region=REGION)
@@ -324,7 +307,7 @@ def test_token_never_appears_in_repr_str_or_logs(
     assert any("signed an RDS IAM token" in r.getMessage() for r in caplog.records)
 
 
-def test_invalid_margin_and_port_are_argument_errors(mocked_aws: None) -> None:
+def test_invalid_margin_and_port_are_argument_errors(aws: str) -> None:
     with pytest.raises(ArgumentError, match="margin"):
         IAMCredentials(HOST, 5432, "u", margin=900)
     with pytest.raises(ArgumentError, match="margin"):
@@ -335,7 +318,7 @@ def test_invalid_margin_and_port_are_argument_errors(mocked_aws: None) -> None:
         IAMCredentials("", 5432, "u")
 
 
-def test_iam_url_builds_a_provider_for_the_urls_user_host_and_port(mocked_aws: None) -> None:
+def test_iam_url_builds_a_provider_for_the_urls_user_host_and_port(aws: str) -> None:
     clock = FakeClock()
     provider = provider_from_url(
         "auth=iam&region=us-west-2&token_margin=120&sslmode=verify-full",
@@ -354,7 +337,7 @@ def test_iam_url_builds_a_provider_for_the_urls_user_host_and_port(mocked_aws: N
     assert dict(creds.connect_args) == {"sslmode": "verify-full"}
 
 
-def test_iam_url_without_user_or_host_is_an_argument_error(mocked_aws: None) -> None:
+def test_iam_url_without_user_or_host_is_an_argument_error(aws: str) -> None:
     with pytest.raises(ArgumentError, match="user and host"):
         provider_from_url({"auth": "iam"}, None, HOST, 5432)
     with pytest.raises(ArgumentError, match="user and host"):
@@ -381,7 +364,7 @@ def _connect(pg: Any, creds: Any, **extra: Any) -> Any:
 
 
 def test_issued_token_authenticates_a_real_connection_over_tls(
-    mocked_aws: None, embedded_postgres: Any
+    aws: str, embedded_postgres: Any
 ) -> None:
     pg = embedded_postgres
     if not pg.ssl_enabled:
@@ -401,7 +384,7 @@ def test_issued_token_authenticates_a_real_connection_over_tls(
 
 
 def test_next_token_is_what_the_server_accepts_after_expiry(
-    mocked_aws: None, embedded_postgres: Any
+    aws: str, embedded_postgres: Any
 ) -> None:
     import psycopg
 

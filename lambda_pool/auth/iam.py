@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from lambda_pool.auth._errors import describe_aws_error
+from lambda_pool.auth._quiet import SIGNING_LOGGERS, hide_sdk_debug
 from lambda_pool.auth.base import Credentials
 from lambda_pool.auth.registry import register_provider
 from lambda_pool.exc import ArgumentError, CredentialsError
@@ -84,35 +85,6 @@ def token_validity(token: str) -> tuple[float, int]:
             "generate_db_auth_token returning a presigned URL?"
         ) from None
     return float(calendar.timegm(issued)), lifetime
-
-
-class _HideSigningDebug(logging.Filter):
-    """Drop botocore.auth's debug records while this module signs a token.
-
-    At DEBUG botocore logs the canonical request and the signature; together they are the
-    token.  The filter is scoped to the signing thread and call, so other AWS requests
-    keep their debug logs.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.active = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(self.active, "signing", False)
-
-
-_signing_filter = _HideSigningDebug()
-_filter_installed = False
-_filter_lock = threading.Lock()
-
-
-def _install_signing_filter() -> None:
-    global _filter_installed
-    with _filter_lock:
-        if not _filter_installed:
-            logging.getLogger("botocore.auth").addFilter(_signing_filter)
-            _filter_installed = True
 
 
 ClientFactory = Callable[[str], Any]
@@ -229,12 +201,11 @@ class IAMCredentials:
 
     def _sign(self) -> str:
         reason: str | None = None
-        _install_signing_filter()
-        _signing_filter.active.signing = True
         try:
-            token = self._rds_client().generate_db_auth_token(
-                DBHostname=self.host, Port=self.port, DBUsername=self.user, Region=self.region
-            )
+            with hide_sdk_debug(SIGNING_LOGGERS):
+                token = self._rds_client().generate_db_auth_token(
+                    DBHostname=self.host, Port=self.port, DBUsername=self.user, Region=self.region
+                )
         except CredentialsError:
             raise
         except Exception as exc:
@@ -243,8 +214,6 @@ class IAMCredentials:
             if isinstance(token, str) and token:
                 return token
             reason = "generate_db_auth_token returned no token"
-        finally:
-            _signing_filter.active.signing = False
         # Raised outside the except block so botocore's error is not attached as context.
         raise CredentialsError(
             f"could not sign an RDS IAM token for {self.user!r} at {self.host}:{self.port} "

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from lambda_pool.auth._errors import describe_aws_error
+from lambda_pool.auth._quiet import SECRET_READ_LOGGERS, hide_sdk_debug
 from lambda_pool.auth.base import Credentials
 from lambda_pool.auth.registry import register_provider
 from lambda_pool.exc import ArgumentError, CredentialsError
@@ -139,15 +140,19 @@ class SecretsManagerCredentials:
             ) from None
         reason: str | None = None
         try:
-            if self.region is None:
-                # The default provider: its cache is shared with the function's own
-                # get_secret calls, so a secret both read costs one API call.
-                return parameters.get_secret(
+            with hide_sdk_debug(SECRET_READ_LOGGERS):
+                if self.region is None:
+                    # The default provider: its cache is shared with the function's own
+                    # get_secret calls, so a secret both read costs one API call.
+                    return parameters.get_secret(
+                        self.secret_id,
+                        transform="json",
+                        max_age=self.max_age,
+                        force_fetch=force_fetch,
+                    )
+                return self._regional_provider(parameters).get(
                     self.secret_id, transform="json", max_age=self.max_age, force_fetch=force_fetch
                 )
-            return self._regional_provider(parameters).get(
-                self.secret_id, transform="json", max_age=self.max_age, force_fetch=force_fetch
-            )
         except Exception as exc:
             reason = describe_aws_error(exc)
         # Raised outside the except block so the SDK error (whose text may quote the
