@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -156,3 +159,34 @@ def test_start_failure_reports_the_server_log() -> None:
     with pytest.raises(Exception, match="no_such_setting_xyz"):
         pg.start()
     assert not pg.running
+
+
+@needs_embedded
+def test_interpreter_exit_stops_a_server_left_running(tmp_path: Path) -> None:
+    script = (
+        "from lambda_pool.testing.postgres import EmbeddedPostgres\n"
+        "pg = EmbeddedPostgres().start()\n"
+        "print(pg.pid, pg.data_dir, flush=True)\n"
+        # No stop(): the atexit hook must clean up.
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    postmaster, data_dir = int(out[0]), Path(out[1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(postmaster, 0)
+    assert not data_dir.exists()
+
+
+@needs_embedded
+def test_forked_child_exiting_does_not_stop_the_parents_server() -> None:
+    with EmbeddedPostgres(max_connections=20) as pg:
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            try:
+                pg.stop()
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        with psycopg.connect(pg.dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -13,9 +13,13 @@ from lambda_pool.testing.context import LambdaContext
 from lambda_pool.testing.postgres import PostgresServer
 
 
-def test_postgres_url_connects_as_the_application_role(postgres_url: str) -> None:
+def test_postgres_url_connects_as_the_application_role(
+    postgres_url: str, embedded_postgres: PostgresServer
+) -> None:
+    assert postgres_url == embedded_postgres.dsn
     with psycopg.connect(postgres_url) as conn:
-        assert conn.execute("SELECT current_database()").fetchone() == ("lambda_pool_test",)
+        row = conn.execute("SELECT current_user, current_database()").fetchone()
+    assert row == (embedded_postgres.user, embedded_postgres.dbname)
 
 
 def test_unique_application_name_differs_per_test_and_fits_postgres(
