@@ -342,3 +342,79 @@ def test_snapstart_hooks_close_before_snapshot_and_invalidate_after_restore(
     assert dispose_calls(child_env) == 2
     child.send("done")
     assert child.wait() == 0
+
+
+def test_dispose_all_goes_on_after_a_failing_engine_and_never_raises(
+    spawn: Any, child_env: dict[str, str], embedded_postgres: Any
+) -> None:
+    child = spawn(
+        """
+        class Broken:
+            def dispose(self):
+                raise RuntimeError("server went away")
+
+        broken = Broken()
+        lifecycle.register(broken)
+        lifecycle.register(engine)  # registering twice is harmless
+        print("failures:", lifecycle.dispose_all(), flush=True)
+        """
+    )
+    assert child.expect("failures:") == "1"
+    assert child.wait() == 0
+    assert dispose_calls(child_env) == 1
+    assert embedded_postgres.wait_for_backend_count(0, child_env["T_APP"], timeout=1.0) == 0
+    assert "server went away" in child.stderr()
+
+
+def test_async_engine_fast_close_path_is_preferred_and_coroutine_dispose_still_runs(
+    spawn: Any, child_env: dict[str, str], embedded_postgres: Any
+) -> None:
+    child = spawn(
+        """
+        import asyncio
+
+        async def open_async():
+            return [
+                await psycopg.AsyncConnection.connect(DSN, application_name=APP + "_a")
+                for _ in range(2)
+            ]
+
+        # Connections made on a loop that is closed by the time the process shuts down.
+        fast_conns, slow_conns = asyncio.run(open_async())[:1], asyncio.run(open_async())
+
+        class AsyncEngineWithFastPath:
+            def dispose_for_shutdown(self):
+                for conn in fast_conns:
+                    conn.pgconn.finish()  # synchronous, needs no event loop
+                print("fast path", flush=True)
+
+            async def dispose(self):
+                raise AssertionError("dispose() must not be used when the fast path exists")
+
+        class AsyncEngineOnlyCoroutine:
+            async def dispose(self):
+                for conn in slow_conns:
+                    await conn.close()
+                print("coroutine dispose", flush=True)
+
+        a, b = AsyncEngineWithFastPath(), AsyncEngineOnlyCoroutine()
+        lifecycle.register(a)
+        lifecycle.register(b)
+        lifecycle.unregister(engine)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        print("failures:", lifecycle.dispose_all(), flush=True)
+        sys.stdin.readline()
+        """
+    )
+    child.expect("ready")
+    app = child_env["T_APP"] + "_a"
+    assert embedded_postgres.wait_for_backend_count(3, app, timeout=10) == 3
+    child.send("dispose")
+    child.expect("fast path")
+    child.expect("coroutine dispose")
+    assert child.expect("failures:") == "0"
+    assert embedded_postgres.wait_for_backend_count(0, app, timeout=1.0) == 0
+    child.send("exit")
+    assert child.wait() == 0
+    assert dispose_calls(child_env) == 0  # the unregistered engine was left alone
