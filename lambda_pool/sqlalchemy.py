@@ -1,0 +1,454 @@
+"""SQLAlchemy adapter: a real ``sqlalchemy.engine.Engine`` with lambda-pool's serverless behaviour.
+
+For applications already written against SQLAlchemy (Core or ORM).  :func:`create_engine`
+returns SQLAlchemy's own ``Engine`` and adds what Lambda needs:
+
+* ``NullPool`` by default (a connection per checkout, closed on return); an explicit
+  ``poolclass`` wins, and ``pool_size``/``max_overflow``/``pool_timeout`` select
+  ``QueuePool``, as in ``lambda_pool.create_engine``;
+* ``warm=True`` (or :func:`warm_engine`): :class:`WarmSQLAlchemyPool`, the warm-container
+  cache — one connection reused across invocations under exactly the rules of
+  :func:`lambda_pool.warm.decide_reuse` (same code), with the same reset and stats;
+* ``credentials=``: a lambda-pool provider (IAM tokens, Secrets Manager, static) applied in
+  a ``do_connect`` listener, one retry after ``refresh()`` on an authentication failure,
+  and the connection retired at checkout once its credentials expired (never during an
+  invocation);
+* registration with :func:`lambda_pool.lifecycle.register`, so the shutdown and SnapStart
+  hooks dispose it.
+
+``postgresql://`` URLs are given the psycopg 3 driver (``postgresql+psycopg://``).
+This module imports SQLAlchemy at the top; nothing in ``lambda_pool`` imports it, so only
+applications that use it pay for it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, Pool, QueuePool
+
+from lambda_pool import lifecycle
+from lambda_pool.dialects.psycopg import PsycopgDialect, psycopg_is_auth_failure
+from lambda_pool.exc import ArgumentError
+from lambda_pool.warm import (
+    CREDENTIALS_EXPIRE_AT,
+    WARM_INFO_KEY,
+    Ping,
+    Replace,
+    ReplaceReason,
+    Reuse,
+    ReuseDecision,
+    ReusePolicy,
+    WarmConnectionInfo,
+    WarmGuard,
+    WarmStats,
+    abandon_inherited_connection,
+    identity_key,
+    pre_ping_idle_seconds_from_env,
+    reset_session,
+)
+
+__all__ = ["WarmSQLAlchemyPool", "create_engine", "warm_engine"]
+
+_QUEUE_POOL_ARGS = ("pool_size", "max_overflow", "pool_timeout")
+_PSYCOPG = PsycopgDialect()
+
+
+class RetiredConnection(sa_exc.DisconnectionError):
+    """Why a warm connection was not reused (the reason shown in SQLAlchemy's pool log)."""
+
+    def __init__(self, reason: ReplaceReason) -> None:
+        super().__init__(f"warm connection replaced: {reason.value}")
+        self.reason = reason
+
+
+class WarmSQLAlchemyPool(Pool):
+    """SQLAlchemy pool holding one reusable connection, vetted at every checkout.
+
+    The connection is reused only when :func:`lambda_pool.warm.decide_reuse` says so
+    (same process, no SnapStart restore, open, idle, within its recycle and credentials
+    deadlines, pre-pinged after ``pre_ping_idle_seconds`` of idleness); otherwise it is
+    replaced before the caller sees it.  While it is checked out, another checkout gets
+    a separate connection that is closed when returned.  On return the session is reset
+    with :func:`lambda_pool.warm.reset_session` (``ROLLBACK`` by SQLAlchemy, then
+    ``DISCARD ALL``, skipped with ``transaction_pooling=True``).  ``stats`` is a
+    :class:`lambda_pool.warm.WarmStats`.
+
+    ``recycle`` (``pool_recycle``) and ``pre_ping`` (``pool_pre_ping=True`` means ping at
+    every checkout) are honoured through the same decision, on the injected ``warm_clock``.
+    """
+
+    def __init__(
+        self,
+        creator: Any,
+        # Not keyword-only: sqlalchemy.create_engine() finds a pool class's arguments
+        # by introspecting positional parameter names (util.get_cls_kwargs).
+        recycle: int = -1,
+        pre_ping: bool = False,
+        pre_ping_idle_seconds: float | None = None,
+        recycle_on_credentials_expiry: bool = True,
+        transaction_pooling: bool = False,
+        warm_clock: Callable[[], float] | None = None,
+        warm_stats: WarmStats | None = None,
+        **kw: Any,
+    ) -> None:
+        # SQLAlchemy's own recycle and pre-ping are off: both are part of the shared
+        # decision (one clock, one pre-ping per checkout at most).
+        super().__init__(creator, recycle=-1, pre_ping=False, **kw)
+        idle = (
+            pre_ping_idle_seconds_from_env()
+            if pre_ping_idle_seconds is None
+            else pre_ping_idle_seconds
+        )
+        if idle < 0:
+            raise ArgumentError(
+                f"pre_ping_idle_seconds must be >= 0 (0 pings at every checkout); got {idle!r}"
+            )
+        self._warm_args: dict[str, Any] = {
+            "recycle": recycle,
+            "pre_ping": pre_ping,
+            "pre_ping_idle_seconds": pre_ping_idle_seconds,
+            "recycle_on_credentials_expiry": recycle_on_credentials_expiry,
+            "transaction_pooling": transaction_pooling,
+            "warm_clock": warm_clock,
+        }
+        policy = ReusePolicy(
+            recycle=recycle if recycle is not None and recycle >= 0 else None,
+            pre_ping_idle_seconds=0.0 if pre_ping else idle,
+            recycle_on_credentials_expiry=recycle_on_credentials_expiry,
+        )
+        self.stats = warm_stats if warm_stats is not None else WarmStats()
+        self._guard = WarmGuard(policy, clock=warm_clock, stats=self.stats)
+        self._transaction_pooling = transaction_pooling
+        self._lock = threading.Lock()
+        self._record: ConnectionPoolEntry | None = None
+        self._in_use = False
+        self._separate = 0
+        # Stamp every physical connection as it is made: the creator runs inside
+        # SQLAlchemy's connect, after record.info was cleared for the new connection.
+        invoke = self._invoke_creator
+
+        def stamping_creator(record: ConnectionPoolEntry) -> Any:
+            conn = invoke(record)
+            record.info[WARM_INFO_KEY] = self._guard.new_info()
+            return conn
+
+        self._invoke_creator = stamping_creator  # type: ignore[assignment]
+
+    @property
+    def policy(self) -> ReusePolicy:
+        """The reuse rules this pool applies."""
+        return self._guard.policy
+
+    # -- checkout ---------------------------------------------------------------------
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        with self._lock:
+            claimed = not self._in_use
+            if claimed:
+                self._in_use = True
+                record = self._record
+        if not claimed:
+            # Never share the one connection: a concurrent caller gets its own.
+            self.stats.record_separate_connection()
+            separate = self._create_connection()
+            with self._lock:
+                self._separate += 1
+            return separate
+        try:
+            if record is None:
+                record = self._create_connection()
+                self._record = record
+            else:
+                self._vet(record)
+        except BaseException:
+            with self._lock:
+                self._in_use = False
+            raise
+        return record
+
+    def _vet(self, record: ConnectionPoolEntry) -> None:
+        conn = record.dbapi_connection
+        info = record.info.get(WARM_INFO_KEY)
+        if conn is None or not isinstance(info, WarmConnectionInfo):
+            return  # invalidated: SQLAlchemy reconnects in get_connection(), stamped anew
+        decision: ReuseDecision = self._guard.decide(
+            conn, info, record.info.get(CREDENTIALS_EXPIRE_AT)
+        )
+        if isinstance(decision, Ping):
+            ok = _ping(conn)
+            self.stats.record_pre_ping(ok, decision.idle_seconds)
+            decision = Reuse() if ok else Replace(ReplaceReason.PRE_PING_FAILED)
+        if isinstance(decision, Reuse):
+            self.stats.record_reused()
+            return
+        self.stats.record_replaced(decision.reason)
+        if not decision.may_close:
+            abandon_inherited_connection(conn)
+        # A hard invalidation closes it (a no-op after abandoning) and makes
+        # SQLAlchemy's get_connection() open the replacement in this same checkout.
+        record.invalidate(RetiredConnection(decision.reason))
+
+    # -- return -----------------------------------------------------------------------
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        if record is not self._record:
+            with self._lock:
+                self._separate -= 1
+            record.close()
+            return
+        try:
+            conn = record.dbapi_connection
+            info = record.info.get(WARM_INFO_KEY)
+            if conn is not None and isinstance(info, WarmConnectionInfo):
+                if info.opener_pid == os.getpid():
+                    try:
+                        reset_session(conn, discard=not self._transaction_pooling)
+                    except Exception as exc:
+                        # Caller already has its result; the next checkout replaces it.
+                        info.reset_failed = True
+                        self.logger.info("warm connection reset failed: %r", exc)
+                self._guard.mark_returned(info)
+        finally:
+            with self._lock:
+                self._in_use = False
+
+    # -- pool API ---------------------------------------------------------------------
+
+    def dispose(self) -> None:
+        with self._lock:
+            record = self._record if not self._in_use else None
+            if record is not None:
+                self._record = None
+        if record is not None:
+            info = record.info.get(WARM_INFO_KEY)
+            conn = record.dbapi_connection
+            if (
+                conn is not None
+                and isinstance(info, WarmConnectionInfo)
+                and info.opener_pid != os.getpid()
+            ):
+                abandon_inherited_connection(conn)
+            record.close()
+        self.logger.info("Pool disposed. %s", self.status())
+
+    def recreate(self) -> WarmSQLAlchemyPool:
+        self.logger.info("Pool recreating")
+        return self.__class__(
+            self._creator,
+            echo=self.echo,
+            logging_name=self._orig_logging_name,
+            reset_on_return=self._reset_on_return,
+            _dispatch=self.dispatch,
+            dialect=self._dialect,
+            warm_stats=self.stats,
+            **self._warm_args,
+        )
+
+    def status(self) -> str:
+        return (
+            f"WarmSQLAlchemyPool warm connection: "
+            f"{'in use' if self._in_use else ('idle' if self._record else 'none')}, "
+            f"separate connections checked out: {self._separate}"
+        )
+
+    def size(self) -> int:
+        return 1
+
+    def checkedout(self) -> int:
+        return int(self._in_use) + self._separate
+
+
+def _ping(conn: Any) -> bool:
+    """One round trip that leaves no transaction behind; False when it fails."""
+    try:
+        if type(conn).__module__.startswith("psycopg"):
+            return _PSYCOPG.do_ping(conn)
+        cursor = conn.cursor()
+        try:
+            cursor.execute("SELECT 1")
+        finally:
+            cursor.close()
+        return True
+    except Exception:
+        # Whatever went wrong, this connection is not one to hand out: replace it.
+        return False
+
+
+# -- credentials ------------------------------------------------------------------------
+
+
+def _install_credentials(
+    engine: Engine,
+    provider: Any,
+    *,
+    recycle_on_credentials_expiry: bool,
+    clock: Callable[[], float],
+    warm: bool,
+) -> None:
+    """Give ``engine`` the provider's user/password, retry once on auth failure, and
+    (outside the warm pool, which decides itself) retire expired connections at checkout."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_with_credentials(
+        dialect: Any, conn_rec: ConnectionPoolEntry, cargs: Any, cparams: dict[str, Any]
+    ) -> Any:
+        base = dict(cparams)
+        for attempt in (1, 2):
+            creds = provider.get()
+            params = _PSYCOPG.apply_credentials(
+                base, creds.user, creds.password, creds.connect_args
+            )
+            try:
+                conn = dialect.connect(*cargs, **params)
+            except Exception as exc:
+                if attempt == 1 and psycopg_is_auth_failure(exc):
+                    # Rotated secret or stale token: forget the cache and try once more.
+                    provider.refresh()
+                    continue
+                raise
+            conn_rec.info[CREDENTIALS_EXPIRE_AT] = creds.expires_at
+            return conn
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    if recycle_on_credentials_expiry and not warm:
+
+        @event.listens_for(engine, "checkout")
+        def _retire_expired(dbapi_conn: Any, conn_rec: ConnectionPoolEntry, proxy: Any) -> None:
+            expire_at = conn_rec.info.get(CREDENTIALS_EXPIRE_AT)
+            if expire_at is not None and clock() >= expire_at:
+                # SQLAlchemy invalidates this connection and reconnects, still inside
+                # the checkout: an invocation never loses its connection midway.
+                raise sa_exc.DisconnectionError("credentials expired; reconnecting")
+
+
+# -- engine construction ----------------------------------------------------------------
+
+
+def _normalise_url(url: str | URL) -> URL:
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def create_engine(
+    url: str | URL,
+    *,
+    warm: bool = False,
+    credentials: Any = None,
+    pre_ping_idle_seconds: float | None = None,
+    recycle_on_credentials_expiry: bool = True,
+    transaction_pooling: bool = False,
+    clock: Callable[[], float] | None = None,
+    **sqlalchemy_kwargs: Any,
+) -> Engine:
+    """A SQLAlchemy ``Engine`` with lambda-pool's pool choice, credentials and registration.
+
+    ``warm=True`` uses :class:`WarmSQLAlchemyPool` (and conflicts with ``poolclass``);
+    ``pre_ping_idle_seconds`` (default: ``LAMBDA_POOL_PRE_PING_IDLE_SECONDS`` or 60),
+    ``transaction_pooling`` (no ``DISCARD ALL``, no server-side prepared statements: for
+    PgBouncer / RDS Proxy in transaction mode) and ``clock`` apply to it.  ``credentials``
+    is a lambda-pool provider (``IAMCredentials``, ``SecretsManagerCredentials``,
+    ``StaticCredentials``); ``clock`` defaults to the provider's.  Every other keyword
+    goes to ``sqlalchemy.create_engine`` unchanged.
+    """
+    parsed = _normalise_url(url)
+    kwargs = dict(sqlalchemy_kwargs)
+    is_psycopg = parsed.drivername == "postgresql+psycopg"
+    if clock is None:
+        clock = getattr(credentials, "clock", None)
+    effective_clock: Callable[[], float] = clock or _wall_clock
+    if warm:
+        if "poolclass" in kwargs or "pool" in kwargs:
+            raise ArgumentError(
+                "warm=True chooses the pool (WarmSQLAlchemyPool); drop poolclass=/pool= "
+                "or drop warm=True"
+            )
+        if any(name in kwargs for name in _QUEUE_POOL_ARGS):
+            raise ArgumentError(
+                "warm=True keeps exactly one connection; pool_size, max_overflow and "
+                "pool_timeout do not apply to it"
+            )
+        kwargs["poolclass"] = WarmSQLAlchemyPool
+        kwargs["pre_ping_idle_seconds"] = pre_ping_idle_seconds
+        kwargs["recycle_on_credentials_expiry"] = recycle_on_credentials_expiry
+        kwargs["transaction_pooling"] = transaction_pooling
+        kwargs["warm_clock"] = effective_clock
+        if is_psycopg:
+            connect_args = dict(kwargs.get("connect_args") or {})
+            # See lambda_pool.warm.reset_session: keeps psycopg's prepared-statement
+            # cache consistent with DISCARD ALL, and is required behind a
+            # transaction-pooling proxy.
+            if transaction_pooling:
+                connect_args["prepare_threshold"] = None
+            else:
+                connect_args.setdefault("prepare_threshold", None)
+            kwargs["connect_args"] = connect_args
+    else:
+        if pre_ping_idle_seconds is not None or transaction_pooling:
+            raise ArgumentError(
+                "pre_ping_idle_seconds and transaction_pooling apply to warm=True engines; "
+                "for other pools use pool_pre_ping=True and connect_args="
+                '{"prepare_threshold": None}'
+            )
+        if "poolclass" not in kwargs and "pool" not in kwargs:
+            sized = any(name in kwargs for name in _QUEUE_POOL_ARGS)
+            kwargs["poolclass"] = QueuePool if sized else NullPool
+    engine = sqlalchemy.create_engine(parsed, **kwargs)
+    if credentials is not None:
+        _install_credentials(
+            engine,
+            credentials,
+            recycle_on_credentials_expiry=recycle_on_credentials_expiry,
+            clock=effective_clock,
+            warm=warm,
+        )
+    lifecycle.register(engine)
+    return engine
+
+
+def _wall_clock() -> float:
+    import time
+
+    return time.time()
+
+
+# -- the warm cache for SQLAlchemy engines ----------------------------------------------
+
+_cache_lock = threading.Lock()
+_cache: dict[tuple[Any, ...], tuple[Engine, Any]] = {}
+
+
+def warm_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """The container's warm SQLAlchemy engine for this identity, created on first call.
+
+    Same identity rules as :func:`lambda_pool.warm_engine`: the URL without its password
+    (the password and any option values are folded in through a per-process keyed
+    digest), the credentials provider's identity, and every keyword.  Call it at module
+    scope or in the handler: warm invocations get the same engine back.
+    """
+    parsed = _normalise_url(url)
+    credentials = kwargs.get("credentials")
+    key = identity_key(parsed, credentials, kwargs)
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is None:
+            # The provider is kept with the engine so that its id() in the key cannot be
+            # reused by another object while the entry lives.
+            cached = (create_engine(parsed, warm=True, **kwargs), credentials)
+            _cache[key] = cached
+        return cached[0]
+
+
+def cached_engines() -> list[Engine]:
+    """The engines :func:`warm_engine` created in this process (for diagnostics)."""
+    with _cache_lock:
+        return [engine for engine, _ in _cache.values()]

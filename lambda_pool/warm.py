@@ -1,0 +1,602 @@
+"""Warm-container cache: one connection per identity, reused across invocations only when safe.
+
+A Lambda execution environment serves many invocations one after the other; opening a
+PostgreSQL connection (TCP, TLS, authentication) on each of them costs more than the
+query.  :func:`warm_engine` keeps one engine per *identity* in module scope, backed by
+:class:`WarmPool`, a single-connection pool whose connection is handed out again at each
+checkout **only** when all of these hold (see :func:`decide_reuse`):
+
+1. same process — a child after ``fork()`` never uses (nor closes) its parent's socket;
+2. no SnapStart restore since it was opened (:func:`lambda_pool.lifecycle.restore_generation`);
+3. the driver does not report it closed or broken;
+4. it is idle (no transaction left open by the previous invocation's reset);
+5. it is younger than its recycle deadline (``recycle`` seconds, and the expiry of the
+   credentials it was opened with);
+6. it answers a pre-ping when it sat idle longer than ``pre_ping_idle_seconds`` (a frozen
+   environment may have lost its TCP flow to a NAT or to server keepalives; back-to-back
+   invocations skip the round trip).
+
+Otherwise it is closed (after a fork: dropped without touching the socket) and replaced,
+and the caller sees no error.  A second concurrent checkout (another thread) gets a
+separate short-lived connection, closed on return: one connection is never shared.
+
+Session state is reset on return by :func:`reset_session`.  The reuse decision is I/O
+free (:func:`decide_reuse`), so the SQLAlchemy adapter (``lambda_pool.sqlalchemy``) applies
+exactly the same rules.  Counters live in :class:`WarmStats` (``engine.pool.stats``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import select
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = [
+    "CREDENTIALS_EXPIRE_AT",
+    "DEFAULT_PRE_PING_IDLE_SECONDS",
+    "PRE_PING_IDLE_ENV",
+    "WARM_INFO_KEY",
+    "ConnectionState",
+    "DriverState",
+    "Ping",
+    "Replace",
+    "ReplaceReason",
+    "Reuse",
+    "ReuseDecision",
+    "ReusePolicy",
+    "WarmConnectionInfo",
+    "WarmGuard",
+    "WarmStats",
+    "abandon_inherited_connection",
+    "decide_reuse",
+    "pre_ping_idle_seconds_from_env",
+    "probe_driver",
+    "reset_session",
+]
+
+log = logging.getLogger("lambda_pool.warm")
+
+DEFAULT_PRE_PING_IDLE_SECONDS = 60.0
+PRE_PING_IDLE_ENV = "LAMBDA_POOL_PRE_PING_IDLE_SECONDS"
+
+# record.info keys.  CREDENTIALS_EXPIRE_AT is the engine's contract (docs/ARCHITECTURE.md,
+# "Credentials ↔ engine"); WARM_INFO_KEY holds this module's per-connection bookkeeping.
+CREDENTIALS_EXPIRE_AT = "lambda_pool.credentials_expire_at"
+WARM_INFO_KEY = "lambda_pool.warm"
+
+
+# --------------------------------------------------------------------------------------
+# The I/O-free core: what is known about a connection, and what to do with it.
+# --------------------------------------------------------------------------------------
+
+
+class ReplaceReason(str, enum.Enum):
+    """Why a warm connection was not reused; the values are the ``replaced`` stats keys."""
+
+    FORKED = "forked"
+    RESTORED = "restored"
+    CLOSED = "closed"
+    NOT_IDLE = "not_idle"
+    RESET_FAILED = "reset_failed"
+    RECYCLE = "recycle"
+    CREDENTIALS_EXPIRED = "credentials_expired"
+    PRE_PING_FAILED = "pre_ping_failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reuse:
+    """Hand the connection out as it is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping:
+    """Check the connection with one round trip first; replace it if that fails."""
+
+    idle_seconds: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Replace:
+    """Do not use the connection; open a new one."""
+
+    reason: ReplaceReason
+
+    @property
+    def may_close(self) -> bool:
+        """False after a fork: closing would send Terminate on the parent's socket."""
+        return self.reason is not ReplaceReason.FORKED
+
+
+ReuseDecision = Reuse | Ping | Replace
+
+
+@dataclasses.dataclass(frozen=True)
+class ReusePolicy:
+    """The tunables of :func:`decide_reuse`.
+
+    ``recycle``: maximum age in seconds (``None`` or negative: no limit).
+    ``pre_ping_idle_seconds``: ping when idle longer than this (``0``: at every checkout;
+    ``None``: never).  ``recycle_on_credentials_expiry``: retire a connection at the first
+    checkout after the credentials it was opened with expired.
+    """
+
+    recycle: float | None = None
+    pre_ping_idle_seconds: float | None = DEFAULT_PRE_PING_IDLE_SECONDS
+    recycle_on_credentials_expiry: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionState:
+    """Everything :func:`decide_reuse` needs, gathered without I/O at checkout.
+
+    Times are wall-clock epoch seconds: the monotonic clock may stand still while an
+    environment is frozen and can jump across a SnapStart restore.
+    """
+
+    opener_pid: int
+    current_pid: int
+    opened_generation: int
+    current_generation: int
+    opened_at: float
+    last_used_at: float
+    closed: bool
+    idle: bool
+    credentials_expire_at: float | None = None
+    reset_failed: bool = False
+    pending_input: bool = False
+
+
+def decide_reuse(
+    state: ConnectionState, now: float, policy: ReusePolicy | None = None
+) -> ReuseDecision:
+    """Decide whether the cached connection described by ``state`` may serve a checkout.
+
+    Checks run cheapest and most fundamental first; the first that fails names the
+    reason.  The process check comes first because nothing else about an inherited
+    connection may be touched.  The pre-ping is the only check needing a round trip,
+    so it is returned as :class:`Ping` for the caller to perform: after an idle gap
+    longer than ``pre_ping_idle_seconds``, or at once when the socket of an idle
+    connection has something to read (``pending_input``) — the server does not speak
+    unprompted to an idle session except to end it (``pg_terminate_backend``,
+    ``idle_session_timeout``, shutdown), so a terminated session is caught even
+    between back-to-back invocations.
+    """
+    policy = policy or _DEFAULT_POLICY
+    if state.opener_pid != state.current_pid:
+        return Replace(ReplaceReason.FORKED)
+    if state.opened_generation != state.current_generation:
+        return Replace(ReplaceReason.RESTORED)
+    if state.closed:
+        return Replace(ReplaceReason.CLOSED)
+    if state.reset_failed:
+        return Replace(ReplaceReason.RESET_FAILED)
+    if not state.idle:
+        return Replace(ReplaceReason.NOT_IDLE)
+    if (
+        policy.recycle is not None
+        and policy.recycle >= 0
+        and now - state.opened_at > policy.recycle
+    ):
+        return Replace(ReplaceReason.RECYCLE)
+    if (
+        policy.recycle_on_credentials_expiry
+        and state.credentials_expire_at is not None
+        and now >= state.credentials_expire_at
+    ):
+        return Replace(ReplaceReason.CREDENTIALS_EXPIRED)
+    idle = now - state.last_used_at
+    if state.pending_input:
+        return Ping(idle if idle >= 0 else None)
+    threshold = policy.pre_ping_idle_seconds
+    if threshold is None:
+        return Reuse()
+    if idle < 0:
+        # The wall clock went backwards (NTP step, restore): the idle time is unknown,
+        # so check rather than trust.
+        return Ping(None)
+    if idle > threshold or threshold == 0:
+        return Ping(idle)
+    return Reuse()
+
+
+_DEFAULT_POLICY = ReusePolicy()
+
+
+def pre_ping_idle_seconds_from_env(default: float = DEFAULT_PRE_PING_IDLE_SECONDS) -> float:
+    """``LAMBDA_POOL_PRE_PING_IDLE_SECONDS`` as a float, else ``default``.
+
+    Raises :class:`lambda_pool.exc.ArgumentError` when the variable is set but is not a
+    non-negative number: a typo should not silently turn pre-ping off.
+    """
+    raw = os.environ.get(PRE_PING_IDLE_ENV)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0 or value != value:  # negative or NaN
+        from lambda_pool.exc import ArgumentError
+
+        raise ArgumentError(
+            f"{PRE_PING_IDLE_ENV}={raw!r} is not a number of seconds >= 0; "
+            "set it to e.g. 60, or 0 to ping at every checkout"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Observability.
+# --------------------------------------------------------------------------------------
+
+WarmListener = Callable[[str, Mapping[str, Any]], None]
+
+
+class WarmStats:
+    """Counters of one warm pool, safe to read from any thread (``engine.pool.stats``).
+
+    ``opened``: connections opened for the warm slot.  ``reused``: checkouts that handed
+    out the cached connection.  ``replaced``: ``{reason: count}`` with the
+    :class:`ReplaceReason` values as keys.  ``pre_pings`` / ``pre_ping_failures``: round
+    trips made because the connection sat idle too long, and how many failed.
+    ``overflow_connections``: separate short-lived connections handed to a concurrent
+    caller while the warm one was in use.
+
+    Listeners added with :meth:`add_listener` are called as ``fn(event, details)`` with
+    ``event`` one of ``"opened"``, ``"reused"``, ``"replaced"`` (``details["reason"]``),
+    ``"pre_ping"`` (``details["ok"]``) and ``"separate_connection"``; a listener that
+    raises is logged and never breaks a checkout.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: list[WarmListener] = []
+        self.opened = 0
+        self.reused = 0
+        self.replaced: dict[str, int] = {}
+        self.pre_pings = 0
+        self.pre_ping_failures = 0
+        self.overflow_connections = 0
+
+    def add_listener(self, fn: WarmListener) -> None:
+        """Call ``fn(event, details)`` on every warm-cache event."""
+        with self._lock:
+            self._listeners.append(fn)
+
+    def remove_listener(self, fn: WarmListener) -> None:
+        """Stop calling ``fn``; a listener that was never added is ignored."""
+        with self._lock:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A consistent copy of every counter (for logs and metrics)."""
+        with self._lock:
+            return {
+                "opened": self.opened,
+                "reused": self.reused,
+                "replaced": dict(self.replaced),
+                "pre_pings": self.pre_pings,
+                "pre_ping_failures": self.pre_ping_failures,
+                "overflow_connections": self.overflow_connections,
+            }
+
+    def __repr__(self) -> str:
+        return f"WarmStats({self.as_dict()!r})"
+
+    def record_opened(self) -> None:
+        with self._lock:
+            self.opened += 1
+        self._emit("opened", {})
+
+    def record_reused(self) -> None:
+        with self._lock:
+            self.reused += 1
+        self._emit("reused", {})
+
+    def record_replaced(self, reason: ReplaceReason) -> None:
+        with self._lock:
+            self.replaced[reason.value] = self.replaced.get(reason.value, 0) + 1
+        self._emit("replaced", {"reason": reason.value})
+
+    def record_pre_ping(self, ok: bool, idle_seconds: float | None) -> None:
+        with self._lock:
+            self.pre_pings += 1
+            if not ok:
+                self.pre_ping_failures += 1
+        self._emit("pre_ping", {"ok": ok, "idle_seconds": idle_seconds})
+
+    def record_separate_connection(self) -> None:
+        with self._lock:
+            self.overflow_connections += 1
+        self._emit("separate_connection", {})
+
+    def _emit(self, event: str, details: Mapping[str, Any]) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for fn in listeners:
+            try:
+                fn(event, details)
+            except Exception:
+                # Observability must never turn a healthy checkout into a failure.
+                log.exception("warm-cache listener %r failed on %r", fn, event)
+
+
+# --------------------------------------------------------------------------------------
+# Driver-facing helpers shared by both shells (no SQL except in reset_session).
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WarmConnectionInfo:
+    """Bookkeeping for one physical connection, kept in ``record.info[WARM_INFO_KEY]``."""
+
+    opener_pid: int
+    opened_generation: int
+    opened_at: float
+    last_used_at: float
+    reset_failed: bool = False
+
+
+def _is_psycopg(conn: Any) -> bool:
+    # Checked by module name so that this module never imports the driver.
+    return type(conn).__module__.startswith("psycopg")
+
+
+@dataclasses.dataclass(frozen=True)
+class DriverState:
+    """What the driver and the socket say about a connection, read without a round trip."""
+
+    closed: bool
+    idle: bool
+    pending_input: bool = False
+
+
+def probe_driver(conn: Any) -> DriverState:
+    """The driver's view of ``conn``, without any network round trip.
+
+    psycopg 3 reads libpq's local state (``closed``, ``broken``,
+    ``info.transaction_status``) and polls the socket with a zero timeout for unread
+    input; other DB-API drivers report what they expose (``closed``,
+    ``in_transaction``) and are otherwise assumed open and idle.
+    """
+    if _is_psycopg(conn):
+        if bool(conn.closed) or bool(getattr(conn, "broken", False)):
+            return DriverState(closed=True, idle=False)
+        # pq.TransactionStatus.IDLE == 0; compared by value to avoid importing psycopg.
+        idle = int(conn.info.transaction_status) == 0
+        return DriverState(closed=False, idle=idle, pending_input=_socket_readable(conn))
+    closed = bool(getattr(conn, "closed", False))
+    return DriverState(closed=closed, idle=not bool(getattr(conn, "in_transaction", False)))
+
+
+def _socket_readable(conn: Any) -> bool:
+    """True when the connection's socket has data or EOF waiting (a zero-timeout poll)."""
+    try:
+        fileno = int(conn.fileno())
+    except Exception:
+        return False
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fileno, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fileno], [], [], 0)
+    return bool(readable)
+
+
+def reset_session(conn: Any, *, discard: bool = True) -> None:
+    """Leave ``conn`` as a new session would be, so nothing leaks to the next invocation.
+
+    ``ROLLBACK`` first (a no-op when already idle), then ``DISCARD ALL``, which resets
+    ``SET`` parameters and ``SET SESSION AUTHORIZATION``, drops temporary tables,
+    deallocates prepared statements, closes cursors, ``UNLISTEN *`` and releases advisory
+    locks (it includes ``pg_advisory_unlock_all()``; no separate call needed).  PostgreSQL
+    refuses ``DISCARD ALL`` inside a transaction block, hence the rollback before it and
+    the autocommit switch around it (psycopg would otherwise open a transaction for it).
+
+    ``discard=False`` (transaction pooling behind PgBouncer / RDS Proxy) only rolls back:
+    ``DISCARD`` pins an RDS Proxy session, and such setups must not leave session state.
+
+    psycopg's client-side prepared-statement cache: psycopg clears it when it sees the
+    command status ``DISCARD ALL``, but only if that statement text is new to its
+    statement counter (``psycopg/_preparing.py``: ``validate()`` runs for first-seen
+    queries only), so from the second ``DISCARD ALL`` on it can keep names of statements
+    the server just dropped and fail with *prepared statement "_pg3_0" does not exist*.
+    Warm connections are therefore opened with ``prepare_threshold=None`` (no automatic
+    server-side preparation; :func:`warm_connect_args`); when a user turns preparation back
+    on, the cache is cleared here after the discard.
+    """
+    if _is_psycopg(conn):
+        if int(conn.info.transaction_status) != 0:
+            conn.rollback()
+        if not discard:
+            return
+        was_autocommit = bool(conn.autocommit)
+        if not was_autocommit:
+            conn.autocommit = True
+        try:
+            conn.execute("DISCARD ALL", prepare=False)
+        finally:
+            if not was_autocommit:
+                conn.autocommit = False
+        if conn.prepare_threshold is not None:
+            _clear_psycopg_prepared_cache(conn)
+        return
+    # Generic DB-API connection: a rollback is all a driver-neutral reset can do.
+    conn.rollback()
+
+
+def _clear_psycopg_prepared_cache(conn: Any) -> None:
+    # psycopg has no public call for this; its PrepareManager.clear() is what psycopg
+    # itself runs after ROLLBACK and DISCARD ALL.  If a future psycopg renames it, turn
+    # preparation off for this connection instead: stale names must never be used.
+    manager = getattr(conn, "_prepared", None)
+    clear = getattr(manager, "clear", None)
+    if callable(clear):
+        clear()
+    else:
+        conn.prepare_threshold = None
+
+
+def warm_connect_args(connect_args: Mapping[str, Any] | None, *, psycopg: bool) -> dict[str, Any]:
+    """Driver keywords for a warm connection: ``prepare_threshold=None`` unless given.
+
+    See :func:`reset_session` for why automatic preparation is off by default.
+    """
+    args = dict(connect_args or {})
+    if psycopg:
+        args.setdefault("prepare_threshold", None)
+    return args
+
+
+def abandon_inherited_connection(conn: Any) -> None:
+    """Forget a connection inherited across ``fork()`` without disturbing the parent.
+
+    Closing it normally would make libpq send *Terminate* on the socket the parent still
+    uses, ending the parent's session; letting the garbage collector finalize it does the
+    same.  Instead the child's copy of the descriptor is pointed at ``/dev/null``
+    (``dup2``), so the driver's close writes there and releases only the child's memory;
+    the parent's descriptor is a different file-table entry and stays open.
+    """
+    fileno: int | None
+    try:
+        fileno = int(conn.fileno())
+    except Exception:
+        fileno = None
+    if fileno is None or fileno < 0:
+        _ABANDONED.append(conn)  # cannot neutralise it: keep it alive, never finalize
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fileno)
+    finally:
+        os.close(devnull)
+    try:
+        conn.close()
+    except Exception:
+        log.debug("closing an abandoned inherited connection failed", exc_info=True)
+
+
+_ABANDONED: list[Any] = []
+
+
+class WarmGuard:
+    """Applies :func:`decide_reuse` at checkout; one per pool, shared by both shells.
+
+    ``clock`` is wall-clock epoch seconds (the credentials provider's clock when one is
+    given, so expiry deadlines and "now" are on the same time line).
+    """
+
+    def __init__(
+        self,
+        policy: ReusePolicy,
+        *,
+        clock: Callable[[], float] | None = None,
+        stats: WarmStats | None = None,
+    ) -> None:
+        self.policy = policy
+        self.clock: Callable[[], float] = clock or time.time
+        self.stats = stats if stats is not None else WarmStats()
+
+    def new_info(self) -> WarmConnectionInfo:
+        """Bookkeeping for a connection opened just now (counted as ``opened``)."""
+        now = self.clock()
+        self.stats.record_opened()
+        return WarmConnectionInfo(
+            opener_pid=os.getpid(),
+            opened_generation=_restore_generation(),
+            opened_at=now,
+            last_used_at=now,
+        )
+
+    def decide(
+        self, conn: Any, info: WarmConnectionInfo, credentials_expire_at: float | None
+    ) -> ReuseDecision:
+        """The decision for ``conn`` now (no I/O; a :class:`Ping` is the caller's to run)."""
+        pid = os.getpid()
+        if info.opener_pid != pid:
+            # Do not even probe an inherited connection: its state is the parent's.
+            driver = DriverState(closed=False, idle=True)
+        else:
+            driver = probe_driver(conn)
+        state = ConnectionState(
+            opener_pid=info.opener_pid,
+            current_pid=pid,
+            opened_generation=info.opened_generation,
+            current_generation=_restore_generation(),
+            opened_at=info.opened_at,
+            last_used_at=info.last_used_at,
+            closed=driver.closed,
+            idle=driver.idle,
+            credentials_expire_at=credentials_expire_at,
+            reset_failed=info.reset_failed,
+            pending_input=driver.pending_input,
+        )
+        return decide_reuse(state, self.clock(), self.policy)
+
+    def mark_returned(self, info: WarmConnectionInfo) -> None:
+        """Start the idle timer: the connection just came back from an invocation."""
+        info.last_used_at = self.clock()
+
+
+def _restore_generation() -> int:
+    from lambda_pool import lifecycle
+
+    return lifecycle.restore_generation()
+
+
+# --------------------------------------------------------------------------------------
+# Cache identity.
+# --------------------------------------------------------------------------------------
+
+# Secrets are folded into cache keys through an HMAC with a per-process random key: two
+# URLs differing only in their password are different identities, yet the module-level
+# cache never holds a password, nor a digest that could be brute-forced elsewhere.
+_KEY_SALT = secrets.token_bytes(32)
+
+
+def _digest(value: object) -> str:
+    return hmac.new(_KEY_SALT, repr(value).encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable, order-independent stand-in for keyword arguments (dicts, lists…)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_freeze(v) for v in value]
+        return (
+            tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else tuple(items)
+        )
+    try:
+        hash(value)
+    except TypeError:
+        return ("unhashable", type(value).__qualname__, id(value))
+    return value
+
+
+def identity_key(url: Any, credentials: Any, options: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The warm-cache key for ``url`` (a lambda-pool or SQLAlchemy ``URL``).
+
+    Made of the URL rendered without its password (so host, port, driver, database and
+    query options count), the user and database, the credentials provider's identity
+    (the object itself: two providers are two identities), and a keyed digest of the
+    password and every other keyword (``connect_args`` may carry secrets too).
+    """
+    others = {k: v for k, v in options.items() if k != "credentials"}
+    return (
+        url.render_as_string(hide_password=True),
+        url.username,
+        url.database,
+        id(credentials) if credentials is not None else None,
+        _digest((url.password, _freeze(others))),
+    )
