@@ -302,3 +302,16 @@ def test_secret_alone_is_enough_to_connect(sm: Any, embedded_postgres: Any) -> N
             role,
             pg.dbname,
         )
+
+    # The same through the URL convention: no host in the URL, so the credentials'
+    # driver keywords carry the secret's host, port and dbname.
+    located = provider_from_url(f"secret={arn}", None, None, None)
+    assert located is not None
+    creds = located.get()
+    with psycopg.connect(
+        "", user=creds.user, password=creds.password, **dict(creds.connect_args)
+    ) as conn:
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == (
+            role,
+            pg.dbname,
+        )
