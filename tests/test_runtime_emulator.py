@@ -7,6 +7,7 @@ import signal
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,3 +199,68 @@ def test_close_leaves_no_process_and_no_server(make_lambda: type[LocalLambda]) -
 
     assert fn.pid is None
     assert not _alive(pid)
+
+
+POOLED_HANDLER = textwrap.dedent(
+    """
+    import os
+    import psycopg
+    from lambda_pool import lifecycle
+
+    lifecycle.register_internal_extension()
+    lifecycle.install_shutdown_hooks()
+
+    class HeldConnections:
+        def __init__(self):
+            self.conns = []
+
+        def checkout(self):
+            if not self.conns:
+                self.conns.append(
+                    psycopg.connect(os.environ["T_DSN"], application_name=os.environ["T_APP"])
+                )
+            return self.conns[0]
+
+        def dispose(self):
+            with open(os.environ["T_MARK"], "a") as mark:
+                mark.write("disposed %d\\n" % len(self.conns))
+            for conn in self.conns:
+                conn.close()
+            self.conns = []
+
+    ENGINE = lifecycle.register(HeldConnections())
+
+    def handler(event, context):
+        return ENGINE.checkout().execute("SELECT 41 + 1").fetchone()[0]
+    """
+)
+
+
+def test_shutdown_hook_closes_the_warm_connection_when_lambda_ends_the_environment(
+    tmp_path: Path, embedded_postgres: Any, unique_application_name: str
+) -> None:
+    (tmp_path / "pooled.py").write_text(POOLED_HANDLER)
+    app = unique_application_name
+    mark = tmp_path / "dispose.mark"
+
+    def backends() -> dict[str, int]:
+        return {"backends": embedded_postgres.backend_count(app)}
+
+    with LocalLambda(
+        "pooled.handler",
+        tmp_path,
+        env={"T_DSN": embedded_postgres.dsn, "T_APP": app, "T_MARK": str(mark)},
+        observe=backends,
+    ) as fn:
+        results = [fn.invoke({}) for _ in range(3)]
+        fn.idle(0.1)
+        status = fn.shutdown()
+
+    assert [r.payload for r in results] == [42, 42, 42], fn.logs()
+    # One connection, reused warm across invocations.
+    assert [r.observed for r in results] == [{"backends": 1}] * 3
+    # Lambda's SIGTERM reached lambda-pool's hook, which closed it and then ended the
+    # process by the signal, as the runtime would have died without lambda-pool.
+    assert status == -signal.SIGTERM
+    assert mark.read_text() == "disposed 1\n"
+    assert embedded_postgres.wait_for_backend_count(0, app, timeout=1.0) == 0
