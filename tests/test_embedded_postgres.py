@@ -12,9 +12,11 @@ import pytest
 
 from lambda_pool.testing.postgres import (
     EmbeddedPostgres,
+    PostgresBinaries,
     PostgresServer,
     candidate_bindirs,
     find_binaries,
+    has_openssl,
 )
 
 needs_embedded = pytest.mark.skipif(
@@ -190,3 +192,18 @@ def test_forked_child_exiting_does_not_stop_the_parents_server() -> None:
         os.waitpid(child, 0)
         with psycopg.connect(pg.dsn) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@needs_embedded
+@pytest.mark.parametrize("bindir", candidate_bindirs(), ids=str)
+def test_every_candidate_build_starts_with_tls_only_when_built_with_openssl(
+    bindir: Path,
+) -> None:
+    binaries = PostgresBinaries(bindir, openssl=has_openssl(bindir))
+    with EmbeddedPostgres(binaries, max_connections=20) as pg:
+        assert pg.ssl_enabled is binaries.openssl
+        with psycopg.connect(pg.dsn, sslmode="prefer") as conn:
+            row = conn.execute(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()
+        assert row == (binaries.openssl,)

@@ -48,6 +48,7 @@ __all__ = [
     "candidate_bindirs",
     "find_binaries",
     "from_env",
+    "has_openssl",
 ]
 
 ENV_BINDIR = "LAMBDA_POOL_PG_BINDIR"
@@ -145,7 +146,8 @@ def candidate_bindirs() -> list[Path]:
     return result
 
 
-def _has_openssl(bindir: Path) -> bool:
+def has_openssl(bindir: Path) -> bool:
+    """Whether the PostgreSQL in `bindir` was built with OpenSSL (so ``ssl=on`` works)."""
     pg_config = bindir / "pg_config"
     if pg_config.is_file():
         try:
@@ -179,7 +181,7 @@ def find_binaries() -> PostgresBinaries:
             "named by LAMBDA_POOL_TEST_DSN)"
         )
     for bindir in candidates:
-        if _has_openssl(bindir):
+        if has_openssl(bindir):
             return PostgresBinaries(bindir, openssl=True)
     return PostgresBinaries(candidates[0], openssl=False)
 
