@@ -583,3 +583,118 @@ def test_sample_folder_has_the_handler_and_requirements_the_template_names(folde
     )
     requirements = (path / "requirements.txt").read_text()
     assert "lambda-pool" in requirements
+
+
+# --- infra/database.sql and infra/iam-policy.json ------------------------------------------
+
+
+def test_example_policy_shows_each_rds_db_connect_resource_kind() -> None:
+    policy = json.loads((ROOT / "infra" / "iam-policy.json").read_text())
+    arns = [s["Resource"] for s in policy["Statement"] if s["Action"] == "rds-db:connect"]
+    pattern = re.compile(
+        r"^arn:aws:rds-db:[a-z0-9-]+:\d{12}:dbuser:(db|cluster|prx)-[A-Za-z0-9]+/[A-Za-z_]\w*$"
+    )
+    assert all(pattern.match(arn) for arn in arns), arns
+    assert sorted(pattern.match(arn).group(1) for arn in arns) == ["cluster", "db", "prx"]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def scratch_database(embedded_postgres: Any) -> Any:
+    """A fresh database and a unique user name on the test server, dropped afterwards."""
+    import shutil
+    import uuid
+    from urllib.parse import unquote, urlsplit
+
+    import psycopg
+
+    psql = shutil.which("psql") or next(
+        iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))), None
+    )
+    if psql is None:
+        pytest.skip("needs the psql client (apt-get install postgresql-client)")
+    admin = urlsplit(embedded_postgres.admin_dsn)
+    suffix = uuid.uuid4().hex[:10]
+    dbname, user = f"lp_infra_{suffix}", f"lp_app_{suffix}"
+    with psycopg.connect(embedded_postgres.admin_dsn, autocommit=True) as conn:
+        try:
+            conn.execute(f'CREATE DATABASE "{dbname}"')
+            # RDS has this role; a plain PostgreSQL needs a stand-in.
+            conn.execute(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_iam')"
+                " THEN CREATE ROLE rds_iam; END IF; END $$"
+            )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            pytest.skip(f"the test server's admin cannot create databases or roles: {exc}")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PGHOST": admin.hostname or "127.0.0.1",
+        "PGPORT": str(admin.port or 5432),
+        "PGUSER": unquote(admin.username or ""),
+        "PGPASSWORD": unquote(admin.password or ""),
+        "PGDATABASE": dbname,
+    }
+    yield {
+        "psql": str(psql),
+        "env": env,
+        "dbname": dbname,
+        "user": user,
+        "server": embedded_postgres,
+    }
+    with psycopg.connect(embedded_postgres.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        conn.execute(f'DROP ROLE IF EXISTS "{user}"')
+
+
+def _run_database_sql(db: dict[str, Any], *args: str, stdin: str = "") -> Any:
+    import subprocess
+
+    sql = (ROOT / "infra" / "database.sql").read_text()
+    return subprocess.run(
+        [db["psql"], "-X", "-v", f"app_user={db['user']}", *args, "-f", "-"],
+        input=stdin + sql,
+        env=db["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _member_of_rds_iam(db: dict[str, Any]) -> bool:
+    import psycopg
+
+    with psycopg.connect(db["server"].admin_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_has_role(%s, 'rds_iam', 'MEMBER')", [db["user"]]).fetchone()
+    return bool(row and row[0])
+
+
+def test_database_sql_makes_an_iam_user_then_a_password_user(scratch_database: Any) -> None:
+    import psycopg
+
+    db = scratch_database
+    iam = _run_database_sql(db, "-v", "auth=iam")
+    assert iam.returncode == 0, iam.stderr
+    assert _member_of_rds_iam(db)
+
+    # A password with a quote and a backslash, passed on stdin as create-db-user.sh does.
+    password = "it's a\\b"
+    escaped = password.replace("\\", "\\\\").replace("'", "\\'")
+    pw = _run_database_sql(db, "-v", "auth=password", stdin=f"\\set app_password '{escaped}'\n")
+    assert pw.returncode == 0, pw.stderr
+    assert not _member_of_rds_iam(db)  # rds_iam would force the IAM path on RDS
+
+    env = db["env"]
+    conninfo = f"host={env['PGHOST']} port={env['PGPORT']} dbname={db['dbname']} user={db['user']}"
+    with psycopg.connect(conninfo, password=password, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS visits (id serial PRIMARY KEY, at timestamptz)")
+        conn.execute("INSERT INTO visits (at) VALUES (now())")
+        row = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
+    assert row == ("1min",)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(conninfo, password="not-the-password").close()
+
+
+def test_database_sql_refuses_password_mode_without_a_password(scratch_database: Any) -> None:
+    result = _run_database_sql(scratch_database, "-v", "auth=password")
+    assert result.returncode != 0
+    assert "app_password" in result.stderr
