@@ -13,6 +13,8 @@
 #   - an existing database: psql to DatabaseEndpoint, run from a host that can reach
 #     it, as an admin user given by the usual libpq variables (PGUSER, PGPASSWORD or
 #     ~/.pgpass). Set DB_HOST to override the host (e.g. an SSH tunnel's localhost).
+#   - USE_PSQL=1 takes the psql path for the created cluster too (from a host in the
+#     VPC); the admin credentials then come from the cluster's master secret.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=infra/scripts/_stack.sh
@@ -43,10 +45,10 @@ else
 fi
 
 cluster_arn=$(stack_output "$stack" ClusterArn)
-if [ -n "$cluster_arn" ]; then
+master_secret=$(stack_output "$stack" MasterUserSecretArn)
+if [ -n "$cluster_arn" ] && [ -z "${USE_PSQL:-}" ]; then
   # RDS Data API: one statement per call, no psql meta-commands, so the same steps
   # as infra/database.sql are spelled out here.
-  master_secret=$(stack_output "$stack" MasterUserSecretArn)
   run() {
     aws rds-data execute-statement --resource-arn "$cluster_arn" \
       --secret-arn "$master_secret" --database "$dbname" --sql "$1" >/dev/null
@@ -71,6 +73,13 @@ else
   need psql "PostgreSQL client"
   host=${DB_HOST:-$(stack_output "$stack" DatabaseEndpoint)}
   port=${DB_PORT:-$(stack_parameter "$stack" DatabasePort)}
+  if [ -n "$master_secret" ] && [ -z "${PGPASSWORD:-}" ]; then
+    master_json=$(aws secretsmanager get-secret-value --secret-id "$master_secret" \
+      --query SecretString --output text)
+    PGUSER=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["username"])' <<<"$master_json")
+    PGPASSWORD=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["password"])' <<<"$master_json")
+    export PGUSER PGPASSWORD
+  fi
   # The password goes in on standard input, not on the command line.
   {
     if [ "$auth" = password ]; then
