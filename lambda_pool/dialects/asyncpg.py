@@ -183,6 +183,10 @@ class AsyncpgDialect(AsyncDialect):
             # A dead socket cannot say goodbye; drop it without waiting.
             dbapi_conn.terminate()
 
+    def do_terminate(self, dbapi_conn: Any) -> None:
+        """Close at once without awaiting (disposal at shutdown, no event loop left)."""
+        dbapi_conn.terminate()
+
     async def execute(
         self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None
     ) -> ExecResult:

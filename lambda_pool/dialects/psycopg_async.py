@@ -62,6 +62,10 @@ class AsyncPsycopgDialect(AsyncDialect):
     async def do_close(self, dbapi_conn: Any) -> None:
         await dbapi_conn.close()
 
+    def do_terminate(self, dbapi_conn: Any) -> None:
+        """Close at once without awaiting (disposal at shutdown, no event loop left)."""
+        dbapi_conn.pgconn.finish()
+
     async def execute(
         self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None
     ) -> ExecResult:

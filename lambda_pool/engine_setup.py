@@ -1,0 +1,425 @@
+"""From ``create_engine``/``create_async_engine`` keywords to a dialect, a creator and a pool.
+
+Shared by the sync and async engines so both accept the same keywords, pick pool
+classes by the same rule and treat credentials the same way:
+
+* **pool class**: ``poolclass=`` wins; ``pool_size``, ``max_overflow`` or
+  ``pool_timeout`` without one selects ``QueuePool`` (``AsyncAdaptedQueuePool`` for
+  async engines); an in-memory SQLite URL gets ``SingletonThreadPool`` (its database
+  lives only as long as its connection, as in SQLAlchemy); everything else gets
+  ``NullPool``, the serverless default.
+* **credentials** (docs/ARCHITECTURE.md, "Credentials ↔ engine"): the provider is
+  asked on every new connection; an authentication failure calls ``refresh()`` and
+  retries once; ``expires_at`` goes to ``record.info[CREDENTIALS_EXPIRE_KEY]`` and a
+  connection past it is retired at checkout (``recycle_on_credentials_expiry``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lambda_pool.dialects import load_dialect
+from lambda_pool.dialects.base import AsyncDialect, SyncDialect
+from lambda_pool.event import EventRegistry
+from lambda_pool.exc import ArgumentError, DisconnectionError
+from lambda_pool.url import URL, make_url
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from lambda_pool.auth.base import CredentialProvider, Credentials
+    from lambda_pool.pool import Pool
+
+__all__ = ["CREDENTIALS_EXPIRE_KEY", "EngineParts", "build_engine_parts", "engine_logger"]
+
+#: ``record.info`` key holding the moment (provider clock) a connection's credentials expire.
+CREDENTIALS_EXPIRE_KEY = "lambda_pool.credentials_expire_at"
+
+# create_engine keyword -> pool constructor keyword.
+_POOL_KEYWORDS: dict[str, str] = {
+    "pool_size": "pool_size",
+    "max_overflow": "max_overflow",
+    "pool_timeout": "timeout",
+    "pool_recycle": "recycle",
+    "pool_pre_ping": "pre_ping",
+    "pool_reset_on_return": "reset_on_return",
+    "pool_use_lifo": "use_lifo",
+    "pool_logging_name": "logging_name",
+    "echo_pool": "echo",
+}
+_SIZING = ("pool_size", "max_overflow", "pool_timeout")
+_ENGINE_KEYWORDS = frozenset(
+    {
+        "poolclass",
+        "pool",
+        "creator",
+        "connect_args",
+        "credentials",
+        "recycle_on_credentials_expiry",
+        "echo",
+        "logging_name",
+    }
+)
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+ACCEPTED_KEYWORDS = frozenset(_POOL_KEYWORDS) | _ENGINE_KEYWORDS
+
+
+@dataclass
+class EngineParts:
+    """What an engine is made of."""
+
+    url: URL
+    dialect: SyncDialect | AsyncDialect
+    pool: Pool
+    pool_events: EventRegistry
+    credentials: CredentialProvider | None
+    echo: bool | str
+    logging_name: str | None
+
+
+def engine_logger(logging_name: str | None, echo: bool | str) -> logging.Logger:
+    """``lambda_pool.engine`` (``.<logging_name>``); ``echo`` makes it print SQL to stdout."""
+    logger = logging.getLogger("lambda_pool.engine" + (f".{logging_name}" if logging_name else ""))
+    if echo:
+        logger.setLevel(logging.DEBUG if echo == "debug" else logging.INFO)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+            )
+            logger.addHandler(handler)
+    return logger
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fail(keyword: str, value: object, accepted: str) -> ArgumentError:
+    return ArgumentError(f"Invalid value for {keyword}: {value!r}; accepted: {accepted}")
+
+
+def _check_values(kw: Mapping[str, Any]) -> None:
+    """Check pool keywords under the names the caller used (the pool re-checks its own)."""
+    from lambda_pool.pool.core import check_reset_on_return
+
+    def integer(name: str, minimum: int) -> None:
+        value = kw[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _fail(name, value, f"an integer >= {minimum}")
+
+    if "pool_size" in kw:
+        integer("pool_size", 0)
+    if "max_overflow" in kw:
+        integer("max_overflow", -1)
+    if "pool_timeout" in kw:
+        value = kw["pool_timeout"]
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+        ):
+            raise _fail("pool_timeout", value, "a number of seconds >= 0, or None to wait forever")
+    if "pool_recycle" in kw:
+        value = kw["pool_recycle"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail("pool_recycle", value, "a number of seconds, -1 = never")
+    for name in ("pool_pre_ping", "pool_use_lifo", "recycle_on_credentials_expiry"):
+        if name in kw and not isinstance(kw[name], bool):
+            raise _fail(name, kw[name], "True or False")
+    if "pool_reset_on_return" in kw:
+        try:
+            check_reset_on_return(kw["pool_reset_on_return"])
+        except ArgumentError:
+            raise _fail(
+                "pool_reset_on_return",
+                kw["pool_reset_on_return"],
+                "'rollback' or True (the default), 'commit', None, False or 'none'",
+            ) from None
+    for name in ("echo", "echo_pool"):
+        if name in kw and kw[name] not in (True, False, None, "debug"):
+            raise _fail(name, kw[name], "False, True or 'debug'")
+    for name in ("pool_logging_name", "logging_name"):
+        if name in kw and kw[name] is not None and not isinstance(kw[name], str):
+            raise _fail(name, kw[name], "a string")
+    if "connect_args" in kw and not isinstance(kw["connect_args"], Mapping):
+        raise _fail("connect_args", type(kw["connect_args"]).__name__, "a dict of driver keywords")
+    if "creator" in kw and not callable(kw["creator"]):
+        raise _fail("creator", kw["creator"], "a function returning a DB-API connection")
+
+
+def _check_provider(provider: object) -> None:
+    if not (
+        callable(getattr(provider, "get", None))
+        and callable(getattr(provider, "refresh", None))
+        and callable(getattr(provider, "clock", None))
+    ):
+        raise ArgumentError(
+            "credentials= needs a credential provider with get(), refresh() and clock "
+            "(e.g. lambda_pool.StaticCredentials, SecretsManagerCredentials, IAMCredentials)"
+        )
+
+
+def _choose_poolclass(
+    kw: Mapping[str, Any], url: URL, *, is_async: bool, dialect_name: str
+) -> type[Pool]:
+    from lambda_pool.pool import (
+        AsyncAdaptedQueuePool,
+        NullPool,
+        Pool,
+        QueuePool,
+        SingletonThreadPool,
+    )
+
+    poolclass = kw.get("poolclass")
+    if poolclass is not None:
+        if not (isinstance(poolclass, type) and issubclass(poolclass, Pool)):
+            raise _fail("poolclass", poolclass, "a lambda_pool.pool.Pool subclass")
+        if not is_async and issubclass(poolclass, AsyncAdaptedQueuePool):
+            raise ArgumentError(
+                "AsyncAdaptedQueuePool is for asyncio engines "
+                "(lambda_pool.asyncio.create_async_engine); use QueuePool with create_engine()"
+            )
+        return poolclass
+    if any(name in kw for name in _SIZING):
+        return AsyncAdaptedQueuePool if is_async else QueuePool
+    if dialect_name == "sqlite":
+        from lambda_pool.dialects.sqlite import is_memory_url
+
+        if is_memory_url(url):
+            return SingletonThreadPool
+    return NullPool
+
+
+def _pool_arguments(
+    poolclass: type[Pool], kw: Mapping[str, Any], configuration: str
+) -> dict[str, Any]:
+    """Translate ``pool_*`` keywords, rejecting ones the pool class does not take."""
+    accepted = set(inspect.signature(poolclass.__init__).parameters)
+    arguments: dict[str, Any] = {}
+    rejected: list[str] = []
+    for engine_name, pool_name in _POOL_KEYWORDS.items():
+        if engine_name not in kw:
+            continue
+        if pool_name in accepted:
+            arguments[pool_name] = kw[engine_name]
+        else:
+            rejected.append(engine_name)
+    if rejected:
+        names = ", ".join(repr(name) for name in rejected)
+        raise ArgumentError(
+            f"Invalid argument(s) {names} sent to create_engine(), using configuration "
+            f"{configuration}; {poolclass.__name__} does not take them "
+            "(pool_size/max_overflow/pool_timeout need QueuePool)"
+        )
+    return arguments
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+class _CredentialsBinding:
+    """Opens connections with a provider's credentials and retires them when they expire."""
+
+    def __init__(
+        self,
+        provider: CredentialProvider,
+        dialect: SyncDialect | AsyncDialect,
+        cparams: Mapping[str, Any],
+    ) -> None:
+        self.provider = provider
+        self.dialect = dialect
+        self.cparams = dict(cparams)
+        # id(dbapi connection) -> expires_at, from the creator until the connect event
+        # (fired by the pool right after the creator returns) moves it to record.info.
+        self._pending: dict[int, float] = {}
+
+    def params(self, credentials: Credentials) -> dict[str, Any]:
+        return self.dialect.apply_credentials(
+            self.cparams, credentials.user, credentials.password, credentials.connect_args
+        )
+
+    def opened(self, connection: Any, credentials: Credentials) -> Any:
+        if credentials.expires_at is not None:
+            self._pending[id(connection)] = credentials.expires_at
+        return connection
+
+    def connect_sync(self) -> Any:
+        dialect = self.dialect
+        assert isinstance(dialect, SyncDialect)
+        credentials = self.provider.get()
+        try:
+            return self.opened(dialect.connect(self.params(credentials)), credentials)
+        except Exception as exc:
+            if not dialect.is_auth_failure(exc):
+                raise
+        # The password may have been rotated: forget the cached one and try once more.
+        self.provider.refresh()
+        credentials = self.provider.get()
+        return self.opened(dialect.connect(self.params(credentials)), credentials)
+
+    async def connect_async(self) -> Any:
+        dialect = self.dialect
+        assert isinstance(dialect, AsyncDialect)
+        credentials = self.provider.get()
+        try:
+            return self.opened(await dialect.connect(self.params(credentials)), credentials)
+        except Exception as exc:
+            if not dialect.is_auth_failure(exc):
+                raise
+        self.provider.refresh()
+        credentials = self.provider.get()
+        return self.opened(await dialect.connect(self.params(credentials)), credentials)
+
+    def on_connect(self, dbapi_connection: Any, connection_record: Any) -> None:
+        expires_at = self._pending.pop(id(dbapi_connection), None)
+        if expires_at is not None:
+            connection_record.info[CREDENTIALS_EXPIRE_KEY] = expires_at
+
+    def on_checkout(self, dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
+        expires_at = connection_record.info.get(CREDENTIALS_EXPIRE_KEY)
+        if expires_at is not None and self.provider.clock() >= expires_at:
+            # The pool closes this connection and opens a new one (fresh credentials)
+            # before handing it out: retired at checkout, never mid-invocation.
+            raise DisconnectionError(
+                "the credentials this connection was opened with have expired; reconnecting"
+            )
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def _url_credentials(url: URL, explicit: object) -> tuple[URL, CredentialProvider | None]:
+    """A provider named by the URL query (``auth=iam``, ``secret=...``), and the URL without it."""
+    from lambda_pool.auth.from_url import AUTH_QUERY_KEYS
+
+    if not AUTH_QUERY_KEYS.intersection(url.query):
+        return url, None
+    if explicit is not None:
+        raise ArgumentError(
+            "the URL names credentials (auth=/secret=) and credentials= was passed: choose one"
+        )
+    from lambda_pool.auth.from_url import provider_from_url
+
+    provider = provider_from_url(url.query, url.username, url.host, url.port)
+    return url.difference_update_query(AUTH_QUERY_KEYS), provider
+
+
+def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool) -> EngineParts:
+    """Validate ``create_engine``/``create_async_engine`` arguments and build the pool.
+
+    Nothing is connected here: a bad argument raises before any socket is opened.
+    """
+    factory = "create_async_engine" if is_async else "create_engine"
+    unknown = sorted(set(kw) - ACCEPTED_KEYWORDS)
+    if unknown:
+        raise ArgumentError(
+            f"{factory}() got unknown keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"accepted: {', '.join(sorted(ACCEPTED_KEYWORDS))}"
+        )
+    parsed = make_url(url)
+    dialect = load_dialect(parsed.drivername, is_async=is_async)
+    _check_values(kw)
+
+    explicit_provider = kw.get("credentials")
+    if explicit_provider is not None:
+        _check_provider(explicit_provider)
+    driver_url, url_provider = _url_credentials(parsed, explicit_provider)
+    provider: CredentialProvider | None = explicit_provider or url_provider
+
+    ready_pool = kw.get("pool")
+    if ready_pool is not None:
+        from lambda_pool.pool import Pool
+
+        if not isinstance(ready_pool, Pool):
+            raise _fail("pool", ready_pool, "a lambda_pool.pool.Pool instance")
+        conflicting = sorted(
+            name
+            for name in kw
+            if name in _POOL_KEYWORDS or name in ("poolclass", "creator", "connect_args")
+        )
+        if conflicting or provider is not None:
+            names = conflicting + (["credentials"] if provider is not None else [])
+            raise ArgumentError(
+                f"pool= is a ready pool; {', '.join(map(repr, names))} cannot be applied to it"
+            )
+        if ready_pool.is_async != is_async:
+            raise ArgumentError(
+                f"pool= is {'an async' if ready_pool.is_async else 'a sync'} pool; "
+                f"{factory}() needs {'an async' if is_async else 'a sync'} one"
+            )
+        events = getattr(ready_pool, "_engine_events", None)
+        if not isinstance(events, EventRegistry):
+            # Engine-level listeners must reach this pool and every recreate() of it.
+            events = EventRegistry()
+            ready_pool._engine_events = events
+        return EngineParts(
+            parsed,
+            dialect,
+            ready_pool,
+            events,
+            None,
+            kw.get("echo") or False,
+            kw.get("logging_name"),
+        )
+
+    creator = kw.get("creator")
+    if creator is not None and provider is not None:
+        raise ArgumentError("creator= and credentials cannot be combined: the creator connects")
+
+    poolclass = _choose_poolclass(kw, parsed, is_async=is_async, dialect_name=dialect.name)
+    configuration = f"{type(dialect).__name__}/{poolclass.__name__}/Engine"
+    pool_arguments = _pool_arguments(poolclass, kw, configuration)
+
+    cparams = dialect.merge_connect_args(
+        dialect.create_connect_args(driver_url), kw.get("connect_args") or {}
+    )
+    events = EventRegistry()
+    pool_creator: Callable[[], Any] | Callable[[], Awaitable[Any]]
+    if creator is not None:
+        pool_creator = _wrap_creator(creator, is_async)
+    elif provider is not None:
+        binding = _CredentialsBinding(provider, dialect, cparams)
+        pool_creator = binding.connect_async if is_async else binding.connect_sync
+        events.add("connect", binding.on_connect, insert=True)
+        if kw.get("recycle_on_credentials_expiry", True):
+            events.add("checkout", binding.on_checkout, insert=True)
+    elif isinstance(dialect, AsyncDialect):
+        async_dialect = dialect
+
+        async def pool_creator_async() -> Any:
+            return await async_dialect.connect(cparams)
+
+        pool_creator = pool_creator_async
+    else:
+        sync_dialect = dialect
+
+        def pool_creator_sync() -> Any:
+            return sync_dialect.connect(cparams)
+
+        pool_creator = pool_creator_sync
+
+    pool = poolclass(pool_creator, dialect=dialect, events=events, **pool_arguments)
+    return EngineParts(
+        parsed,
+        dialect,
+        pool,
+        events,
+        provider,
+        kw.get("echo") or False,
+        kw.get("logging_name"),
+    )
+
+
+def _wrap_creator(creator: Callable[..., Any], is_async: bool) -> Callable[..., Any]:
+    """A user's ``creator`` as the pool wants it (a coroutine function for async engines)."""
+    if not is_async or inspect.iscoroutinefunction(creator):
+        return creator
+
+    async def call_creator() -> Any:
+        connection = creator()
+        if inspect.isawaitable(connection):
+            connection = await connection
+        return connection
+
+    return call_creator
