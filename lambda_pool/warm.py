@@ -38,7 +38,17 @@ import select
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from lambda_pool.exc import ArgumentError
+from lambda_pool.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
+from lambda_pool.pool import core as pool_core
+from lambda_pool.pool.core import Acquire, Op
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from collections.abc import Generator
+
+    from lambda_pool.engine import Engine
 
 __all__ = [
     "CREDENTIALS_EXPIRE_AT",
@@ -55,12 +65,18 @@ __all__ = [
     "ReusePolicy",
     "WarmConnectionInfo",
     "WarmGuard",
+    "WarmPool",
+    "WarmSlots",
     "WarmStats",
     "abandon_inherited_connection",
+    "cached_engines",
     "decide_reuse",
+    "identity_key",
     "pre_ping_idle_seconds_from_env",
     "probe_driver",
     "reset_session",
+    "warm_connect_args",
+    "warm_engine",
 ]
 
 log = logging.getLogger("lambda_pool.warm")
@@ -225,8 +241,6 @@ def pre_ping_idle_seconds_from_env(default: float = DEFAULT_PRE_PING_IDLE_SECOND
     except ValueError:
         value = -1.0
     if value < 0 or value != value:  # negative or NaN
-        from lambda_pool.exc import ArgumentError
-
         raise ArgumentError(
             f"{PRE_PING_IDLE_ENV}={raw!r} is not a number of seconds >= 0; "
             "set it to e.g. 60, or 0 to ping at every checkout"
@@ -600,3 +614,384 @@ def identity_key(url: Any, credentials: Any, options: Mapping[str, Any]) -> tupl
         id(credentials) if credentials is not None else None,
         _digest((url.password, _freeze(others))),
     )
+
+
+# --------------------------------------------------------------------------------------
+# The pool (lambda_pool.pool shell) and the module-level cache.
+# --------------------------------------------------------------------------------------
+
+
+class WarmSlots(pool_core.Slots[ConnectionPoolEntry]):
+    """Slot policy of :class:`WarmPool`: one kept record, plus separate ones while it is out.
+
+    The kept record is handed to one caller at a time; a checkout finding it in use gets
+    a new record that is closed when returned (never the kept one, whichever returns
+    first).  ``overflow()`` counts those separate connections.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record: ConnectionPoolEntry | None = None
+        self.in_use = False
+        self.separate = 0
+        # Records given up by dispose() while in use: closed when they come back.
+        self._retired: list[ConnectionPoolEntry] = []
+
+    def acquire(
+        self, make: Callable[[], ConnectionPoolEntry], key: Any = None
+    ) -> tuple[Acquire, ConnectionPoolEntry | None]:
+        self.out += 1
+        if not self.in_use:
+            self.in_use = True
+            if self.record is None:
+                self.record = make()
+                return Acquire.NEW, self.record
+            return Acquire.TAKE, self.record
+        self.separate += 1
+        return Acquire.NEW, make()
+
+    def is_warm(self, record: ConnectionPoolEntry) -> bool:
+        """True for the kept record (the one the reuse rules apply to)."""
+        return record is self.record
+
+    def release(self, record: ConnectionPoolEntry) -> bool:
+        self.out -= 1
+        self._bump()
+        if record is self.record:
+            self.in_use = False
+            return True
+        if record in self._retired:
+            self._retired.remove(record)
+        else:
+            self.separate -= 1
+        return False
+
+    def discard(self, record: ConnectionPoolEntry) -> None:
+        self.out -= 1
+        self._bump()
+        if record is self.record:
+            self.record = None
+            self.in_use = False
+        elif record in self._retired:
+            self._retired.remove(record)
+        else:
+            self.separate -= 1
+
+    def drain_idle(self) -> list[ConnectionPoolEntry]:
+        record, self.record = self.record, None
+        self._bump()
+        if record is None:
+            return []
+        if self.in_use:
+            # Its user keeps it until it comes back; then it is closed, not kept.
+            self.in_use = False
+            self._retired.append(record)
+            return []
+        return [record]
+
+    def forget_all(self) -> list[ConnectionPoolEntry]:
+        idle = super().forget_all()
+        self.record = None
+        self.in_use = False
+        self.separate = 0
+        self._retired.clear()
+        return idle
+
+    def size(self) -> int:
+        return 1
+
+    def checkedin(self) -> int:
+        return 1 if self.record is not None and not self.in_use else 0
+
+    def overflow(self) -> int:
+        return max(0, self.separate)
+
+
+class WarmPool(Pool):
+    """A single-connection pool whose connection survives across Lambda invocations.
+
+    At each checkout the kept connection goes through :func:`decide_reuse` (the module
+    docstring lists the rules): reused, pre-pinged, or replaced (closed; after a fork
+    dropped) before the caller sees it.  While it is checked out, another checkout gets
+    a separate short-lived connection, closed when returned.  On return the session is
+    reset by :func:`reset_session` (after the pool's rollback): ``DISCARD ALL``, or only
+    the rollback with ``transaction_pooling=True``.
+
+    ``recycle`` and ``pre_ping`` keep their pool meaning but are applied by the shared
+    decision on ``clock`` (``pre_ping=True`` pings at every checkout); the pool's own
+    wall-clock recycle and pre-ping are therefore off.  ``stats`` is a
+    :class:`WarmStats`.  Sync pools only: an async creator is an ``ArgumentError``.
+    """
+
+    def __init__(
+        self,
+        creator: Callable[[], Any],
+        *,
+        recycle: float = -1,
+        echo: bool | str | None = False,
+        logging_name: str | None = None,
+        reset_on_return: bool | str | None = True,
+        events: Any = None,
+        dialect: Any = None,
+        pre_ping: bool = False,
+        pre_ping_idle_seconds: float | None = None,
+        recycle_on_credentials_expiry: bool = True,
+        transaction_pooling: bool = False,
+        clock: Callable[[], float] | None = None,
+        stats: WarmStats | None = None,
+    ) -> None:
+        pool_core.check_recycle(recycle)
+        idle = (
+            pre_ping_idle_seconds_from_env()
+            if pre_ping_idle_seconds is None
+            else pre_ping_idle_seconds
+        )
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle < 0:
+            raise ArgumentError(
+                f"pre_ping_idle_seconds must be a number of seconds >= 0 (0 pings at every "
+                f"checkout); got {idle!r}"
+            )
+        super().__init__(
+            creator,
+            recycle=-1,
+            echo=echo,
+            logging_name=logging_name,
+            reset_on_return=reset_on_return,
+            events=events,
+            dialect=dialect,
+            pre_ping=False,
+        )
+        if self._is_async:
+            raise ArgumentError(
+                "WarmPool holds a blocking connection; for asyncio use create_async_engine "
+                "with AsyncAdaptedQueuePool(pool_size=1)"
+            )
+        self.stats = stats if stats is not None else WarmStats()
+        self._guard = WarmGuard(
+            ReusePolicy(
+                recycle=float(recycle) if recycle >= 0 else None,
+                pre_ping_idle_seconds=0.0 if pre_ping else float(idle),
+                recycle_on_credentials_expiry=recycle_on_credentials_expiry,
+            ),
+            clock=clock,
+            stats=self.stats,
+        )
+        self._transaction_pooling = bool(transaction_pooling)
+        self._kwargs.update(
+            recycle=recycle,
+            pre_ping=pre_ping,
+            pre_ping_idle_seconds=pre_ping_idle_seconds,
+            recycle_on_credentials_expiry=recycle_on_credentials_expiry,
+            transaction_pooling=transaction_pooling,
+            clock=clock,
+            stats=self.stats,  # one set of counters across dispose()/recreate()
+        )
+
+    @property
+    def policy(self) -> ReusePolicy:
+        """The reuse rules this pool applies."""
+        return self._guard.policy
+
+    @property
+    def transaction_pooling(self) -> bool:
+        """True when ``DISCARD ALL`` is skipped (PgBouncer / RDS Proxy transaction mode)."""
+        return self._transaction_pooling
+
+    def _make_slots(self) -> pool_core.Slots[ConnectionPoolEntry]:
+        return WarmSlots()
+
+    def _warm_slots(self) -> WarmSlots:
+        slots = self._slots
+        assert isinstance(slots, WarmSlots)
+        return slots
+
+    # -- checkout ---------------------------------------------------------------------
+
+    def _check_fork(self) -> None:
+        # Count the inherited connection the base class is about to drop (never close).
+        if os.getpid() != self._pid:
+            record = self._warm_slots().record
+            if record is not None and record.dbapi_connection is not None:
+                self.stats.record_replaced(ReplaceReason.FORKED)
+        super()._check_fork()
+
+    def _g_checkout(self) -> Generator[Any, Any, PoolProxiedConnection]:
+        proxy = yield from super()._g_checkout()
+        record = proxy.record
+        if record is not None and not self._warm_slots().is_warm(record):
+            self.stats.record_separate_connection()
+        return proxy
+
+    def _g_prepare(
+        self, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> Generator[Any, Any, None]:
+        if self._warm_slots().is_warm(record) and record.dbapi_connection is not None:
+            yield from self._g_vet(record)
+        yield from super()._g_prepare(record, proxy)
+
+    def _g_vet(self, record: ConnectionPoolEntry) -> Generator[Any, Any, None]:
+        info = record.info.get(WARM_INFO_KEY)
+        if not isinstance(info, WarmConnectionInfo):
+            return
+        dbapi = record.dbapi_connection
+        decision = self._guard.decide(
+            self._dialect.get_driver_connection(dbapi),
+            info,
+            record.info.get(CREDENTIALS_EXPIRE_AT),
+        )
+        if isinstance(decision, Ping):
+            try:
+                ok = bool((yield Op.PING, dbapi))
+            except Exception:
+                # Any failure: this connection is not one to hand out; the caller gets
+                # a new one and never sees the error.
+                ok = False
+            self.stats.record_pre_ping(ok, decision.idle_seconds)
+            decision = Reuse() if ok else Replace(ReplaceReason.PRE_PING_FAILED)
+        if isinstance(decision, Reuse):
+            self.stats.record_reused()
+            return
+        self.stats.record_replaced(decision.reason)
+        self._logger.info("Warm connection %r replaced: %s", dbapi, decision.reason.value)
+        if not decision.may_close:
+            abandon_inherited_connection(self._dialect.get_driver_connection(dbapi))
+        # The base checkout then finds no connection and opens the replacement.
+        yield from self._g_close_connection(record)
+
+    def _g_connect(self, record: ConnectionPoolEntry) -> Generator[Any, Any, None]:
+        yield from super()._g_connect(record)
+        if self._warm_slots().is_warm(record):
+            record.info[WARM_INFO_KEY] = self._guard.new_info()
+
+    # -- return -----------------------------------------------------------------------
+
+    def _g_reset(
+        self,
+        dbapi: Any,
+        record: ConnectionPoolEntry | None,
+        transaction_was_reset: bool,
+        terminate_only: bool,
+    ) -> Generator[Any, Any, None]:
+        yield from super()._g_reset(dbapi, record, transaction_was_reset, terminate_only)
+        if (
+            record is None
+            or terminate_only
+            or record.dbapi_connection is None
+            or not self._warm_slots().is_warm(record)
+        ):
+            return
+        info = record.info.get(WARM_INFO_KEY)
+        try:
+            reset_session(
+                self._dialect.get_driver_connection(record.dbapi_connection),
+                discard=not self._transaction_pooling,
+            )
+        except Exception as exc:
+            # The caller already has its result; close now, reconnect at next checkout.
+            self._logger.info("Warm connection reset failed, closing it: %r", exc)
+            yield from self._g_invalidate(record, exc)
+            return
+        if isinstance(info, WarmConnectionInfo):
+            self._guard.mark_returned(info)
+
+    def status(self) -> str:
+        slots = self._warm_slots()
+        state = "none" if slots.record is None else ("in use" if slots.in_use else "idle")
+        return (
+            f"Pool size: 1  Connections in pool: {self.checkedin()} "
+            f"Current Overflow: {self.overflow()} "
+            f"Current Checked out connections: {self.checkedout()}  warm connection: {state}"
+        )
+
+
+_cache_lock = threading.Lock()
+_cache: dict[tuple[Any, ...], tuple[Engine, Any]] = {}
+
+
+def warm_engine(
+    url: Any,
+    *,
+    pre_ping_idle_seconds: float | None = None,
+    transaction_pooling: bool = False,
+    clock: Callable[[], float] | None = None,
+    **kw: Any,
+) -> Engine:
+    """The container's engine for this identity, created on the first call, reused after.
+
+    The identity is the URL without its password (driver, host, port, database, query
+    options), the user, the credentials provider (``credentials=``) and every keyword,
+    with secrets folded in through a per-process keyed digest (see :func:`identity_key`).
+    The engine's pool is a :class:`WarmPool`: ``pre_ping_idle_seconds`` (default:
+    ``LAMBDA_POOL_PRE_PING_IDLE_SECONDS``, else 60), ``transaction_pooling`` (PgBouncer /
+    RDS Proxy in transaction mode: no ``DISCARD ALL``, no server-side prepared
+    statements) and ``clock`` (default: the credentials provider's clock, else
+    ``time.time``) configure it; ``engine.pool.stats`` counts what it did.  Every other
+    keyword goes to :func:`lambda_pool.create_engine` (``credentials``, ``connect_args``,
+    ``pool_recycle``, ``pool_pre_ping``, ``echo_pool``, …); ``poolclass`` and queue sizing
+    are refused.  Thread-safe: concurrent first calls create one engine.
+    """
+    for name in ("poolclass", "pool", "pool_size", "max_overflow", "pool_timeout"):
+        if name in kw:
+            raise ArgumentError(
+                f"warm_engine() chooses its pool (WarmPool, one connection); {name}= does not "
+                "apply. Use lambda_pool.create_engine() for other pools"
+            )
+    from lambda_pool.url import make_url
+
+    parsed = make_url(url)
+    options = dict(kw)
+    options.update(
+        pre_ping_idle_seconds=pre_ping_idle_seconds,
+        transaction_pooling=transaction_pooling,
+        clock=clock,
+    )
+    credentials = kw.get("credentials")
+    key = identity_key(parsed, credentials, options)
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is None:
+            engine = _create_warm_engine(
+                parsed, pre_ping_idle_seconds, transaction_pooling, clock, kw
+            )
+            # The provider stays referenced with its entry, so its id() in the key
+            # cannot be taken by another object while the engine lives.
+            cached = (engine, credentials)
+            _cache[key] = cached
+        return cached[0]
+
+
+def _create_warm_engine(
+    url: Any,
+    pre_ping_idle_seconds: float | None,
+    transaction_pooling: bool,
+    clock: Callable[[], float] | None,
+    kw: dict[str, Any],
+) -> Engine:
+    from lambda_pool.engine import create_engine
+
+    options = dict(kw)
+    if clock is None:
+        clock = getattr(options.get("credentials"), "clock", None)
+    is_psycopg = url.get_backend_name() == "postgresql" and url.get_driver_name() in (
+        "psycopg",
+        "",
+    )
+    if is_psycopg:
+        connect_args = dict(options.get("connect_args") or {})
+        if transaction_pooling:
+            connect_args["prepare_threshold"] = None
+        options["connect_args"] = warm_connect_args(connect_args, psycopg=True)
+    return create_engine(
+        url,
+        poolclass=WarmPool,
+        pool_pre_ping_idle_seconds=pre_ping_idle_seconds,
+        pool_transaction_pooling=transaction_pooling,
+        pool_clock=clock,
+        **options,
+    )
+
+
+def cached_engines() -> list[Engine]:
+    """The engines :func:`warm_engine` created in this process (for diagnostics)."""
+    with _cache_lock:
+        return [engine for engine, _ in _cache.values()]
