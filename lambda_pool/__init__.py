@@ -39,7 +39,31 @@ _LAZY: dict[str, str] = {
     "instrument": "lambda_pool.observability",
 }
 
-__all__ = ["__version__", "event", "exc", *_LAZY]
+__all__ = [
+    "URL",
+    "AsyncAdaptedQueuePool",
+    "Connection",
+    "Engine",
+    "IAMCredentials",
+    "NullPool",
+    "Pool",
+    "PoolResetState",
+    "QueuePool",
+    "SecretsManagerCredentials",
+    "SingletonThreadPool",
+    "StaticCredentials",
+    "StaticPool",
+    "__version__",
+    "create_engine",
+    "dispose_all",
+    "event",
+    "exc",
+    "install_shutdown_hooks",
+    "instrument",
+    "make_url",
+    "warm_engine",
+    "with_connection",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lambda_pool.auth import IAMCredentials, SecretsManagerCredentials, StaticCredentials

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if report.ok else 1
     from lambda_pool import demo
 
-    return demo.main(invocations=args.invocations)
+    return int(demo.main(invocations=args.invocations))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,7 +28,7 @@ class ResourceClosedError(InvalidRequestError):
     """A connection, proxy or result was used after it was closed."""
 
 
-class TimeoutError(LambdaPoolError, builtins.TimeoutError):  # noqa: A001
+class TimeoutError(LambdaPoolError, builtins.TimeoutError):
     """No connection became available within the pool's ``timeout``."""
 
 
