@@ -366,6 +366,9 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
     creator = kw.get("creator")
     if creator is not None and provider is not None:
         raise ArgumentError("creator= and credentials cannot be combined: the creator connects")
+    if creator is None:
+        # Fail at create_engine(), not at the first request, when the driver is missing.
+        dialect.load_driver()
 
     poolclass = _choose_poolclass(kw, parsed, is_async=is_async, dialect_name=dialect.name)
     configuration = f"{type(dialect).__name__}/{poolclass.__name__}/Engine"

@@ -1,0 +1,216 @@
+"""Bad arguments to the engines raise clear errors and leave nothing open on the server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from lambda_pool import create_engine
+from lambda_pool.asyncio import create_async_engine
+from lambda_pool.exc import ArgumentError, DriverNotInstalledError, InvalidRequestError
+from lambda_pool.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
+from lambda_pool.testing.postgres import PostgresServer
+
+
+@pytest.fixture
+def app_url(embedded_postgres: PostgresServer, unique_application_name: str) -> str:
+    return f"{embedded_postgres.dsn}?application_name={unique_application_name}"
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_open(
+    embedded_postgres: PostgresServer, unique_application_name: str
+) -> Iterator[None]:
+    yield
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"pool_size": -1}, "pool_size: -1"),
+        ({"pool_size": "5"}, "pool_size: '5'"),
+        ({"pool_size": True}, "pool_size: True"),
+        ({"pool_size": 2.5}, "pool_size: 2.5"),
+        ({"max_overflow": -2}, "max_overflow: -2"),
+        ({"max_overflow": "10"}, "max_overflow: '10'"),
+        ({"pool_timeout": -1}, "pool_timeout: -1"),
+        ({"pool_timeout": "30"}, "pool_timeout: '30'"),
+        ({"pool_recycle": "1h"}, "pool_recycle: '1h'"),
+        ({"pool_pre_ping": "yes"}, "pool_pre_ping: 'yes'"),
+        ({"pool_reset_on_return": "rollbak"}, "pool_reset_on_return: 'rollbak'"),
+        ({"echo_pool": "loud"}, "echo_pool: 'loud'"),
+        ({"connect_args": ["sslmode=require"]}, "connect_args"),
+        ({"creator": "not callable"}, "creator"),
+        ({"poolclass": dict}, "poolclass"),
+        ({"credentials": object()}, "credentials= needs a credential provider"),
+    ],
+)
+def test_bad_values_name_the_keyword_and_connect_nothing(
+    app_url: str, kwargs: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(ArgumentError) as info:
+        create_engine(app_url, **kwargs)
+    assert fragment in str(info.value)
+    assert "Invalid value" in str(info.value) or "credentials" in str(info.value)
+
+
+def test_unknown_keyword_is_named(app_url: str) -> None:
+    with pytest.raises(ArgumentError, match="unknown keyword argument\\(s\\) 'pool_sise'"):
+        create_engine(app_url, pool_sise=5)
+
+
+def test_sizing_keywords_with_nullpool_are_rejected(app_url: str) -> None:
+    with pytest.raises(ArgumentError, match=r"'pool_size', 'max_overflow'.*NullPool"):
+        create_engine(app_url, poolclass=NullPool, pool_size=5, max_overflow=2)
+
+
+def test_ready_pool_cannot_take_pool_keywords(app_url: str) -> None:
+    pool = QueuePool(lambda: psycopg.connect(app_url))
+    with pytest.raises(ArgumentError, match="pool= is a ready pool; 'pool_size'"):
+        create_engine(app_url, pool=pool, pool_size=3)
+
+
+def test_async_pool_class_is_refused_by_the_sync_factory(app_url: str) -> None:
+    with pytest.raises(ArgumentError, match="AsyncAdaptedQueuePool is for asyncio engines"):
+        create_engine(app_url, poolclass=AsyncAdaptedQueuePool)
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("mysql://u:pw@h/d", "unsupported database scheme 'mysql'"),
+        ("postgresql+pg8000://u:pw@h/d", "unsupported driver 'pg8000'"),
+        ("oracle+cx_oracle://u:pw@h/d", "unsupported database scheme 'oracle'"),
+    ],
+)
+def test_unknown_scheme_or_driver_lists_the_supported_ones(url: str, fragment: str) -> None:
+    with pytest.raises(ArgumentError) as info:
+        create_engine(url)
+    assert fragment in str(info.value)
+    assert "postgresql+psycopg://" in str(info.value)
+
+
+def test_async_url_given_to_create_engine_points_to_create_async_engine(app_url: str) -> None:
+    url = app_url.replace("postgresql://", "postgresql+asyncpg://")
+    with pytest.raises(ArgumentError, match=r"lambda_pool\.asyncio\.create_async_engine"):
+        create_engine(url)
+
+
+def test_psycopg_async_alias_given_to_create_engine_points_to_async(app_url: str) -> None:
+    url = app_url.replace("postgresql://", "postgresql+psycopg_async://")
+    with pytest.raises(ArgumentError, match="create_async_engine"):
+        create_engine(url)
+
+
+def test_sqlite_url_given_to_create_async_engine_points_to_create_engine(tmp_path: Any) -> None:
+    with pytest.raises(ArgumentError, match=r"lambda_pool\.create_engine"):
+        create_async_engine(f"sqlite:///{tmp_path}/x.db")
+
+
+def test_async_engine_rejects_a_sync_ready_pool(app_url: str) -> None:
+    pool = NullPool(lambda: psycopg.connect(app_url))
+    with pytest.raises(ArgumentError, match="needs an async one"):
+        create_async_engine(app_url, pool=pool)
+
+
+def _run_without(module: str, code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a child where importing ``module`` fails, as if not installed."""
+    prelude = f"import sys\nsys.modules[{module!r}] = None\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_missing_psycopg_names_the_postgres_extra() -> None:
+    result = _run_without(
+        "psycopg",
+        """
+        from lambda_pool import create_engine
+        from lambda_pool.exc import DriverNotInstalledError
+        try:
+            create_engine("postgresql://u:pw@127.0.0.1/db")
+        except DriverNotInstalledError as exc:
+            print("ERROR:", exc)
+        """,
+    )
+    assert "pip install 'lambda-pool[postgres]'" in result.stdout, result.stderr
+
+
+def test_missing_asyncpg_names_the_asyncpg_extra() -> None:
+    result = _run_without(
+        "asyncpg",
+        """
+        from lambda_pool.asyncio import create_async_engine
+        from lambda_pool.exc import DriverNotInstalledError
+        try:
+            create_async_engine("postgresql+asyncpg://u:pw@127.0.0.1/db")
+        except DriverNotInstalledError as exc:
+            print("ERROR:", exc, isinstance(exc, ImportError))
+        """,
+    )
+    assert "pip install 'lambda-pool[asyncpg]'" in result.stdout, result.stderr
+    assert "True" in result.stdout
+
+
+def test_missing_driver_error_is_an_import_error_subclass() -> None:
+    assert issubclass(DriverNotInstalledError, ImportError)
+
+
+def test_wrong_password_raises_the_driver_error_and_leaves_no_backend(
+    embedded_postgres: PostgresServer, unique_application_name: str
+) -> None:
+    url = embedded_postgres.dsn_for(
+        embedded_postgres.user, "wrong-password", application_name=unique_application_name
+    )
+    engine = create_engine(url, pool_size=1)
+    with pytest.raises(psycopg.OperationalError) as info:
+        engine.connect()
+    assert "wrong-password" not in str(info.value)
+    # The failed connect gave its slot back.
+    assert engine.pool.checkedout() == 0
+
+
+def test_unknown_libpq_option_in_connect_args_fails_at_connect(app_url: str) -> None:
+    engine = create_engine(app_url, connect_args={"no_such_option": "1"})
+    with pytest.raises(psycopg.ProgrammingError, match="no_such_option"):
+        engine.connect()
+    assert engine.pool.checkedout() == 0
+
+
+def test_statement_error_keeps_the_connection_usable_and_close_releases_it(app_url: str) -> None:
+    engine = create_engine(app_url)
+    with engine.connect() as conn:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute("SELECT * FROM no_such_table")
+        conn.rollback()
+        assert conn.execute("SELECT 1").scalar() == 1
+
+
+def test_execute_rejects_non_text_statements(app_url: str) -> None:
+    engine = create_engine(app_url)
+    with engine.connect() as conn, pytest.raises(InvalidRequestError, match="SQL text"):
+        conn.execute(b"SELECT 1")  # type: ignore[arg-type]
+
+
+async def test_bad_placeholder_on_asyncpg_is_an_argument_error(app_url: str) -> None:
+    engine = create_async_engine(app_url.replace("postgresql://", "postgresql+asyncpg://"))
+    async with engine.connect() as conn:
+        with pytest.raises(ArgumentError, match="'%d'"):
+            await conn.execute("SELECT %d", (1,))
+        with pytest.raises(ArgumentError, match="2 placeholders but 1"):
+            await conn.execute("SELECT %s, %s", (1,))
+        with pytest.raises(ArgumentError, match="cannot be mixed"):
+            await conn.execute("SELECT %s, %(a)s", (1,))
+        assert (await conn.execute("SELECT 1")).scalar() == 1
+    await engine.dispose()
