@@ -412,3 +412,67 @@ def test_next_token_is_what_the_server_accepts_after_expiry(
         _connect(pg, first)
     with _connect(pg, second) as conn:
         assert conn.execute("SELECT current_user").fetchone() == (role,)
+
+
+# --------------------------------------------------------------------------- through the engine
+
+
+def _wait_for_next_signing_second(token: str) -> None:
+    """Sleep until botocore's X-Amz-Date (whole seconds) will differ from ``token``'s."""
+    while token_validity(token)[0] >= int(time.time()):
+        time.sleep(0.05)
+
+
+def test_engine_retires_a_connection_at_checkout_once_its_token_expired(
+    aws: str, embedded_postgres: Any, unique_application_name: str
+) -> None:
+    from lambda_pool import create_engine
+
+    pg = embedded_postgres
+    if not pg.ssl_enabled:
+        pytest.skip("the test PostgreSQL has no TLS (binaries built without OpenSSL)")
+    role = f"iam_{uuid.uuid4().hex[:10]}"
+    clock = FakeClock()
+    factory = CountingFactory()
+    provider = IAMCredentials(
+        pg.host, pg.port, role, region=REGION, clock=clock, client_factory=factory
+    )
+    first = provider.get()
+    assert first.password is not None and first.expires_at is not None
+    pg.create_role(role, first.password)  # "RDS" accepts the current token
+
+    engine = create_engine(
+        f"postgresql://{pg.host}:{pg.port}/{pg.dbname}?application_name={unique_application_name}",
+        credentials=provider,
+        pool_size=1,
+    )
+    try:
+        with engine.connect() as conn:
+            pid, user, ssl = conn.execute(
+                "SELECT pg_backend_pid(), current_user, ssl FROM pg_stat_ssl "
+                "WHERE pid = pg_backend_pid()"
+            ).one()
+        assert (user, ssl) == (role, True)
+
+        # Still within the token's life: the pooled connection is handed out again.
+        clock.now = first.expires_at - 1
+        with engine.connect() as conn:
+            assert conn.execute("SELECT pg_backend_pid()").scalar() == pid
+        assert factory.generated == 1
+
+        # Past expires_at: the next checkout retires it and connects with a new token,
+        # which is now the only one "RDS" accepts.
+        _wait_for_next_signing_second(first.password)
+        clock.now = first.expires_at
+        second = provider.get()
+        assert second.password is not None and second.password != first.password
+        pg.set_password(role, second.password)
+        with engine.connect() as conn:
+            new_pid, user = conn.execute("SELECT pg_backend_pid(), current_user").one()
+        assert new_pid != pid
+        assert user == role
+        assert factory.generated == 2
+        # The retired backend is gone from the server; only the fresh one remains.
+        assert pg.wait_for_backend_count(1, unique_application_name) == 1
+    finally:
+        engine.dispose()

@@ -315,3 +315,70 @@ def test_secret_alone_is_enough_to_connect(sm: Any, embedded_postgres: Any) -> N
             role,
             pg.dbname,
         )
+
+
+# --------------------------------------------------------------------------- through the engine
+
+
+def _rotate(sm: Any, pg: Any, arn: str, role: str, password: str) -> None:
+    """What a rotation Lambda does: new password on the server, new AWSCURRENT version."""
+    pg.set_password(role, password)
+    sm.put_secret_value(
+        SecretId=arn,
+        SecretString=_secret_value(
+            username=role, password=password, host=pg.host, port=pg.port, dbname=pg.dbname
+        ),
+    )
+
+
+def test_engine_caller_sees_no_error_when_the_secret_was_rotated(
+    sm: Any, embedded_postgres: Any
+) -> None:
+    from lambda_pool import create_engine
+
+    pg = embedded_postgres
+    role = f"sm_{uuid.uuid4().hex[:10]}"
+    first = secrets.token_urlsafe(16)
+    pg.create_role(role, first)
+    arn = _create(sm, username=role, password=first, host=pg.host, port=pg.port, dbname=pg.dbname)
+    provider = SecretsManagerCredentials(arn, max_age=300)
+    engine = create_engine(f"postgresql://{pg.host}:{pg.port}/{pg.dbname}", credentials=provider)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute("SELECT current_user").scalar() == role
+        stale = provider.get()
+
+        _rotate(sm, pg, arn, role, secrets.token_urlsafe(16))
+        assert provider.get() is stale  # still cached: the next connect will be refused once
+        with engine.connect() as conn:
+            assert conn.execute("SELECT current_user").scalar() == role
+        assert provider.get() is not stale
+    finally:
+        engine.dispose()
+
+
+def test_engine_from_a_secret_url_without_host_connects_and_survives_rotation(
+    sm: Any, embedded_postgres: Any
+) -> None:
+    from lambda_pool import create_engine
+
+    pg = embedded_postgres
+    role = f"sm_{uuid.uuid4().hex[:10]}"
+    password = secrets.token_urlsafe(16)
+    pg.create_role(role, password)
+    arn = _create(
+        sm, username=role, password=password, host=pg.host, port=pg.port, dbname=pg.dbname
+    )
+    engine = create_engine(f"postgresql:///?secret={arn}&secret_max_age=600")
+    try:
+        with engine.connect() as conn:
+            assert conn.execute("SELECT current_user, current_database()").one() == (
+                role,
+                pg.dbname,
+            )
+        _rotate(sm, pg, arn, role, secrets.token_urlsafe(16))
+        with engine.connect() as conn:
+            assert conn.execute("SELECT current_user").scalar() == role
+        assert password not in repr(engine)
+    finally:
+        engine.dispose()
