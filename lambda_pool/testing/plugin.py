@@ -131,3 +131,38 @@ def pgbouncer(embedded_postgres: PostgresServer) -> Iterator[PgBouncer]:
         yield bouncer
     finally:
         bouncer.stop()
+
+
+# --------------------------------------------------------------------------- invoking handlers
+# (lambda_invoker: cold and warm in-process invocations, lambda_pool.testing.invoke)
+
+if TYPE_CHECKING:
+    from lambda_pool.testing.invoke import LambdaInvoker
+
+
+@pytest.fixture
+def lambda_invoker(
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., LambdaInvoker]]:
+    """Factory: ``lambda_invoker("app.py", env={...})`` -> a `LambdaInvoker`.
+
+    ``invoker.cold(event)`` imports the handler afresh (a new container: engines disposed,
+    warm cache empty), ``invoker.warm(event)`` calls it again; both return the handler's
+    result or raise its exception.  A relative file path is resolved against pytest's
+    rootdir.  At teardown every invoker forgets its module, disposes lambda-pool's
+    engines (no connection outlives the test) and restores the environment.
+    """
+    from lambda_pool.testing.invoke import LambdaInvoker
+
+    made: list[LambdaInvoker] = []
+
+    def make(target: str, attribute: str = "handler", **kwargs: Any) -> LambdaInvoker:
+        kwargs.setdefault("root", request.config.rootpath)
+        invoker = LambdaInvoker(target, attribute, **kwargs)
+        made.append(invoker)
+        return invoker
+
+    yield make
+    # Newest first, so environment changes unwind in reverse order of application.
+    for invoker in reversed(made):
+        invoker.close()
