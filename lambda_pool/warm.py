@@ -38,7 +38,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lambda_pool.exc import ArgumentError
 from lambda_pool.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
@@ -735,11 +735,23 @@ class WarmPool(Pool):
         dialect: Any = None,
         pre_ping: bool = False,
         pre_ping_idle_seconds: float | None = None,
-        recycle_on_credentials_expiry: bool = True,
-        transaction_pooling: bool = False,
+        recycle_on_credentials_expiry: bool | None = None,
+        transaction_pooling: bool | None = None,
         clock: Callable[[], float] | None = None,
         stats: WarmStats | None = None,
     ) -> None:
+        # Arguments left unset come from the class's settings: lambda_pool.create_engine()
+        # accepts only the generic pool keywords, so warm_engine() hands its options over
+        # as a configured subclass (see configure()).
+        settings = type(self)._settings
+        if pre_ping_idle_seconds is None:
+            pre_ping_idle_seconds = settings.get("pre_ping_idle_seconds")
+        if recycle_on_credentials_expiry is None:
+            recycle_on_credentials_expiry = settings.get("recycle_on_credentials_expiry", True)
+        if transaction_pooling is None:
+            transaction_pooling = settings.get("transaction_pooling", False)
+        if clock is None:
+            clock = settings.get("clock")
         pool_core.check_recycle(recycle)
         idle = (
             pre_ping_idle_seconds_from_env()
@@ -771,7 +783,7 @@ class WarmPool(Pool):
             ReusePolicy(
                 recycle=float(recycle) if recycle >= 0 else None,
                 pre_ping_idle_seconds=0.0 if pre_ping else float(idle),
-                recycle_on_credentials_expiry=recycle_on_credentials_expiry,
+                recycle_on_credentials_expiry=bool(recycle_on_credentials_expiry),
             ),
             clock=clock,
             stats=self.stats,
@@ -786,6 +798,31 @@ class WarmPool(Pool):
             clock=clock,
             stats=self.stats,  # one set of counters across dispose()/recreate()
         )
+
+    _settings: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def configure(cls, **settings: Any) -> type[WarmPool]:
+        """A subclass whose unset constructor arguments default to ``settings``.
+
+        Accepted: ``pre_ping_idle_seconds``, ``recycle_on_credentials_expiry``,
+        ``transaction_pooling``, ``clock``.  For ``create_engine(poolclass=...)``, whose
+        keywords are the generic pool ones.
+        """
+        allowed = {
+            "pre_ping_idle_seconds",
+            "recycle_on_credentials_expiry",
+            "transaction_pooling",
+            "clock",
+        }
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            raise ArgumentError(
+                f"WarmPool.configure() got unknown setting(s) {', '.join(unknown)}; "
+                f"accepted: {', '.join(sorted(allowed))}"
+            )
+        merged = {**cls._settings, **settings}
+        return type(cls.__name__, (cls,), {"_settings": merged, "__doc__": cls.__doc__})
 
     @property
     def policy(self) -> ReusePolicy:
@@ -972,23 +1009,19 @@ def _create_warm_engine(
     options = dict(kw)
     if clock is None:
         clock = getattr(options.get("credentials"), "clock", None)
-    is_psycopg = url.get_backend_name() == "postgresql" and url.get_driver_name() in (
-        "psycopg",
-        "",
-    )
-    if is_psycopg:
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg", ""):
         connect_args = dict(options.get("connect_args") or {})
         if transaction_pooling:
+            # Server-side prepared statements break (or pin) behind a transaction pooler.
             connect_args["prepare_threshold"] = None
         options["connect_args"] = warm_connect_args(connect_args, psycopg=True)
-    return create_engine(
-        url,
-        poolclass=WarmPool,
-        pool_pre_ping_idle_seconds=pre_ping_idle_seconds,
-        pool_transaction_pooling=transaction_pooling,
-        pool_clock=clock,
-        **options,
+    poolclass = WarmPool.configure(
+        pre_ping_idle_seconds=pre_ping_idle_seconds,
+        transaction_pooling=transaction_pooling,
+        clock=clock,
+        recycle_on_credentials_expiry=options.get("recycle_on_credentials_expiry", True),
     )
+    return create_engine(url, poolclass=poolclass, **options)
 
 
 def cached_engines() -> list[Engine]:
