@@ -294,11 +294,12 @@ def test_pre_ping_replaces_a_terminated_connection_silently(
     engine = create_engine(app_url, pool_size=1, pool_pre_ping=True)
     with engine.connect() as conn:
         first = conn.execute("SELECT pg_backend_pid()").scalar()
+    idle = psycopg.pq.TransactionStatus.IDLE
+    with engine.connect() as conn:
+        # This checkout pinged the kept connection; the ping left no transaction open.
+        assert conn.driver_connection.info.transaction_status == idle
     embedded_postgres.terminate(unique_application_name)
     with engine.connect() as conn:
-        # The ping must not leave a transaction open behind the caller's back.
-        idle = psycopg.pq.TransactionStatus.IDLE
-        assert conn.driver_connection.info.transaction_status == idle
         second = conn.execute("SELECT pg_backend_pid()").scalar()
     assert first != second
     engine.dispose()
