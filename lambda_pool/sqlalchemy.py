@@ -131,13 +131,18 @@ class WarmSQLAlchemyPool(Pool):
         self._record: ConnectionPoolEntry | None = None
         self._in_use = False
         self._separate = 0
-        # Stamp every physical connection as it is made: the creator runs inside
-        # SQLAlchemy's connect, after record.info was cleared for the new connection.
+        # dispose() while the warm connection is checked out: close it when it returns.
+        self._close_on_return = False
+        # Set while this thread creates the warm record (it is not self._record yet).
+        self._making_warm = threading.local()
+        # Stamp the warm connection as it is made: the creator runs inside SQLAlchemy's
+        # connect, after record.info was cleared for the new connection.
         invoke = self._invoke_creator
 
         def stamping_creator(record: ConnectionPoolEntry) -> Any:
             conn = invoke(record)
-            record.info[WARM_INFO_KEY] = self._guard.new_info()
+            if record is self._record or getattr(self._making_warm, "active", False):
+                record.info[WARM_INFO_KEY] = self._guard.new_info()
             return conn
 
         self._invoke_creator = stamping_creator  # type: ignore[assignment]
@@ -164,7 +169,11 @@ class WarmSQLAlchemyPool(Pool):
             return separate
         try:
             if record is None:
-                record = self._create_connection()
+                self._making_warm.active = True
+                try:
+                    record = self._create_connection()
+                finally:
+                    self._making_warm.active = False
                 self._record = record
             else:
                 self._vet(record)
@@ -204,6 +213,13 @@ class WarmSQLAlchemyPool(Pool):
                 self._separate -= 1
             record.close()
             return
+        if self._close_on_return:
+            with self._lock:
+                self._record = None
+                self._in_use = False
+                self._close_on_return = False
+            record.close()
+            return
         try:
             conn = record.dbapi_connection
             info = record.info.get(WARM_INFO_KEY)
@@ -227,6 +243,8 @@ class WarmSQLAlchemyPool(Pool):
             record = self._record if not self._in_use else None
             if record is not None:
                 self._record = None
+            elif self._in_use:
+                self._close_on_return = True
         if record is not None:
             info = record.info.get(WARM_INFO_KEY)
             conn = record.dbapi_connection
@@ -262,8 +280,14 @@ class WarmSQLAlchemyPool(Pool):
     def size(self) -> int:
         return 1
 
+    def checkedin(self) -> int:
+        return 1 if self._record is not None and not self._in_use else 0
+
     def checkedout(self) -> int:
         return int(self._in_use) + self._separate
+
+    def overflow(self) -> int:
+        return self._separate
 
 
 def _ping(conn: Any) -> bool:

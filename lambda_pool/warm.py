@@ -845,11 +845,16 @@ class WarmPool(Pool):
     # -- checkout ---------------------------------------------------------------------
 
     def _check_fork(self) -> None:
-        # Count the inherited connection the base class is about to drop (never close).
+        # The base class drops the parent's connections without closing them; release
+        # the child's copy of the warm socket as well (without a word to the server)
+        # and count the replacement.
         if os.getpid() != self._pid:
             record = self._warm_slots().record
             if record is not None and record.dbapi_connection is not None:
                 self.stats.record_replaced(ReplaceReason.FORKED)
+                abandon_inherited_connection(
+                    self._dialect.get_driver_connection(record.dbapi_connection)
+                )
         super()._check_fork()
 
     def _g_checkout(self) -> Generator[Any, Any, PoolProxiedConnection]:

@@ -447,3 +447,29 @@ def test_queuepool_connections_are_retired_when_credentials_expire(
         assert provider.issued == 2
     finally:
         engine.dispose()
+
+
+def test_dispose_while_checked_out_closes_the_connection_on_return(
+    make_engine: Callable[..., Any], embedded_postgres: PostgresServer, unique_application_name: str
+) -> None:
+    engine = make_engine(warm=True)
+    conn = engine.connect()
+    first = _backend_pid(conn)
+    engine.dispose()  # e.g. the SIGTERM hook running while an invocation holds it
+    conn.close()
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
+    with engine.connect() as again:
+        assert _backend_pid(again) != first
+
+
+def test_separate_connections_are_counted_apart_from_warm_ones(
+    make_engine: Callable[..., Any],
+) -> None:
+    engine = make_engine(warm=True)
+    with engine.connect() as first, engine.connect() as second:
+        assert _backend_pid(first) != _backend_pid(second)
+        assert engine.pool.checkedout() == 2
+        assert engine.pool.overflow() == 1
+    stats = engine.pool.stats.as_dict()
+    assert (stats["opened"], stats["overflow_connections"]) == (1, 1)
+    assert (engine.pool.checkedin(), engine.pool.checkedout()) == (1, 0)
