@@ -16,7 +16,7 @@ import statistics
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -61,12 +61,7 @@ class _StepFailed(Exception):
     """Stops the run after a failed step; the check is already recorded."""
 
 
-def run(
-    url: str,
-    *,
-    timeout: float = 5.0,
-    connect: Callable[..., Any] | None = None,
-) -> Report:
+def run(url: str, *, timeout: float = 5.0) -> Report:
     """Run every check against ``url`` and return the report (never raises for a bad database)."""
     from lambda_pool.url import make_url
 
@@ -91,7 +86,7 @@ def run(
         return report
     report.checks.append(Check("url", "ok", report.url))
     try:
-        for check in _steps(parsed, timeout, connect):
+        for check in _steps(parsed, timeout):
             report.checks.append(check)
             if check.status == "fail":
                 break
@@ -100,7 +95,7 @@ def run(
     return report
 
 
-def _steps(parsed: Any, timeout: float, connect: Callable[..., Any] | None) -> Iterator[Check]:
+def _steps(parsed: Any, timeout: float) -> Iterator[Check]:
     host = parsed.host or "localhost"
     port = int(parsed.port or 5432)
     if host.startswith("/"):
@@ -148,7 +143,7 @@ def _steps(parsed: Any, timeout: float, connect: Callable[..., Any] | None) -> I
         with sock:
             yield _check_tls(sock, host, parsed, timeout)
 
-    yield from _check_session(parsed, timeout, connect)
+    yield from _check_session(parsed, timeout)
 
 
 def _resolve(host: str, port: int, timeout: float) -> list[str] | str:
@@ -178,6 +173,14 @@ def _check_tls(sock: socket.socket, host: str, parsed: Any, timeout: float) -> C
     try:
         sock.sendall(_SSL_REQUEST)
         answer = sock.recv(1)
+    except TimeoutError:
+        return Check(
+            "tls",
+            "fail",
+            "no answer to the TLS request within the timeout",
+            "Something accepts TCP on this port but does not speak PostgreSQL's protocol "
+            "(or is overloaded): check the port and what listens on it.",
+        )
     except OSError as error:
         return Check(
             "tls",
@@ -222,9 +225,7 @@ def _uses_iam(parsed: Any) -> bool:
     return str(parsed.query.get("auth", "")).lower() == "iam"
 
 
-def _check_session(
-    parsed: Any, timeout: float, connect: Callable[..., Any] | None
-) -> Iterator[Check]:
+def _check_session(parsed: Any, timeout: float) -> Iterator[Check]:
     from lambda_pool.engine import create_engine
 
     engine = create_engine(parsed, connect_args={"connect_timeout": max(1, round(timeout))})
