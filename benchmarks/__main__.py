@@ -1,0 +1,167 @@
+"""``python -m benchmarks``: run every section side by side, print the tables, write JSON.
+
+Options: ``--quick`` (few iterations, for the smoke test), ``--json PATH``,
+``--database-url URL`` (else ``$DATABASE_URL``, else a throw-away embedded
+PostgreSQL on loopback), ``--only SECTION`` (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.checkout import measure_checkout
+from benchmarks.imports import measure_imports
+from benchmarks.invocation import measure_invocation
+from benchmarks.report import Section, format_sections, write_json
+from benchmarks.server import database
+
+SECTIONS = ("import", "checkout", "invocation")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How many samples each section takes."""
+
+    import_repeats: int
+    checkout_rounds: int
+    checkout_ops: int
+    checkout_warmup: int
+    invocation_rounds: int
+    invocation_ops: int
+    invocation_warmup: int
+
+
+FULL = Settings(
+    import_repeats=7,
+    checkout_rounds=15,
+    checkout_ops=200,
+    checkout_warmup=50,
+    invocation_rounds=9,
+    invocation_ops=10,
+    invocation_warmup=2,
+)
+QUICK = Settings(
+    import_repeats=2,
+    checkout_rounds=3,
+    checkout_ops=20,
+    checkout_warmup=5,
+    invocation_rounds=3,
+    invocation_ops=2,
+    invocation_warmup=1,
+)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="lambda-pool against SQLAlchemy's pool and psycopg_pool, in one run; "
+        "figures are ratios within the run.",
+    )
+    parser.add_argument("--quick", action="store_true", help="few iterations (smoke test)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="PostgreSQL to measure against (default: $DATABASE_URL, else a throw-away "
+        "embedded server on loopback)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable; default: all)",
+    )
+    return parser.parse_args(argv)
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for name in ("lambda-pool", "SQLAlchemy", "psycopg", "psycopg-pool"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _meta(settings: Settings, quick: bool) -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "settings": settings.__dict__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": list(load) if load else None,
+        "versions": _versions(),
+        "caveat": "ratios are meaningful within this run only; absolute figures are not claims",
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the selected sections, print their tables; 0 on success."""
+    args = _parse(argv)
+    settings = QUICK if args.quick else FULL
+    wanted = tuple(args.only) if args.only else SECTIONS
+    meta = _meta(settings, args.quick)
+    started = time.perf_counter()
+    sections: list[Section] = []
+    if "import" in wanted:
+        sections.append(measure_imports(settings.import_repeats))
+    if "checkout" in wanted or "invocation" in wanted:
+        with database(args.database_url) as db:
+            meta["server"] = db.describe()
+            if "checkout" in wanted:
+                sections.append(
+                    measure_checkout(
+                        db,
+                        rounds=settings.checkout_rounds,
+                        ops_per_round=settings.checkout_ops,
+                        warmup_ops=settings.checkout_warmup,
+                    )
+                )
+            if "invocation" in wanted:
+                sections.append(
+                    measure_invocation(
+                        db,
+                        rounds=settings.invocation_rounds,
+                        ops_per_round=settings.invocation_ops,
+                        warmup_ops=settings.invocation_warmup,
+                    )
+                )
+    meta["elapsed_seconds"] = round(time.perf_counter() - started, 2)
+
+    server = meta.get("server")
+    print(
+        f"lambda-pool benchmarks ({'quick' if args.quick else 'full'}) — python {meta['python']}, "
+        f"{meta['cpu_count']} CPUs, load {meta['load_average_at_start']}"
+    )
+    if server:
+        print(
+            f"PostgreSQL {server['server_version']} via {server['source']}, "
+            f"host {server['host']}, TLS {'on' if server['tls'] else 'off'}"
+        )
+    print("Ratios compare contenders measured in this same run; absolute figures are not claims.")
+    print()
+    print(format_sections(sections))
+    print()
+    print(f"elapsed {meta['elapsed_seconds']} s")
+    if args.json is not None:
+        write_json(args.json, meta, sections)
+        print(f"JSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Checkout + return cost: one connection taken from a pool and given back, per operation.
+
+Contenders, each built as its library's users build it:
+
+* lambda-pool ``create_engine(url, poolclass=QueuePool)`` → ``engine.raw_connection().close()``
+* SQLAlchemy ``create_engine(url, poolclass=QueuePool)`` → the same calls
+* psycopg_pool ``ConnectionPool``: ``putconn(getconn())`` and ``with pool.connection()``
+* lambda-pool's warm engine (``WarmPool``): its fast path (connection reused without a
+  round trip), and its path after an idle gap (``pre_ping_idle_seconds=0``: a ping at
+  every checkout).  Its return also resets the session (``DISCARD ALL``, one round
+  trip), which the other pools do not do: that is the price of handing the next
+  invocation a clean session, and it is part of the figure.
+
+Drivers: sqlite3 (a file database; lambda-pool and SQLAlchemy only) and psycopg.  Each
+with and without pre-ping (psycopg_pool: ``check=ConnectionPool.check_connection``).
+Ratios are taken within a group (same driver, same pre-ping setting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks import contenders
+from benchmarks.report import Row, Section, ratio
+from benchmarks.server import Database
+from benchmarks.timing import Case, median, run_interleaved
+
+__all__ = ["measure_checkout"]
+
+SQLALCHEMY = "SQLAlchemy"
+PSYCOPG_POOL = "psycopg_pool"
+
+
+def _raw_checkout(engine: Any) -> Any:
+    def op() -> None:
+        engine.raw_connection().close()
+
+    return op
+
+
+def _getconn_putconn(pool: Any) -> Any:
+    def op() -> None:
+        pool.putconn(pool.getconn())
+
+    return op
+
+
+def _connection_cm(pool: Any) -> Any:
+    def op() -> None:
+        with pool.connection():
+            pass
+
+    return op
+
+
+def _sqlite_cases(stack: contextlib.ExitStack, directory: Path) -> list[Case]:
+    import sqlalchemy.pool
+
+    import lambda_pool
+
+    url = f"sqlite:///{directory / 'bench.db'}"
+    cases = []
+    for ping in (False, True):
+        group = f"sqlite3{' + pre-ping' if ping else ''}"
+        suffix = ".preping" if ping else ""
+        ours = contenders.lambda_pool_engine(
+            stack, url, poolclass=lambda_pool.QueuePool, pool_pre_ping=ping
+        )
+        theirs = contenders.sqlalchemy_engine(
+            stack, url, poolclass=sqlalchemy.pool.QueuePool, pool_pre_ping=ping
+        )
+        cases += [
+            Case(
+                f"checkout.sqlite.lambda_pool.queuepool{suffix}",
+                f"[{group}] lambda-pool QueuePool",
+                _raw_checkout(ours),
+                group,
+            ),
+            Case(
+                f"checkout.sqlite.sqlalchemy.queuepool{suffix}",
+                f"[{group}] SQLAlchemy QueuePool",
+                _raw_checkout(theirs),
+                group,
+                role=SQLALCHEMY,
+            ),
+        ]
+    return cases
+
+
+def _psycopg_cases(stack: contextlib.ExitStack, db: Database) -> tuple[list[Case], list[str]]:
+    import sqlalchemy.pool
+
+    import lambda_pool
+
+    cases: list[Case] = []
+    notes: list[str] = []
+    for ping in (False, True):
+        group = f"psycopg{' + pre-ping' if ping else ''}"
+        suffix = ".preping" if ping else ""
+        ours = contenders.lambda_pool_engine(
+            stack, db.lambda_pool_url, poolclass=lambda_pool.QueuePool, pool_pre_ping=ping
+        )
+        theirs = contenders.sqlalchemy_engine(
+            stack, db.sqlalchemy_url, poolclass=sqlalchemy.pool.QueuePool, pool_pre_ping=ping
+        )
+        peer = contenders.psycopg_pool(stack, db.libpq_url, check=ping)
+        # Far above the run's length: the fast path; 0: a ping at every checkout, the
+        # path a checkout takes after the container sat idle.
+        warm, via = contenders.warm_engine(
+            stack, db.lambda_pool_url, pre_ping_idle_seconds=0.0 if ping else 3600.0
+        )
+        if not via.startswith("warm_engine"):
+            notes.append(f"warm engine: {via}")
+        cases += [
+            Case(
+                f"checkout.psycopg.lambda_pool.queuepool{suffix}",
+                f"[{group}] lambda-pool QueuePool",
+                _raw_checkout(ours),
+                group,
+            ),
+            Case(
+                f"checkout.psycopg.sqlalchemy.queuepool{suffix}",
+                f"[{group}] SQLAlchemy QueuePool",
+                _raw_checkout(theirs),
+                group,
+                role=SQLALCHEMY,
+            ),
+            Case(
+                f"checkout.psycopg.psycopg_pool.getconn{suffix}",
+                f"[{group}] psycopg_pool getconn/putconn{' (check)' if ping else ''}",
+                _getconn_putconn(peer),
+                group,
+                role=PSYCOPG_POOL,
+            ),
+            Case(
+                f"checkout.psycopg.psycopg_pool.connection{suffix}",
+                f"[{group}] psycopg_pool with pool.connection(){' (check)' if ping else ''}",
+                _connection_cm(peer),
+                group,
+            ),
+            Case(
+                f"checkout.psycopg.lambda_pool.warm{suffix}",
+                f"[{group}] lambda-pool warm engine"
+                + (" (after idle: ping)" if ping else " (fast path)"),
+                _raw_checkout(warm),
+                group,
+                facts=contenders.warm_stats_since_now(warm),
+            ),
+        ]
+    return cases, notes
+
+
+def measure_checkout(db: Database, *, rounds: int, ops_per_round: int, warmup_ops: int) -> Section:
+    """Time every checkout contender, interleaved, and compare within each group."""
+    with contextlib.ExitStack() as stack:
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lp-bench-")))
+        cases = _sqlite_cases(stack, directory)
+        psycopg_cases, notes = _psycopg_cases(stack, db)
+        cases += psycopg_cases
+        run_interleaved(cases, rounds=rounds, ops_per_round=ops_per_round, warmup_ops=warmup_ops)
+        facts = {case.id: case.facts() for case in cases if case.facts is not None}
+
+    section = Section(
+        name="checkout",
+        title="Checkout + return (one connection out of the pool and back)",
+        unit="us/op",
+        baselines=[SQLALCHEMY, PSYCOPG_POOL],
+        notes=[
+            "ratios within a group: same driver, same pre-ping setting; "
+            "x psycopg_pool is against getconn/putconn",
+            "warm engine rows include the session reset on return (DISCARD ALL: one round "
+            "trip) that the other pools do not make",
+            f"median of {rounds} interleaved rounds x {ops_per_round} ops",
+            *notes,
+        ],
+    )
+    medians = {case.id: median(case.samples_ns) / 1000.0 for case in cases}
+    anchors = {(case.group, case.role): medians[case.id] for case in cases if case.role}
+    for case in cases:
+        value = medians[case.id]
+        row = Row(
+            id=case.id,
+            label=case.label,
+            median=value,
+            samples=[sample / 1000.0 for sample in case.samples_ns],
+            ratios={
+                name: ratio(value, anchors.get((case.group, name)))
+                for name in (SQLALCHEMY, PSYCOPG_POOL)
+            },
+        )
+        if case.id in facts:
+            row.facts = facts[case.id]
+        section.rows.append(row)
+    return section

@@ -1,0 +1,142 @@
+"""Cold-start import cost: each statement timed in a fresh interpreter, medians of N.
+
+A Lambda cold start pays for every module its handler imports.  Each contender is a
+statement run by ``python -c`` in a new process; the process times the statement
+itself with ``time.perf_counter`` (interpreter start-up, the same for every contender,
+is left out) and prints milliseconds.  Processes run interleaved, contender after
+contender, after one untimed run of each (so byte-code caches are warm for all).
+
+Two groups, each compared with its lambda-pool row:
+
+* **module**: what ``import`` costs before anything is used.
+* **ready**: an engine created and the driver imported: everything a handler needs
+  before its first connect.  (SQLAlchemy's psycopg dialect module and lambda-pool's
+  ``create_engine`` both import psycopg; ``import psycopg`` alone is the floor.)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from benchmarks.report import Row, Section, ratio
+from benchmarks.timing import median
+
+__all__ = ["IMPORT_CASES", "ImportCase", "measure_imports"]
+
+_URL = "postgresql://user@localhost:5432/db"
+_SA_URL = "postgresql+psycopg://user@localhost:5432/db"
+
+
+@dataclass(frozen=True)
+class ImportCase:
+    """A statement to time in a fresh interpreter, and the lambda-pool row it is compared with."""
+
+    id: str
+    label: str
+    statement: str
+    baseline: str
+
+
+_MODULE_BASELINE = "import.lambda_pool.create_engine_attr"
+_READY_BASELINE = "ready.lambda_pool"
+
+IMPORT_CASES: tuple[ImportCase, ...] = (
+    ImportCase("import.lambda_pool", "import lambda_pool", "import lambda_pool", _MODULE_BASELINE),
+    ImportCase(
+        _MODULE_BASELINE,
+        "import lambda_pool; lambda_pool.create_engine",
+        "import lambda_pool\nlambda_pool.create_engine",
+        _MODULE_BASELINE,
+    ),
+    ImportCase(
+        "import.sqlalchemy",
+        "import sqlalchemy, sqlalchemy.pool, sqlalchemy.dialects.postgresql.psycopg",
+        "import sqlalchemy\nimport sqlalchemy.pool\nimport sqlalchemy.dialects.postgresql.psycopg",
+        _MODULE_BASELINE,
+    ),
+    ImportCase(
+        _READY_BASELINE,
+        "lambda_pool.create_engine(url) + psycopg",
+        f"import lambda_pool\nlambda_pool.create_engine({_URL!r})\nimport psycopg",
+        _READY_BASELINE,
+    ),
+    ImportCase(
+        "ready.sqlalchemy",
+        "sqlalchemy.create_engine(url) + psycopg",
+        f"import sqlalchemy\nsqlalchemy.create_engine({_SA_URL!r})\nimport psycopg",
+        _READY_BASELINE,
+    ),
+    ImportCase("ready.psycopg_pool", "import psycopg_pool", "import psycopg_pool", _READY_BASELINE),
+    ImportCase("ready.psycopg", "import psycopg (floor)", "import psycopg", _READY_BASELINE),
+)
+
+_TEMPLATE = """\
+import time as _bench_time
+_bench_t0 = _bench_time.perf_counter()
+{statement}
+print(repr((_bench_time.perf_counter() - _bench_t0) * 1000.0))
+"""
+
+
+def time_statement(statement: str, *, timeout: float = 60.0) -> float:
+    """Milliseconds ``statement`` takes in a fresh interpreter (this one's executable)."""
+    env = dict(os.environ)
+    # A stray PYTHONSTARTUP or -X importtime from the caller must not skew one contender.
+    for name in ("PYTHONSTARTUP", "PYTHONPROFILEIMPORTTIME", "PYTHONDONTWRITEBYTECODE"):
+        env.pop(name, None)
+    completed = subprocess.run(
+        [sys.executable, "-c", _TEMPLATE.format(statement=statement)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"timing {statement!r} failed (exit {completed.returncode}): "
+            f"{completed.stderr.strip()[-2000:]}"
+        )
+    return float(completed.stdout.strip().splitlines()[-1])
+
+
+def measure_imports(repeats: int, *, seed: int = 20240601) -> Section:
+    """Time every :data:`IMPORT_CASES` statement ``repeats`` times, interleaved."""
+    rng = random.Random(seed)
+    for case in IMPORT_CASES:  # untimed: byte-code caches written, page cache warm
+        time_statement(case.statement)
+    samples: dict[str, list[float]] = {case.id: [] for case in IMPORT_CASES}
+    order = list(IMPORT_CASES)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for case in order:
+            samples[case.id].append(time_statement(case.statement))
+    medians = {case_id: median(values) for case_id, values in samples.items()}
+    section = Section(
+        name="import",
+        title="Import cost (cold start, fresh interpreter per sample)",
+        unit="ms",
+        baselines=["lambda-pool"],
+        notes=[
+            "module rows compare with 'import lambda_pool; lambda_pool.create_engine'; "
+            "ready rows (engine created, driver imported) with "
+            "'lambda_pool.create_engine(url) + psycopg'",
+            f"median of {repeats} interleaved fresh processes; interpreter start-up excluded",
+        ],
+    )
+    for case in IMPORT_CASES:
+        value = medians[case.id]
+        section.rows.append(
+            Row(
+                id=case.id,
+                label=case.label,
+                median=value,
+                samples=samples[case.id],
+                ratios={"lambda-pool": ratio(value, medians[case.baseline])},
+            )
+        )
+    return section
