@@ -90,13 +90,12 @@ def _sqlite_cases(stack: contextlib.ExitStack, directory: Path) -> list[Case]:
     return cases
 
 
-def _psycopg_cases(stack: contextlib.ExitStack, db: Database) -> tuple[list[Case], list[str]]:
+def _psycopg_cases(stack: contextlib.ExitStack, db: Database) -> list[Case]:
     import sqlalchemy.pool
 
     import lambda_pool
 
     cases: list[Case] = []
-    notes: list[str] = []
     for ping in (False, True):
         group = f"psycopg{' + pre-ping' if ping else ''}"
         suffix = ".preping" if ping else ""
@@ -109,11 +108,9 @@ def _psycopg_cases(stack: contextlib.ExitStack, db: Database) -> tuple[list[Case
         peer = contenders.psycopg_pool(stack, db.libpq_url, check=ping)
         # Far above the run's length: the fast path; 0: a ping at every checkout, the
         # path a checkout takes after the container sat idle.
-        warm, via = contenders.warm_engine(
+        warm = contenders.warm_engine(
             stack, db.lambda_pool_url, pre_ping_idle_seconds=0.0 if ping else 3600.0
         )
-        if not via.startswith("warm_engine"):
-            notes.append(f"warm engine: {via}")
         cases += [
             Case(
                 f"checkout.psycopg.lambda_pool.queuepool{suffix}",
@@ -150,7 +147,7 @@ def _psycopg_cases(stack: contextlib.ExitStack, db: Database) -> tuple[list[Case
                 facts=contenders.warm_stats_since_now(warm),
             ),
         ]
-    return cases, notes
+    return cases
 
 
 def measure_checkout(db: Database, *, rounds: int, ops_per_round: int, warmup_ops: int) -> Section:
@@ -158,8 +155,7 @@ def measure_checkout(db: Database, *, rounds: int, ops_per_round: int, warmup_op
     with contextlib.ExitStack() as stack:
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lp-bench-")))
         cases = _sqlite_cases(stack, directory)
-        psycopg_cases, notes = _psycopg_cases(stack, db)
-        cases += psycopg_cases
+        cases += _psycopg_cases(stack, db)
         run_interleaved(cases, rounds=rounds, ops_per_round=ops_per_round, warmup_ops=warmup_ops)
         facts = {case.id: case.facts() for case in cases if case.facts is not None}
 
@@ -174,7 +170,6 @@ def measure_checkout(db: Database, *, rounds: int, ops_per_round: int, warmup_op
             "warm engine rows include the session reset on return (DISCARD ALL: one round "
             "trip) that the other pools do not make",
             f"median of {rounds} interleaved rounds x {ops_per_round} ops",
-            *notes,
         ],
     )
     medians = {case.id: median(case.samples_ns) / 1000.0 for case in cases}

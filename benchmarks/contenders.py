@@ -61,46 +61,18 @@ def psycopg_pool(stack: contextlib.ExitStack, conninfo: str, *, check: bool) -> 
     return pool
 
 
-def warm_engine(
-    stack: contextlib.ExitStack, url: str, *, pre_ping_idle_seconds: float
-) -> tuple[Engine, str]:
-    """The warm-container engine for ``url``, and how it was obtained.
+def warm_engine(stack: contextlib.ExitStack, url: str, *, pre_ping_idle_seconds: float) -> Engine:
+    """:func:`lambda_pool.warm.warm_engine` for ``url``, disposed when ``stack`` closes.
 
-    :func:`lambda_pool.warm.warm_engine` is the public way.  If it refuses (the warm
-    cache and the engine keywords were still being joined up when this was written),
-    the same :class:`~lambda_pool.warm.WarmPool` is built by hand with the connect
-    arguments ``warm_engine()`` uses, and the run says so.
+    ``warm_engine()`` caches one engine per identity in module scope (that is its job),
+    so a second call with the same arguments returns the same engine; ``dispose()``
+    closes its connection and the next checkout opens a new one.
     """
-    from lambda_pool.exc import ArgumentError
     from lambda_pool.warm import warm_engine as public_warm_engine
 
-    try:
-        engine = public_warm_engine(url, pre_ping_idle_seconds=pre_ping_idle_seconds)
-        via = "warm_engine()"
-    except ArgumentError as exc:
-        engine = _hand_built_warm_engine(stack, url, pre_ping_idle_seconds)
-        reason = str(exc).split(";")[0]
-        via = f"WarmPool built directly (warm_engine() raised {type(exc).__name__}: {reason})"
+    engine = public_warm_engine(url, pre_ping_idle_seconds=pre_ping_idle_seconds)
     stack.callback(engine.dispose)
-    return engine, via
-
-
-def _hand_built_warm_engine(
-    stack: contextlib.ExitStack, url: str, pre_ping_idle_seconds: float
-) -> Engine:
-    from lambda_pool.warm import WarmPool, warm_connect_args
-
-    base = lambda_pool_engine(stack, url)  # NullPool: only its dialect and URL are used
-    dialect = base.dialect
-    cparams = dialect.merge_connect_args(
-        dialect.create_connect_args(base.url), warm_connect_args(None, psycopg=True)
-    )
-
-    def creator() -> Any:
-        return dialect.connect(cparams)
-
-    pool = WarmPool(creator, dialect=dialect, pre_ping_idle_seconds=pre_ping_idle_seconds)
-    return lambda_pool_engine(stack, url, pool=pool)
+    return engine
 
 
 def warm_stats_since_now(engine: Engine) -> Callable[[], dict[str, Any]]:

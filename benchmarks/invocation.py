@@ -35,13 +35,10 @@ def measure_invocation(
     db: Database, *, rounds: int, ops_per_round: int, warmup_ops: int
 ) -> Section:
     """Time NullPool against the warm engine (fast path, and pinging), interleaved."""
-    notes: list[str] = []
     with contextlib.ExitStack() as stack:
         nullpool = contenders.lambda_pool_engine(stack, db.lambda_pool_url)
-        warm, via = contenders.warm_engine(stack, db.lambda_pool_url, pre_ping_idle_seconds=3600.0)
-        warm_ping, _ = contenders.warm_engine(stack, db.lambda_pool_url, pre_ping_idle_seconds=0.0)
-        if not via.startswith("warm_engine"):
-            notes.append(f"warm engine: {via}")
+        warm = contenders.warm_engine(stack, db.lambda_pool_url, pre_ping_idle_seconds=3600.0)
+        warm_ping = contenders.warm_engine(stack, db.lambda_pool_url, pre_ping_idle_seconds=0.0)
         group = "invocation"
         cases = [
             Case(
@@ -77,7 +74,6 @@ def measure_invocation(
         notes=[
             "x NullPool < 1 means cheaper than opening a connection per invocation",
             f"median of {rounds} interleaved rounds x {ops_per_round} invocations",
-            *notes,
         ],
     )
     baseline = median(cases[0].samples_ns) / 1000.0
