@@ -14,7 +14,9 @@ checkout **only** when all of these hold (see :func:`decide_reuse`):
    credentials it was opened with);
 6. it answers a pre-ping when it sat idle longer than ``pre_ping_idle_seconds`` (a frozen
    environment may have lost its TCP flow to a NAT or to server keepalives; back-to-back
-   invocations skip the round trip).
+   invocations skip the round trip), or when its socket has unread input although it
+   is idle (a zero-timeout poll, no round trip: the server only speaks unprompted to an
+   idle session to end it, e.g. ``pg_terminate_backend``).
 
 Otherwise it is closed (after a fork: dropped without touching the socket) and replaced,
 and the caller sees no error.  A second concurrent checkout (another thread) gets a
