@@ -44,7 +44,9 @@ def reset_lambda_pool_state() -> None:
     Disposes every registered engine (closing their idle connections) and empties the
     warm-engine caches of :mod:`lambda_pool.warm` and, if it was imported,
     :mod:`lambda_pool.sqlalchemy`, so the next ``warm_engine()`` builds a new engine with
-    new :class:`~lambda_pool.warm.WarmStats` instead of returning the old one.
+    new :class:`~lambda_pool.warm.WarmStats` instead of returning the old one; and, when
+    Powertools Parameters is loaded, its value cache and default providers (secrets read
+    by ``SecretsManagerCredentials`` are cached there).
     """
     from lambda_pool import lifecycle
 
@@ -62,6 +64,15 @@ def reset_lambda_pool_state() -> None:
             continue
         with lock:
             cache.clear()
+    # Secrets read through Powertools Parameters (SecretsManagerCredentials does) are
+    # cached per process with their boto3 client: a new container has neither.
+    parameters = sys.modules.get("aws_lambda_powertools.utilities.parameters")
+    if parameters is not None:
+        parameters.clear_caches()
+        base = sys.modules.get("aws_lambda_powertools.utilities.parameters.base")
+        providers = getattr(base, "DEFAULT_PROVIDERS", None)
+        if isinstance(providers, dict):
+            providers.clear()
 
 
 class LambdaInvoker:
