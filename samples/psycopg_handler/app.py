@@ -15,6 +15,7 @@ the next invocation.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import psycopg
@@ -89,7 +90,12 @@ def _checkout_summary(connection: Any) -> dict[str, Any]:
     }
 
 
-@with_connection()
+# LAMBDA_POOL_WARM=0 switches to a NullPool engine (a connection per invocation), so
+# ``lambda-pool demo`` can show the same handler both ways; leave it unset in Lambda.
+WARM = os.environ.get("LAMBDA_POOL_WARM", "1").strip().lower() not in ("0", "false", "no")
+
+
+@with_connection(warm=WARM)
 def handler(event: dict[str, Any], context: Any, connection: Any) -> dict[str, Any]:
     """Record one visit; committed when this returns, rolled back when it raises."""
     summary = _checkout_summary(connection)
