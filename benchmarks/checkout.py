@@ -106,11 +106,6 @@ def _psycopg_cases(stack: contextlib.ExitStack, db: Database) -> list[Case]:
             stack, db.sqlalchemy_url, poolclass=sqlalchemy.pool.QueuePool, pool_pre_ping=ping
         )
         peer = contenders.psycopg_pool(stack, db.libpq_url, check=ping)
-        # Far above the run's length: the fast path; 0: a ping at every checkout, the
-        # path a checkout takes after the container sat idle.
-        warm = contenders.warm_engine(
-            stack, db.lambda_pool_url, pre_ping_idle_seconds=0.0 if ping else 3600.0
-        )
         cases += [
             Case(
                 f"checkout.psycopg.lambda_pool.queuepool{suffix}",
@@ -138,16 +133,63 @@ def _psycopg_cases(stack: contextlib.ExitStack, db: Database) -> list[Case]:
                 _connection_cm(peer),
                 group,
             ),
-            Case(
-                f"checkout.psycopg.lambda_pool.warm{suffix}",
-                f"[{group}] lambda-pool warm engine"
-                + (" (after idle: ping)" if ping else " (fast path)"),
-                _raw_checkout(warm),
-                group,
-                facts=contenders.warm_stats_since_now(warm),
-            ),
         ]
-    return cases
+    # pre_ping_idle_seconds=0: a ping at every checkout, the path a checkout takes
+    # after the container sat idle.
+    warm_ping = _warm(stack, db, pre_ping_idle_seconds=0.0)
+    cases.append(
+        Case(
+            "checkout.psycopg.lambda_pool.warm.preping",
+            "[psycopg + pre-ping] lambda-pool warm engine (after idle: ping)",
+            _raw_checkout(warm_ping),
+            "psycopg + pre-ping",
+            facts=contenders.warm_stats_since_now(warm_ping),
+        )
+    )
+    return cases + _session_reset_cases(stack, db)
+
+
+def _warm(stack: contextlib.ExitStack, db: Database, *, pre_ping_idle_seconds: float) -> Any:
+    return contenders.warm_engine(
+        stack, db.lambda_pool_url, pre_ping_idle_seconds=pre_ping_idle_seconds
+    )
+
+
+def _session_reset_cases(stack: contextlib.ExitStack, db: Database) -> list[Case]:
+    """The warm engine's fast path against peers that also reset the session on return."""
+    import sqlalchemy.pool
+
+    group = "psycopg + DISCARD ALL"
+    # Far above the run's length: every checkout takes the fast path (no ping).
+    warm = _warm(stack, db, pre_ping_idle_seconds=3600.0)
+    theirs = contenders.sqlalchemy_engine(
+        stack, db.sqlalchemy_url, poolclass=sqlalchemy.pool.QueuePool, pool_reset_on_return=None
+    )
+    contenders.sqlalchemy_discard_all_on_return(theirs)
+    peer = contenders.psycopg_pool(stack, db.libpq_url, check=False, reset=True)
+    return [
+        Case(
+            "checkout.psycopg.lambda_pool.warm",
+            f"[{group}] lambda-pool warm engine (fast path)",
+            _raw_checkout(warm),
+            group,
+            facts=contenders.warm_stats_since_now(warm),
+        ),
+        Case(
+            "checkout.psycopg.sqlalchemy.queuepool.discard",
+            f"[{group}] SQLAlchemy QueuePool + reset listener",
+            _raw_checkout(theirs),
+            group,
+            role=SQLALCHEMY,
+        ),
+        Case(
+            "checkout.psycopg.psycopg_pool.getconn.discard",
+            f"[{group}] psycopg_pool getconn/putconn, reset=",
+            _getconn_putconn(peer),
+            group,
+            role=PSYCOPG_POOL,
+        ),
+    ]
 
 
 def measure_checkout(db: Database, *, rounds: int, ops_per_round: int, warmup_ops: int) -> Section:
@@ -167,8 +209,10 @@ def measure_checkout(db: Database, *, rounds: int, ops_per_round: int, warmup_op
         notes=[
             "ratios within a group: same driver, same pre-ping setting; "
             "x psycopg_pool is against getconn/putconn",
-            "warm engine rows include the session reset on return (DISCARD ALL: one round "
-            "trip) that the other pools do not make",
+            "the warm engine resets the session on return (DISCARD ALL, one round trip), "
+            "in both its rows; its fast path is compared with peers doing the same reset",
+            "psycopg_pool runs reset= in a worker thread after putconn() returns: the caller "
+            "does not wait for it, but the thread competes for the GIL and the cores",
             f"median of {rounds} interleaved rounds x {ops_per_round} ops",
         ],
     )

@@ -14,8 +14,10 @@ if TYPE_CHECKING:
     from lambda_pool.engine import Engine
 
 __all__ = [
+    "discard_all",
     "lambda_pool_engine",
     "psycopg_pool",
+    "sqlalchemy_discard_all_on_return",
     "sqlalchemy_engine",
     "warm_engine",
     "warm_stats_since_now",
@@ -40,11 +42,42 @@ def sqlalchemy_engine(stack: contextlib.ExitStack, url: str, **kwargs: Any) -> A
     return engine
 
 
-def psycopg_pool(stack: contextlib.ExitStack, conninfo: str, *, check: bool) -> Any:
+def discard_all(dbapi_connection: Any) -> None:
+    """Roll back, then ``DISCARD ALL`` in autocommit: the session reset the warm engine does.
+
+    Given to the peers (a SQLAlchemy ``reset`` listener, psycopg_pool's ``reset=``) so
+    the warm engine's return can be compared with pools doing the same work.
+    """
+    dbapi_connection.rollback()
+    dbapi_connection.autocommit = True
+    try:
+        dbapi_connection.execute("DISCARD ALL", prepare=False)
+    finally:
+        dbapi_connection.autocommit = False
+
+
+def sqlalchemy_discard_all_on_return(engine: Any) -> None:
+    """Make a SQLAlchemy engine reset sessions with :func:`discard_all` (SQLAlchemy's
+    documented recipe: ``pool_reset_on_return=None`` plus a ``reset`` listener)."""
+    from sqlalchemy import event
+
+    def reset(dbapi_connection: Any, connection_record: Any, reset_state: Any) -> None:
+        if not reset_state.terminate_only:
+            discard_all(dbapi_connection)
+
+    event.listen(engine, "reset", reset)
+
+
+def psycopg_pool(
+    stack: contextlib.ExitStack, conninfo: str, *, check: bool, reset: bool = False
+) -> Any:
     """A psycopg_pool ``ConnectionPool`` (5 kept, up to 15), filled before timing starts.
 
     ``check=True`` passes ``ConnectionPool.check_connection``: psycopg_pool's
-    check-on-getconn, its counterpart of pre-ping.
+    check-on-getconn, its counterpart of pre-ping.  ``reset=True`` passes
+    :func:`discard_all` as ``reset=``, which psycopg_pool runs in a worker thread after
+    ``putconn()`` returns (off the caller's clock; the caller meanwhile gets another of
+    the pool's connections).
     """
     from psycopg_pool import ConnectionPool
 
@@ -54,7 +87,8 @@ def psycopg_pool(stack: contextlib.ExitStack, conninfo: str, *, check: bool) -> 
         max_size=15,
         open=True,
         check=ConnectionPool.check_connection if check else None,
-        name="bench-check" if check else "bench",
+        reset=discard_all if reset else None,
+        name=f"bench{'-check' if check else ''}{'-reset' if reset else ''}",
     )
     stack.callback(pool.close)
     pool.wait(timeout=30.0)

@@ -43,6 +43,10 @@ EXPECTED: dict[str, list[str]] = {
             "psycopg.psycopg_pool.connection",
             "psycopg.lambda_pool.warm",
         )
+    ]
+    + [
+        "checkout.psycopg.sqlalchemy.queuepool.discard",
+        "checkout.psycopg.psycopg_pool.getconn.discard",
     ],
     "invocation": [
         "invocation.lambda_pool.nullpool",
