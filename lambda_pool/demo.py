@@ -99,10 +99,10 @@ def _database(tls: bool | None) -> Iterator[PostgresServer]:
     _say("[demo] starting an embedded PostgreSQL ...")
     began = time.perf_counter()
     with EmbeddedPostgres(ssl=tls) as server:
-        tls = "with TLS" if server.ssl_enabled else "without TLS"
+        transport = "with TLS" if server.ssl_enabled else "without TLS"
         _say(
             f"[demo] PostgreSQL {server.version.split()[0]} on 127.0.0.1:{server.port} "
-            f"{tls} ({time.perf_counter() - began:.1f} s)"
+            f"{transport} ({time.perf_counter() - began:.1f} s)"
         )
         yield server
     _say("[demo] embedded PostgreSQL stopped")
