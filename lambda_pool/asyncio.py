@@ -267,6 +267,7 @@ class AsyncEngine:
         credentials: CredentialProvider | None = None,
         echo: bool | str = False,
         logging_name: str | None = None,
+        transaction_pooling: bool = False,
     ) -> None:
         self.url = url
         self.dialect = dialect
@@ -275,6 +276,7 @@ class AsyncEngine:
         self.credentials = credentials
         self.echo = echo
         self.logging_name = logging_name
+        self.transaction_pooling = transaction_pooling
         self._logger = engine_logger(logging_name, echo)
 
     def _log_statement(self, statement: str) -> None:
@@ -313,12 +315,11 @@ class AsyncEngine:
     def dispose_for_shutdown(self) -> None:
         """Synchronous, loop-free disposal for process shutdown (``lambda_pool.lifecycle``).
 
-        The pool's sync ``dispose()`` closes idle async connections without awaiting
-        (a task when a loop runs, else the driver's synchronous terminate).
+        Closes idle and checked-out connections with the driver's synchronous terminate
+        (psycopg ``pgconn.finish()``, asyncpg ``terminate()``): the event loop they were
+        opened on is usually gone by then.  Safe to call twice; the engine stays usable.
         """
-        old = self.pool
-        old.dispose()
-        self.pool = old.recreate()
+        self.pool._close_all_for_shutdown()
 
     def __repr__(self) -> str:
         return f"AsyncEngine({self.url!r})"
@@ -340,6 +341,7 @@ def create_async_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
         credentials=parts.credentials,
         echo=parts.echo,
         logging_name=parts.logging_name,
+        transaction_pooling=parts.transaction_pooling,
     )
     from lambda_pool.lifecycle import register
 

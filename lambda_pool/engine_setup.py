@@ -12,6 +12,15 @@ classes by the same rule and treat credentials the same way:
   asked on every new connection; an authentication failure calls ``refresh()`` and
   retries once; ``expires_at`` goes to ``record.info[CREDENTIALS_EXPIRE_KEY]`` and a
   connection past it is retired at checkout (``recycle_on_credentials_expiry``).
+  Credentials that need TLS (RDS IAM) refuse a ``sslmode`` that allows plain text.
+* **capacity retries**: a connect the dialect calls a capacity error ("too many
+  clients", PgBouncer's ``max_client_conn``, RDS Proxy's limits) is retried with
+  jittered backoff (``connect_retries``, ``connect_retry_backoff``; see
+  :mod:`lambda_pool.connect_retry`), around every creator the engine gives its pool.
+* **transaction pooling** (``transaction_pooling=True`` or ``?transaction_pooling=true``
+  in the URL): PgBouncer in transaction mode or RDS Proxy in front of the server; the
+  driver then prepares no server-side statements (psycopg ``prepare_threshold=None``,
+  asyncpg ``statement_cache_size=0``).
 """
 
 from __future__ import annotations
@@ -23,6 +32,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lambda_pool.connect_retry import (
+    KEYWORDS as _RETRY_KEYWORDS,
+)
+from lambda_pool.connect_retry import (
+    ConnectRetry,
+    connect_retry_from_kwargs,
+    retry_connect_async,
+    retry_connect_sync,
+)
 from lambda_pool.dialects import load_dialect
 from lambda_pool.dialects.base import AsyncDialect, SyncDialect
 from lambda_pool.event import EventRegistry
@@ -33,7 +51,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lambda_pool.auth.base import CredentialProvider, Credentials
     from lambda_pool.pool import Pool
 
-__all__ = ["CREDENTIALS_EXPIRE_KEY", "EngineParts", "build_engine_parts", "engine_logger"]
+__all__ = [
+    "CREDENTIALS_EXPIRE_KEY",
+    "TRANSACTION_POOLING_QUERY_KEY",
+    "EngineParts",
+    "build_engine_parts",
+    "engine_logger",
+    "transaction_pooling_from_url",
+]
 
 #: ``record.info`` key holding the moment (provider clock) a connection's credentials expire.
 CREDENTIALS_EXPIRE_KEY = "lambda_pool.credentials_expire_at"
@@ -61,10 +86,15 @@ _ENGINE_KEYWORDS = frozenset(
         "recycle_on_credentials_expiry",
         "echo",
         "logging_name",
+        "transaction_pooling",
     }
 )
+#: URL query key that turns transaction pooling on (removed before the driver sees the URL).
+TRANSACTION_POOLING_QUERY_KEY = "transaction_pooling"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-ACCEPTED_KEYWORDS = frozenset(_POOL_KEYWORDS) | _ENGINE_KEYWORDS
+ACCEPTED_KEYWORDS = frozenset(_POOL_KEYWORDS) | _ENGINE_KEYWORDS | _RETRY_KEYWORDS
 
 
 @dataclass
@@ -78,6 +108,8 @@ class EngineParts:
     credentials: CredentialProvider | None
     echo: bool | str
     logging_name: str | None
+    transaction_pooling: bool = False
+    connect_retry: ConnectRetry | None = None
 
 
 def engine_logger(logging_name: str | None, echo: bool | str) -> logging.Logger:
@@ -124,7 +156,12 @@ def _check_values(kw: Mapping[str, Any]) -> None:
         value = kw["pool_recycle"]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail("pool_recycle", value, "a number of seconds, -1 = never")
-    for name in ("pool_pre_ping", "pool_use_lifo", "recycle_on_credentials_expiry"):
+    for name in (
+        "pool_pre_ping",
+        "pool_use_lifo",
+        "recycle_on_credentials_expiry",
+        "transaction_pooling",
+    ):
         if name in kw and not isinstance(kw[name], bool):
             raise _fail(name, kw[name], "True or False")
     if "pool_reset_on_return" in kw:
@@ -286,6 +323,76 @@ class _CredentialsBinding:
             )
 
 
+# --------------------------------------------------------------------------- TLS for IAM
+
+
+def _requires_tls(provider: object) -> bool:
+    """Whether ``provider`` hands out credentials that may only travel over TLS (RDS IAM)."""
+    iam = sys.modules.get("lambda_pool.auth.iam")
+    # Not imported means no IAMCredentials exists: nothing to check, nothing to import.
+    return iam is not None and isinstance(provider, iam.IAMCredentials)
+
+
+def _check_tls(dialect: SyncDialect | AsyncDialect, cparams: Mapping[str, Any]) -> None:
+    """Refuse connect arguments that let an IAM token go out without TLS.
+
+    The provider raises a missing or weaker-but-TLS ``sslmode`` to ``require``; a mode
+    that allows plain text (``disable``, ``allow``, ``prefer``) is the user's explicit
+    choice and contradicts IAM, so it is an error rather than silently overridden.
+    """
+    from lambda_pool.auth.iam import check_tls_sslmode
+
+    if "sslmode" in cparams:
+        check_tls_sslmode(str(cparams["sslmode"]))
+    ssl = cparams.get("ssl")  # asyncpg's spelling: a mode, a bool or an SSLContext
+    if ssl is False:
+        check_tls_sslmode("disable")
+    elif isinstance(ssl, str):
+        check_tls_sslmode(ssl)
+
+
+# --------------------------------------------------------------------------- transaction pooling
+
+
+def _flag(text: object) -> bool:
+    value = str(text).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ArgumentError(
+        f"Invalid value for the URL query parameter {TRANSACTION_POOLING_QUERY_KEY}: "
+        f"{text!r}; accepted: true or false"
+    )
+
+
+def transaction_pooling_from_url(url: URL) -> bool | None:
+    """The URL's ``?transaction_pooling=`` as a bool, ``None`` when absent."""
+    raw = url.query.get(TRANSACTION_POOLING_QUERY_KEY)
+    if raw is None:
+        return None
+    if isinstance(raw, tuple):
+        raise ArgumentError(
+            f"URL query parameter {TRANSACTION_POOLING_QUERY_KEY!r} is given more than once"
+        )
+    return _flag(raw)
+
+
+def _transaction_pooling_args(
+    dialect: SyncDialect | AsyncDialect, connect_args: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The driver keywords transaction pooling needs; a contradicting one is an error."""
+    required = dialect.transaction_pooling_args()
+    for key, value in required.items():
+        if key in connect_args and connect_args[key] != value:
+            raise ArgumentError(
+                f"transaction_pooling=True needs {key}={value!r} (no server-side prepared "
+                f"statements behind PgBouncer or RDS Proxy) but connect_args has "
+                f"{key}={connect_args[key]!r}; drop one of them"
+            )
+    return required
+
+
 # --------------------------------------------------------------------------- assembly
 
 
@@ -327,6 +434,18 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
     driver_url, url_provider = _url_credentials(parsed, explicit_provider)
     provider: CredentialProvider | None = explicit_provider or url_provider
 
+    url_pooling = transaction_pooling_from_url(driver_url)
+    if url_pooling is not None:
+        if "transaction_pooling" in kw and kw["transaction_pooling"] != url_pooling:
+            raise ArgumentError(
+                "the URL says transaction_pooling="
+                f"{str(url_pooling).lower()} and transaction_pooling={kw['transaction_pooling']!r}"
+                " was passed: choose one"
+            )
+        driver_url = driver_url.difference_update_query([TRANSACTION_POOLING_QUERY_KEY])
+    transaction_pooling = bool(kw.get("transaction_pooling", url_pooling or False))
+    connect_retry = connect_retry_from_kwargs(kw, is_async=is_async)
+
     ready_pool = kw.get("pool")
     if ready_pool is not None:
         from lambda_pool.pool import Pool
@@ -336,8 +455,12 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
         conflicting = sorted(
             name
             for name in kw
-            if name in _POOL_KEYWORDS or name in ("poolclass", "creator", "connect_args")
+            if name in _POOL_KEYWORDS
+            or name in _RETRY_KEYWORDS
+            or name in ("poolclass", "creator", "connect_args", "transaction_pooling")
         )
+        if url_pooling is not None and "transaction_pooling" not in conflicting:
+            conflicting.append("transaction_pooling")
         if conflicting or provider is not None:
             names = conflicting + (["credentials"] if provider is not None else [])
             raise ArgumentError(
@@ -366,6 +489,12 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
     creator = kw.get("creator")
     if creator is not None and provider is not None:
         raise ArgumentError("creator= and credentials cannot be combined: the creator connects")
+    if creator is not None and transaction_pooling:
+        raise ArgumentError(
+            "creator= and transaction_pooling cannot be combined: the creator connects; "
+            "open its connections with prepare_threshold=None (psycopg) or "
+            "statement_cache_size=0 (asyncpg) instead"
+        )
     if creator is None:
         # Fail at create_engine(), not at the first request, when the driver is missing.
         dialect.load_driver()
@@ -374,9 +503,12 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
     configuration = f"{type(dialect).__name__}/{poolclass.__name__}/Engine"
     pool_arguments = _pool_arguments(poolclass, kw, configuration)
 
-    cparams = dialect.merge_connect_args(
-        dialect.create_connect_args(driver_url), kw.get("connect_args") or {}
-    )
+    connect_args: dict[str, Any] = dict(kw.get("connect_args") or {})
+    if transaction_pooling:
+        connect_args.update(_transaction_pooling_args(dialect, connect_args))
+    cparams = dialect.merge_connect_args(dialect.create_connect_args(driver_url), connect_args)
+    if provider is not None and _requires_tls(provider):
+        _check_tls(dialect, cparams)
     events = EventRegistry()
     pool_creator: Callable[[], Any] | Callable[[], Awaitable[Any]]
     if creator is not None:
@@ -401,6 +533,8 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
             return sync_dialect.connect(cparams)
 
         pool_creator = pool_creator_sync
+    if connect_retry.policy.retries > 0:
+        pool_creator = _with_capacity_retry(pool_creator, dialect, connect_retry, is_async)
 
     pool = poolclass(pool_creator, dialect=dialect, events=events, **pool_arguments)
     return EngineParts(
@@ -411,7 +545,30 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
         provider,
         kw.get("echo") or False,
         kw.get("logging_name"),
+        transaction_pooling,
+        connect_retry,
     )
+
+
+def _with_capacity_retry(
+    creator: Callable[..., Any],
+    dialect: SyncDialect | AsyncDialect,
+    retry: ConnectRetry,
+    is_async: bool,
+) -> Callable[..., Any]:
+    """``creator`` retried on capacity errors (outermost: an authentication retry inside
+    it runs again on each attempt, with the provider's cached credentials)."""
+    if is_async:
+
+        async def connect_with_retry_async() -> Any:
+            return await retry_connect_async(creator, dialect.is_capacity_error, retry)
+
+        return connect_with_retry_async
+
+    def connect_with_retry() -> Any:
+        return retry_connect_sync(creator, dialect.is_capacity_error, retry)
+
+    return connect_with_retry
 
 
 def _wrap_creator(creator: Callable[..., Any], is_async: bool) -> Callable[..., Any]:

@@ -980,9 +980,13 @@ def warm_engine(
                 f"warm_engine() chooses its pool (WarmPool, one connection); {name}= does not "
                 "apply. Use lambda_pool.create_engine() for other pools"
             )
+    from lambda_pool.engine_setup import transaction_pooling_from_url
     from lambda_pool.url import make_url
 
     parsed = make_url(url)
+    # ``?transaction_pooling=true`` in the URL means the same as the keyword: the pool
+    # must skip DISCARD ALL too, not only the driver its prepared statements.
+    transaction_pooling = bool(transaction_pooling or transaction_pooling_from_url(parsed))
     options = dict(kw)
     options.update(
         pre_ping_idle_seconds=pre_ping_idle_seconds,
@@ -1022,6 +1026,9 @@ def _create_warm_engine(
             # Server-side prepared statements break (or pin) behind a transaction pooler.
             connect_args["prepare_threshold"] = None
         options["connect_args"] = warm_connect_args(connect_args, psycopg=True)
+    if transaction_pooling and url.get_backend_name() == "postgresql":
+        # The engine's own setting (engine.transaction_pooling; the driver's keywords).
+        options["transaction_pooling"] = True
     poolclass = WarmPool.configure(
         pre_ping_idle_seconds=pre_ping_idle_seconds,
         transaction_pooling=transaction_pooling,

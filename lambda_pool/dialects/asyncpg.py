@@ -22,7 +22,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lambda_pool.dialects._paramstyle import to_numeric
-from lambda_pool.dialects.base import AsyncDialect, ExecResult, stronger_sslmode
+from lambda_pool.dialects.base import (
+    CAPACITY_SQLSTATES,
+    AsyncDialect,
+    ExecResult,
+    is_capacity_message,
+    stronger_sslmode,
+)
 from lambda_pool.exc import ArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
@@ -218,3 +224,23 @@ class AsyncpgDialect(AsyncDialect):
 
     def is_auth_failure(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) in _AUTH_SQLSTATES
+
+    def is_capacity_error(self, exc: BaseException) -> bool:
+        # asyncpg gives the server's SQLSTATE (TooManyConnectionsError is 53300);
+        # PgBouncer and RDS Proxy refusals arrive as protocol errors with their text.
+        if self.is_auth_failure(exc):
+            return False
+        if getattr(exc, "sqlstate", None) in CAPACITY_SQLSTATES:
+            return True
+        asyncpg = sys.modules.get("asyncpg")
+        if asyncpg is None or not isinstance(
+            exc, (asyncpg.exceptions.PostgresError, asyncpg.exceptions.InterfaceError)
+        ):
+            return False
+        return is_capacity_message(exc)
+
+    def transaction_pooling_args(self) -> dict[str, Any]:
+        # asyncpg prepares every statement (named, cached per connection) unless its
+        # statement cache is off; behind a transaction pooler the next transaction may
+        # run on a server session that never saw the statement.
+        return {"statement_cache_size": 0}

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lambda_pool.exc import DriverNotInstalledError
+from lambda_pool.exc import ArgumentError, DriverNotInstalledError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lambda_pool.url import URL
 
 __all__ = [
+    "CAPACITY_PHRASES",
+    "CAPACITY_SQLSTATES",
     "AsyncDialect",
     "ExecResult",
     "SyncDialect",
@@ -33,6 +35,31 @@ __all__ = [
 # libpq's sslmode values, weakest first: credentials that require TLS may raise the
 # mode a user chose but must never lower it (verify-full stays verify-full).
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+# too_many_connections: max_connections reached, or a role's / database's CONNECTION LIMIT.
+CAPACITY_SQLSTATES = frozenset({"53300"})
+# How servers and poolers say "no free connection slot" when no SQLSTATE reaches us:
+# libpq reports errors during connect as text only, and PgBouncer answers with its own
+# messages.  Lower case; matched as substrings of the lower-cased error message.
+CAPACITY_PHRASES = (
+    # PostgreSQL (53300): max_connections, CONNECTION LIMIT of a role or a database.
+    "sorry, too many clients already",
+    "too many connections for role",
+    "too many connections for database",
+    "remaining connection slots are reserved",
+    # PgBouncer: max_client_conn, max_db_connections / max_user_connections.
+    "no more connections allowed",
+    # RDS Proxy: the client connection limit, or no database connection to borrow
+    # within the proxy's ConnectionBorrowTimeout.
+    "too many connections",
+    "timed-out waiting to acquire database connection",
+)
+
+
+def is_capacity_message(exc: BaseException) -> bool:
+    """True when ``exc``'s message is one of :data:`CAPACITY_PHRASES`."""
+    message = str(exc).lower()
+    return any(phrase in message for phrase in CAPACITY_PHRASES)
 
 
 def stronger_sslmode(current: object, required: str) -> object:
@@ -127,6 +154,22 @@ class _DialectBase(ABC):
     def is_auth_failure(self, exc: BaseException) -> bool:
         """True when a connect failed because the user or password was refused."""
         return False
+
+    def is_capacity_error(self, exc: BaseException) -> bool:
+        """True when a connect was refused for lack of connection slots (worth retrying).
+
+        The engines retry such a connect with jittered backoff
+        (:mod:`lambda_pool.connect_retry`); nothing else is retried that way.
+        """
+        return False
+
+    def transaction_pooling_args(self) -> dict[str, Any]:
+        """Driver keywords for a transaction-pooling proxy (PgBouncer transaction mode,
+        RDS Proxy): no server-side prepared statements, which live in one server session."""
+        raise ArgumentError(
+            f"transaction_pooling applies to PostgreSQL drivers behind PgBouncer or RDS "
+            f"Proxy; the {self.name}+{self.driver} dialect has no such setting"
+        )
 
 
 class SyncDialect(_DialectBase):

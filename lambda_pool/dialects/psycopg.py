@@ -12,7 +12,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lambda_pool.dialects.base import ExecResult, SyncDialect
+from lambda_pool.dialects.base import (
+    CAPACITY_SQLSTATES,
+    ExecResult,
+    SyncDialect,
+    is_capacity_message,
+)
 from lambda_pool.exc import ArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
@@ -22,6 +27,7 @@ __all__ = [
     "PsycopgDialect",
     "psycopg_connect_args",
     "psycopg_is_auth_failure",
+    "psycopg_is_capacity_error",
     "psycopg_is_disconnect",
 ]
 
@@ -114,6 +120,29 @@ def psycopg_is_auth_failure(exc: BaseException) -> bool:
     return "authentication failed" in str(exc).lower()
 
 
+def psycopg_is_capacity_error(exc: BaseException) -> bool:
+    """Whether a failed connect was refused for lack of connection slots.
+
+    A SQLSTATE arrives only from an established session; libpq reports a refusal at
+    connect as text ("FATAL:  too many connections for role ..."), so the message counts.
+    An authentication failure is never a capacity error.
+    """
+    if psycopg_is_auth_failure(exc):
+        return False
+    if _sqlstate(exc) in CAPACITY_SQLSTATES:
+        return True
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None or not isinstance(exc, psycopg.OperationalError):
+        return False
+    return is_capacity_message(exc)
+
+
+#: psycopg keywords for a transaction-pooling proxy: psycopg would otherwise prepare a
+#: statement server-side after its 5th execution on a connection, and the next
+#: transaction may run on another server session where it does not exist.
+PSYCOPG_TRANSACTION_POOLING_ARGS: dict[str, Any] = {"prepare_threshold": None}
+
+
 class PsycopgDialect(SyncDialect):
     """Blocking psycopg 3 connections (``psycopg.connect``)."""
 
@@ -165,3 +194,14 @@ class PsycopgDialect(SyncDialect):
 
     def is_auth_failure(self, exc: BaseException) -> bool:
         return psycopg_is_auth_failure(exc)
+
+    def is_capacity_error(self, exc: BaseException) -> bool:
+        return psycopg_is_capacity_error(exc)
+
+    def transaction_pooling_args(self) -> dict[str, Any]:
+        return dict(PSYCOPG_TRANSACTION_POOLING_ARGS)
+
+    def do_terminate(self, dbapi_conn: Any) -> None:
+        """Close at once, without taking psycopg's connection lock (process shutdown:
+        the interrupted thread may hold it).  libpq still says goodbye to the server."""
+        dbapi_conn.pgconn.finish()

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from lambda_pool.dialects.base import AsyncDialect, ExecResult
 from lambda_pool.dialects.psycopg import (
+    PSYCOPG_TRANSACTION_POOLING_ARGS,
     psycopg_connect_args,
     psycopg_is_auth_failure,
+    psycopg_is_capacity_error,
     psycopg_is_disconnect,
 )
 
@@ -84,3 +86,9 @@ class AsyncPsycopgDialect(AsyncDialect):
 
     def is_auth_failure(self, exc: BaseException) -> bool:
         return psycopg_is_auth_failure(exc)
+
+    def is_capacity_error(self, exc: BaseException) -> bool:
+        return psycopg_is_capacity_error(exc)
+
+    def transaction_pooling_args(self) -> dict[str, Any]:
+        return dict(PSYCOPG_TRANSACTION_POOLING_ARGS)

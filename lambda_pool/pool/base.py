@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -382,6 +383,9 @@ class Pool:
         self._cond = threading.Condition(self._lock)
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Every record this pool made that is still referenced (by the slots or by a
+        # checked-out proxy): what _close_all_for_shutdown() walks without the lock.
+        self._records: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
         self._slots: core.Slots[ConnectionPoolEntry] = self._make_slots()
 
     # --- subclass hooks -----------------------------------------------------------------
@@ -418,6 +422,49 @@ class Pool:
 
     async def adispose(self) -> None:
         await self._run_any(self._g_dispose())
+
+    def _close_all_for_shutdown(self) -> int:
+        """Close every connection of this pool, idle **and** checked out; return how many.
+
+        For process shutdown (SIGTERM, SnapStart snapshot; see ``lambda_pool.lifecycle``):
+        synchronous, needs no event loop and takes no lock, because it may run while the
+        interrupted code holds the pool's lock (or a connection's).  Each connection is
+        detached from its record and closed with the dialect's ``do_terminate`` when it
+        has one (no driver lock, no await), else ``do_close``.  No pool event fires:
+        listeners may take locks the interrupted code holds.  The accounting is left as
+        it is, so the pool stays usable: a record without a connection reconnects at its
+        next checkout, and a checked-out one is returned as usual (its user sees a closed
+        connection).  Calling it again finds nothing left to close.  In a forked child
+        that never used the pool, the connections are the parent's and are left alone.
+        """
+        if os.getpid() != self._pid:
+            return 0
+        records: list[ConnectionPoolEntry] = []
+        for _ in range(5):
+            try:
+                # Another thread may add a record while we copy the set.
+                records = list(self._records)
+                break
+            except RuntimeError:
+                continue
+        closed = 0
+        for record in records:
+            dbapi = record.dbapi_connection
+            if dbapi is None or record._epoch != self._epoch:
+                continue
+            record.dbapi_connection = None
+            closed += 1
+            terminate = getattr(self._dialect, "do_terminate", None)
+            try:
+                if callable(terminate):
+                    terminate(dbapi)
+                elif not self._dialect_async:
+                    self._dialect.do_close(dbapi)
+            except Exception:
+                self._logger.error("Exception closing connection %r at shutdown", dbapi)
+        if closed:
+            self._logger.info("Closed %d connection(s) for shutdown", closed)
+        return closed
 
     def recreate(self) -> Pool:
         """A new, unconnected pool of the same class, arguments and listeners."""
@@ -649,7 +696,9 @@ class Pool:
     # --- procedures (shared by every shell) ---------------------------------------------
 
     def _new_record(self) -> ConnectionPoolEntry:
-        return ConnectionPoolEntry(self)
+        record = ConnectionPoolEntry(self)
+        self._records.add(record)
+        return record
 
     def _g_checkout(self) -> Proc[PoolProxiedConnection]:
         self._check_fork()
