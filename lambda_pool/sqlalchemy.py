@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -435,8 +436,35 @@ def create_engine(
             clock=effective_clock,
             warm=warm,
         )
-    lifecycle.register(engine)
+    _register_for_shutdown(engine)
     return engine
+
+
+class _ShutdownHandle:
+    """What the shutdown hook disposes for one SQLAlchemy engine.
+
+    ``Engine.dispose()`` closes the idle connections and then builds (and logs) a new
+    pool; at SIGTERM the process has a few hundred milliseconds left, so only the
+    closing is done.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = weakref.ref(engine)
+
+    def dispose_for_shutdown(self) -> None:
+        engine = self._engine()
+        if engine is not None:
+            engine.pool.dispose()
+
+
+# The registry holds handles weakly; each handle lives exactly as long as its engine.
+_shutdown_handles: weakref.WeakKeyDictionary[Engine, _ShutdownHandle] = weakref.WeakKeyDictionary()
+
+
+def _register_for_shutdown(engine: Engine) -> None:
+    handle = _ShutdownHandle(engine)
+    _shutdown_handles[engine] = handle
+    lifecycle.register(handle)
 
 
 def _wall_clock() -> float:

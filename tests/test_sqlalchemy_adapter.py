@@ -91,9 +91,22 @@ def test_warm_with_poolclass_is_an_argument_error(embedded_postgres: PostgresSer
         create_engine(embedded_postgres.dsn, warm=True, poolclass=QueuePool)
 
 
-def test_engines_are_registered_for_shutdown(make_engine: Callable[..., Any]) -> None:
-    engine = make_engine(warm=True)
-    assert any(e is engine for e in lifecycle.registered_engines())
+def test_the_shutdown_hook_closes_the_engines_connections_and_keeps_it_usable(
+    make_engine: Callable[..., Any],
+    embedded_postgres: PostgresServer,
+    unique_application_name: str,
+) -> None:
+    warm, pooled = make_engine(warm=True), make_engine(pool_size=2)
+    for engine in (warm, pooled):
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    assert embedded_postgres.backend_count(unique_application_name) == 2
+
+    assert lifecycle.dispose_all() == 0
+
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
+    with warm.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
 
 
 # -- warm reuse ---------------------------------------------------------------------------
