@@ -166,3 +166,20 @@ def lambda_invoker(
     # Newest first, so environment changes unwind in reverse order of application.
     for invoker in reversed(made):
         invoker.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Close every engine lambda-pool made while the session's output is still open.
+
+    Otherwise the ``atexit`` shutdown hook does it after pytest has closed its captured
+    streams, and any pool logging then fails noisily.  The engines are forgotten, so the
+    hook has nothing left to do.
+    """
+    import sys
+
+    lifecycle = sys.modules.get("lambda_pool.lifecycle")
+    if lifecycle is None:
+        return
+    lifecycle.dispose_all()
+    for engine in lifecycle.registered_engines():
+        lifecycle.unregister(engine)

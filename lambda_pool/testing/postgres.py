@@ -12,6 +12,7 @@ tests can assert what a user would see on the server.
 
 from __future__ import annotations
 
+import abc
 import atexit
 import contextlib
 import datetime
@@ -291,7 +292,7 @@ def _write_self_signed_cert(cert_path: Path, key_path: Path) -> None:
 # --------------------------------------------------------------------------- interface
 
 
-class PostgresServer:
+class PostgresServer(abc.ABC):
     """What tests rely on, whichever server backs it: URLs, and helpers over pg_stat_activity.
 
     Subclasses provide the connection facts; the helpers here connect as the admin user
@@ -299,37 +300,42 @@ class PostgresServer:
     """
 
     @property
+    @abc.abstractmethod
     def dsn(self) -> str:
         """Application URL: ``postgresql://user:pw@host:port/db``."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def admin_dsn(self) -> str:
         """Superuser URL (the same as `dsn` for an external server)."""
-        raise NotImplementedError
+        ...
 
     @property
-    def host(self) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def host(self) -> str: ...
 
     @property
-    def port(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def port(self) -> int: ...
 
     @property
+    @abc.abstractmethod
     def user(self) -> str:
         """The application role."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def password(self) -> str:
         """The application role's password."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def dbname(self) -> str:
         """The application database."""
-        raise NotImplementedError
+        ...
 
     @property
     def ssl_enabled(self) -> bool:
