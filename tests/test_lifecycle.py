@@ -22,29 +22,38 @@ import pytest
 
 HELD = 2
 
-# The engine stand-in: holds HELD real psycopg connections and closes them in
-# dispose(), logging each dispose() call so a test can count them.
+# A real engine (QueuePool of 2) with one connection checked out, as in the middle of an
+# invocation, and one idle in its pool, as between invocations. Its shutdown close path
+# (dispose_for_shutdown, which lifecycle prefers) is wrapped only to log each call, so a
+# test can count them; open_connections() says how many of the two are still open here.
 PRELUDE = textwrap.dedent(
     """
     import os, signal, sys, time
-    import psycopg
+    import lambda_pool
     from lambda_pool import lifecycle
 
     DSN, APP, LOG = os.environ["T_DSN"], os.environ["T_APP"], os.environ["T_LOG"]
 
-    class HeldConnections:
-        def __init__(self, n):
-            self.conns = [psycopg.connect(DSN, application_name=APP) for _ in range(n)]
+    engine = lambda_pool.create_engine(DSN, pool_size=2, connect_args={"application_name": APP})
+    _dispose_for_shutdown = engine.dispose_for_shutdown
 
-        def dispose(self):
-            with open(LOG, "a") as log:
-                log.write("dispose\\n")
-            for conn in self.conns:
-                conn.close()
-            self.conns = []
+    def _logged_dispose_for_shutdown():
+        with open(LOG, "a") as log:
+            log.write("dispose\\n")
+        _dispose_for_shutdown()
 
-    engine = HeldConnections(int(os.environ["T_HELD"]))
-    lifecycle.register(engine)
+    engine.dispose_for_shutdown = _logged_dispose_for_shutdown
+
+    held = engine.connect()  # checked out: an invocation is running
+    held.execute("SELECT 1")
+    idle = engine.connect()
+    idle.execute("SELECT 1")
+    RAW = [held.connection.dbapi_connection, idle.connection.dbapi_connection]
+    idle.close()  # back in the pool: idle between invocations
+    assert engine.pool.checkedin() == 1 and engine.pool.checkedout() == 1
+
+    def open_connections():
+        return sum(1 for conn in RAW if not conn.closed)
     """
 )
 
@@ -109,7 +118,6 @@ def child_env(
         "T_APP": unique_application_name,
         "T_LOG": str(tmp_path / "dispose.log"),
         "T_MARK": str(tmp_path / "previous-handler.mark"),
-        "T_HELD": str(HELD),
     }
 
 
@@ -175,7 +183,7 @@ def test_sigterm_without_hooks_leaves_connections_to_the_server_timeout(
 PREVIOUS_HANDLER_EXITS_3 = """
 def previous(signum, frame):
     with open(os.environ["T_MARK"], "a") as mark:
-        mark.write("previous handler ran, %d backends left\\n" % len(engine.conns))
+        mark.write("previous handler ran, %d backends left\\n" % open_connections())
     sys.exit(3)
 
 signal.signal(signal.SIGTERM, previous)
@@ -226,7 +234,7 @@ def test_sigterm_ignored_before_stays_ignored_but_connections_are_closed(
     child = spawn(
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nlifecycle.install_shutdown_hooks()\n"
         + "print('ready', flush=True)\n"
-        + "while engine.conns:\n    time.sleep(0.02)\n"
+        + "while open_connections():\n    time.sleep(0.02)\n"
         + "print('disposed, still running', flush=True)\n"
         + "sys.stdin.readline()\n"
     )
@@ -303,7 +311,8 @@ while before:
 print("snapshot taken", flush=True)
 
 sys.stdin.readline()
-engine.conns = [psycopg.connect(DSN, application_name=APP)]  # made before the snapshot
+again = engine.connect()  # made before the snapshot, checked out across the restore
+again.execute("SELECT 1")
 generation = lifecycle.restore_generation()
 for func, args, kwargs in snapshot_restore_py.get_after_restore():
     func(*args, **kwargs)
@@ -372,6 +381,7 @@ def test_async_engine_fast_close_path_is_preferred_and_coroutine_dispose_still_r
     child = spawn(
         """
         import asyncio
+        import psycopg
 
         async def open_async():
             return [
@@ -418,3 +428,50 @@ def test_async_engine_fast_close_path_is_preferred_and_coroutine_dispose_still_r
     child.send("exit")
     assert child.wait() == 0
     assert dispose_calls(child_env) == 0  # the unregistered engine was left alone
+
+
+RECORDING_PREVIOUS_HANDLER = """
+def previous(signum, frame):
+    # Runs after lambda-pool's disposal; the process lives on, so nothing below can be
+    # the kernel closing sockets of a dead process.
+    print("previous handler: open", open_connections(), flush=True)
+
+signal.signal(signal.SIGTERM, previous)
+lifecycle.install_shutdown_hooks()
+print("ready", flush=True)
+sys.stdin.readline()
+held.close()  # the interrupted invocation ends: returning a closed connection is fine
+with engine.connect() as conn:
+    print("reconnected", conn.execute("SELECT 1").scalar(), flush=True)
+    sys.stdin.readline()
+engine.dispose_for_shutdown()
+engine.dispose_for_shutdown()
+print("closed twice", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_sigterm_closes_checked_out_and_idle_engine_connections_and_the_engine_reconnects(
+    spawn: Any, child_env: dict[str, str], embedded_postgres: Any
+) -> None:
+    app = child_env["T_APP"]
+    child = spawn(RECORDING_PREVIOUS_HANDLER)
+    child.expect("ready")
+    _assert_connected(embedded_postgres, app)
+
+    child.proc.send_signal(signal.SIGTERM)
+
+    # Both the checked-out and the idle connection were closed before chaining on.
+    assert child.expect("previous handler: open") == "0"
+    assert embedded_postgres.wait_for_backend_count(0, app, timeout=5.0) == 0
+    assert child.proc.poll() is None
+    assert dispose_calls(child_env) == 1
+
+    child.send("next invocation")
+    assert child.expect("reconnected") == "1"
+    assert embedded_postgres.wait_for_backend_count(1, app, timeout=5.0) == 1
+    child.send("shutdown again")
+    child.expect("closed twice")
+    assert embedded_postgres.wait_for_backend_count(0, app, timeout=5.0) == 0
+    child.send("exit")
+    assert child.wait() == 0, child.stderr()

@@ -1,0 +1,108 @@
+"""``engine.dispose_for_shutdown()`` in-process: every pool class closes idle and checked-out
+connections at once, without the pool's lock, and the engine reconnects afterwards.
+
+(The SIGTERM path through ``lambda_pool.lifecycle`` in a real child process is in
+``test_lifecycle.py``.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from lambda_pool import create_engine
+from lambda_pool.asyncio import create_async_engine
+from lambda_pool.testing.postgres import PostgresServer
+from lambda_pool.warm import warm_engine
+
+
+@pytest.fixture
+def url(embedded_postgres: PostgresServer, unique_application_name: str) -> str:
+    return f"{embedded_postgres.dsn}?application_name={unique_application_name}"
+
+
+@pytest.mark.parametrize("sizing", [{"pool_size": 2}, {}], ids=["queuepool", "nullpool"])
+def test_checked_out_and_idle_connections_close_and_the_engine_reconnects(
+    embedded_postgres: PostgresServer, url: str, unique_application_name: str, sizing: Any
+) -> None:
+    engine = create_engine(url, **sizing)
+    held = engine.connect()
+    held.execute("SELECT 1")
+    with engine.connect() as idle:
+        idle.execute("SELECT 1")
+    expected = 2 if sizing else 1  # NullPool keeps nothing idle
+    assert embedded_postgres.wait_for_backend_count(expected, unique_application_name) == expected
+
+    engine.dispose_for_shutdown()
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
+    engine.dispose_for_shutdown()  # twice: nothing left, no error
+
+    held.close()
+    with engine.connect() as conn:
+        assert conn.execute("SELECT 1").scalar() == 1
+    engine.dispose()
+
+
+def test_warm_engine_closes_its_warm_and_separate_connections(
+    embedded_postgres: PostgresServer, url: str, unique_application_name: str
+) -> None:
+    engine = warm_engine(url)
+    first = engine.connect()
+    first.execute("SELECT 1")
+    second = engine.connect()  # the warm one is in use: a separate connection
+    second.execute("SELECT 1")
+    assert embedded_postgres.wait_for_backend_count(2, unique_application_name) == 2
+
+    engine.dispose_for_shutdown()
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
+
+    first.close()
+    second.close()
+    opened = engine.pool.stats.opened
+    with engine.connect() as conn:
+        assert conn.execute("SELECT 1").scalar() == 1
+    assert engine.pool.stats.opened == opened + 1  # a new warm connection
+    engine.dispose()
+
+
+def test_shutdown_close_does_not_wait_for_the_pool_lock(
+    embedded_postgres: PostgresServer, url: str, unique_application_name: str
+) -> None:
+    engine = create_engine(url, pool_size=1)
+    held = engine.connect()
+    held.execute("SELECT 1")
+    finished = threading.Event()
+    # As when SIGTERM interrupts code that holds the pool's lock.
+    with engine.pool._lock:
+        worker = threading.Thread(target=lambda: (engine.dispose_for_shutdown(), finished.set()))
+        worker.start()
+        assert finished.wait(10), "dispose_for_shutdown() blocked on the pool lock"
+    worker.join()
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
+    held.close()
+
+
+# The held connection is never returned: its loop is gone, as at process shutdown.
+@pytest.mark.filterwarnings("ignore:An async pooled connection was garbage-collected")
+@pytest.mark.parametrize("driver", ["postgresql+asyncpg", "postgresql+psycopg"])
+def test_async_engine_closes_checked_out_connections_after_its_loop_is_gone(
+    embedded_postgres: PostgresServer, url: str, unique_application_name: str, driver: str
+) -> None:
+    engine = create_async_engine(url.replace("postgresql://", f"{driver}://"), pool_size=2)
+
+    async def hold() -> Any:
+        held = await engine.connect()
+        await held.execute("SELECT 1")
+        async with engine.connect() as idle:
+            await idle.execute("SELECT 1")
+        return held
+
+    held = asyncio.run(hold())  # the loop is closed now, one connection still checked out
+    assert embedded_postgres.wait_for_backend_count(2, unique_application_name) == 2
+    engine.dispose_for_shutdown()
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
+    engine.dispose_for_shutdown()  # twice: nothing left, no error
+    del held
