@@ -32,6 +32,9 @@ behaviour.
 ``LAMBDA_POOL_REGISTER_EXTENSION``         ``1``/``true``: register an internal Lambda
                                            extension at Init so the runtime receives
                                            SIGTERM and can close connections cleanly.
+``LAMBDA_POOL_WARM``                       ``1`` (default): ``@with_connection()`` uses the
+                                           warm-container cache; ``0``: a ``NullPool``
+                                           engine, a connection per invocation.
 =========================================  ==========================================
 
 Credentials are built with :mod:`lambda_pool.auth` (``provider_from_url``), the same code
@@ -65,6 +68,7 @@ __all__ = [
     "SECRET_ARN_ENV",
     "STATEMENT_TIMEOUT_MARGIN_MS_ENV",
     "TRANSACTION_POOLING_ENV",
+    "WARM_ENV",
     "AuthMode",
     "Settings",
     "credentials_for",
@@ -78,6 +82,7 @@ PRE_PING_IDLE_SECONDS_ENV = "LAMBDA_POOL_PRE_PING_IDLE_SECONDS"
 STATEMENT_TIMEOUT_MARGIN_MS_ENV = "LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS"
 TRANSACTION_POOLING_ENV = "LAMBDA_POOL_TRANSACTION_POOLING"
 REGISTER_EXTENSION_ENV = "LAMBDA_POOL_REGISTER_EXTENSION"
+WARM_ENV = "LAMBDA_POOL_WARM"
 
 DEFAULT_PRE_PING_IDLE_SECONDS = 60.0
 DEFAULT_STATEMENT_TIMEOUT_MARGIN_MS = 500
@@ -93,10 +98,10 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
-def _flag(environ: Mapping[str, str], name: str) -> bool:
+def _flag(environ: Mapping[str, str], name: str, default: bool = False) -> bool:
     raw = environ.get(name)
     if raw is None:
-        return False
+        return default
     value = raw.strip().lower()
     if value in _TRUE:
         return True
@@ -154,6 +159,7 @@ class Settings:
     statement_timeout_margin_ms: int | None = None
     transaction_pooling: bool = False
     register_extension: bool = False
+    warm: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -191,6 +197,7 @@ class Settings:
             ),
             transaction_pooling=_flag(env, TRANSACTION_POOLING_ENV),
             register_extension=_flag(env, REGISTER_EXTENSION_ENV),
+            warm=_flag(env, WARM_ENV, default=True),
         )
 
     @property

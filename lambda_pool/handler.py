@@ -388,7 +388,7 @@ def with_connection(
     *,
     engine: Engine | None = None,
     credentials: CredentialProvider | None = None,
-    warm: bool = True,
+    warm: bool | None = None,
     statement_timeout: str | int | None = DEADLINE,
     timeout_margin_ms: int | None = None,
     logger: Any = None,
@@ -404,9 +404,9 @@ def with_connection(
     keywords are refused).  ``credentials``: a credential provider; default from
     ``LAMBDA_POOL_AUTH``.  ``warm=True`` uses the warm-container cache
     (:func:`lambda_pool.warm.warm_engine`), ``warm=False`` a ``NullPool`` engine (a
-    connection per invocation).  ``statement_timeout``: ``"deadline"`` (remaining time
-    minus ``timeout_margin_ms``, default 500 or
-    ``LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS``), a fixed number of milliseconds, or
+    connection per invocation); default ``LAMBDA_POOL_WARM``, else ``True``.
+    ``statement_timeout``: ``"deadline"`` (remaining time minus ``timeout_margin_ms``,
+    default 500 or ``LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS``), a fixed number of milliseconds, or
     ``None``.  ``logger``/``metrics``/``tracer``: Powertools objects to report pool
     activity to (:func:`lambda_pool.observability.instrument`, once per engine).  Other
     keywords go to ``warm_engine``/``create_engine`` (``connect_args``,
@@ -435,7 +435,8 @@ def with_connection(
 
     settings = Settings.from_env()
     if engine is None:
-        engine = _build_engine(settings, url, credentials, warm, engine_kwargs)
+        use_warm = settings.warm if warm is None else warm
+        engine = _build_engine(settings, url, credentials, use_warm, engine_kwargs)
     the_engine: Engine = engine
     margin_ms = settings.margin_ms if timeout_margin_ms is None else timeout_margin_ms
     _install_lifecycle(settings)

@@ -38,6 +38,7 @@ def app_url(
         "LAMBDA_POOL_TRANSACTION_POOLING",
         "LAMBDA_POOL_REGISTER_EXTENSION",
         "LAMBDA_POOL_PRE_PING_IDLE_SECONDS",
+        "LAMBDA_POOL_WARM",
     ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LAMBDA_POOL_DATABASE_URL", url)
@@ -79,6 +80,25 @@ def test_hundred_warm_invocations_share_one_backend(
     assert len(pids) == 1
     assert embedded_postgres.backend_count(unique_application_name) == 1
     assert [b["pid"] for b in embedded_postgres.backends(unique_application_name)] == list(pids)
+
+
+def test_lambda_pool_warm_0_gives_a_connection_per_invocation_closed_after_each(
+    app_url: str,
+    embedded_postgres: PostgresServer,
+    unique_application_name: str,
+    lambda_context: MakeContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LAMBDA_POOL_WARM", "0")
+
+    @with_connection()
+    def handler(event: Any, context: Any, connection: Connection) -> int:
+        return int(connection.execute("SELECT pg_backend_pid()").scalar())
+
+    pids = {handler({}, lambda_context()) for _ in range(3)}
+
+    assert len(pids) == 3
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
 
 
 def test_handler_receives_connection_as_keyword_in_a_transaction(

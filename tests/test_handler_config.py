@@ -17,6 +17,7 @@ def test_defaults_when_nothing_is_set() -> None:
     assert settings.pre_ping_idle_seconds is None
     assert settings.transaction_pooling is False
     assert settings.register_extension is False
+    assert settings.warm is True
 
 
 def test_every_variable_is_read() -> None:
@@ -29,6 +30,7 @@ def test_every_variable_is_read() -> None:
             "LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS": "750",
             "LAMBDA_POOL_TRANSACTION_POOLING": "true",
             "LAMBDA_POOL_REGISTER_EXTENSION": "1",
+            "LAMBDA_POOL_WARM": "0",
         }
     )
     assert settings.auth == "iam"
@@ -37,6 +39,7 @@ def test_every_variable_is_read() -> None:
     assert settings.margin_ms == 750
     assert settings.transaction_pooling is True
     assert settings.register_extension is True
+    assert settings.warm is False
 
 
 def test_missing_url_error_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

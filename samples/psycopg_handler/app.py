@@ -15,7 +15,6 @@ the next invocation.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import psycopg
@@ -90,12 +89,9 @@ def _checkout_summary(connection: Any) -> dict[str, Any]:
     }
 
 
-# LAMBDA_POOL_WARM=0 switches to a NullPool engine (a connection per invocation), so
-# ``lambda-pool demo`` can show the same handler both ways; leave it unset in Lambda.
-WARM = os.environ.get("LAMBDA_POOL_WARM", "1").strip().lower() not in ("0", "false", "no")
-
-
-@with_connection(warm=WARM)
+# LAMBDA_POOL_WARM=0 (read by with_connection) switches to a NullPool engine, a
+# connection per invocation: ``lambda-pool demo`` shows this same handler both ways.
+@with_connection()
 def handler(event: dict[str, Any], context: Any, connection: Any) -> dict[str, Any]:
     """Record one visit; committed when this returns, rolled back when it raises."""
     summary = _checkout_summary(connection)
