@@ -56,7 +56,13 @@ from lambda_pool.warm import (
     reset_session,
 )
 
-__all__ = ["WarmSQLAlchemyPool", "create_engine", "warm_engine"]
+__all__ = [
+    "WarmSQLAlchemyPool",
+    "cached_engines",
+    "create_engine",
+    "forget_cached_engines",
+    "warm_engine",
+]
 
 _QUEUE_POOL_ARGS = ("pool_size", "max_overflow", "pool_timeout")
 _PSYCOPG = PsycopgDialect()
@@ -504,3 +510,15 @@ def cached_engines() -> list[Engine]:
     """The engines :func:`warm_engine` created in this process (for diagnostics)."""
     with _cache_lock:
         return [engine for engine, _ in _cache.values()]
+
+
+def forget_cached_engines() -> list[Engine]:
+    """Empty the cache, so the next :func:`warm_engine` call builds a new engine.
+
+    What a new execution environment starts with; a test standing in for a cold start
+    needs it.  The forgotten engines are returned, not disposed: the caller decides.
+    """
+    with _cache_lock:
+        engines = [engine for engine, _ in _cache.values()]
+        _cache.clear()
+    return engines

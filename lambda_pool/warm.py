@@ -73,6 +73,7 @@ __all__ = [
     "abandon_inherited_connection",
     "cached_engines",
     "decide_reuse",
+    "forget_cached_engines",
     "identity_key",
     "pre_ping_idle_seconds_from_env",
     "probe_driver",
@@ -1042,3 +1043,15 @@ def cached_engines() -> list[Engine]:
     """The engines :func:`warm_engine` created in this process (for diagnostics)."""
     with _cache_lock:
         return [engine for engine, _ in _cache.values()]
+
+
+def forget_cached_engines() -> list[Engine]:
+    """Empty the cache, so the next :func:`warm_engine` call builds a new engine.
+
+    What a new execution environment starts with; a test standing in for a cold start
+    needs it.  The forgotten engines are returned, not disposed: the caller decides.
+    """
+    with _cache_lock:
+        engines = [engine for engine, _ in _cache.values()]
+        _cache.clear()
+    return engines

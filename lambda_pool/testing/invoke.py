@@ -51,19 +51,11 @@ def reset_lambda_pool_state() -> None:
     from lambda_pool import lifecycle
 
     lifecycle.dispose_all()
-    # The caches are module state with no public "clear" (a running function has no
-    # reason to empty them); a test standing in for a new container does.  The
-    # SQLAlchemy adapter is only touched when loaded: importing it imports SQLAlchemy.
+    # The SQLAlchemy adapter is only touched when loaded: importing it imports SQLAlchemy.
     for name in ("lambda_pool.warm", "lambda_pool.sqlalchemy"):
         module = sys.modules.get(name)
-        if module is None:
-            continue
-        lock = getattr(module, "_cache_lock", None)
-        cache = getattr(module, "_cache", None)
-        if lock is None or not isinstance(cache, dict):
-            continue
-        with lock:
-            cache.clear()
+        if module is not None:
+            module.forget_cached_engines()
     # Secrets read through Powertools Parameters (SecretsManagerCredentials does) are
     # cached per process with their boto3 client: a new container has neither.
     parameters = sys.modules.get("aws_lambda_powertools.utilities.parameters")
