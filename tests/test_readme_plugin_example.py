@@ -60,9 +60,9 @@ def test_documented_example_fails_when_the_handler_misbehaves(
     # The example must be able to fail: a handler that opens a connection per
     # invocation (warm=False) breaks its backend-reuse assertion.
     source = SAMPLE_APP.read_text().replace(
-        "@with_connection(warm=WARM)", "@with_connection(warm=False)"
+        "@with_connection()\n", "@with_connection(warm=False)\n"
     )
-    assert "warm=False" in source
+    assert "@with_connection(warm=False)\n" in source
     (pytester.path / "app.py").write_text(source)
     pytester.makepyfile(test_example=plugin_example())
     monkeypatch.setenv("LAMBDA_POOL_TEST_DSN", embedded_postgres.dsn)
