@@ -346,23 +346,16 @@ def _build_engine(
     options = dict(engine_kwargs)
     if provider is not None:
         options["credentials"] = provider
+    if settings.transaction_pooling:
+        options.setdefault("transaction_pooling", True)
     if warm:
         from lambda_pool.warm import warm_engine
 
         if settings.pre_ping_idle_seconds is not None:
             options.setdefault("pre_ping_idle_seconds", settings.pre_ping_idle_seconds)
-        if settings.transaction_pooling:
-            options.setdefault("transaction_pooling", True)
         return warm_engine(parsed, **options)
     from lambda_pool.engine import create_engine
 
-    transaction_pooling = bool(options.pop("transaction_pooling", settings.transaction_pooling))
-    if transaction_pooling and parsed.get_backend_name() == "postgresql":
-        # No server-side prepared statements behind a transaction-pooling proxy: the
-        # next transaction may run on another server session.
-        connect_args = dict(options.get("connect_args") or {})
-        connect_args.setdefault("prepare_threshold", None)
-        options["connect_args"] = connect_args
     return create_engine(parsed, **options)
 
 

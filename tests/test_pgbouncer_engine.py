@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
 
-from lambda_pool import create_engine
+from lambda_pool import create_engine, with_connection
 from lambda_pool.asyncio import create_async_engine
-from lambda_pool.engine import Engine
+from lambda_pool.engine import Connection, Engine
 from lambda_pool.testing.pgbouncer import PgBouncer
 from lambda_pool.testing.postgres import PostgresServer
 from lambda_pool.warm import warm_engine
@@ -224,3 +225,38 @@ def test_twenty_concurrent_engine_clients_share_at_most_the_pool_size_of_servers
     assert 1 <= peaks["servers"] <= limit
     assert peaks["clients"] >= clients  # they really were connected at the same time
     assert peaks["backends"] <= limit
+
+
+@pytest.mark.parametrize("warm", ["1", "0"])
+def test_the_decorator_behind_pgbouncer_needs_only_the_environment_setting(
+    pgbouncer: PgBouncer,
+    thief: SessionThief,
+    lambda_context: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    warm: str,
+) -> None:
+    monkeypatch.setenv("LAMBDA_POOL_DATABASE_URL", pgbouncer.dsn)
+    monkeypatch.setenv("LAMBDA_POOL_TRANSACTION_POOLING", "1")
+    monkeypatch.setenv("LAMBDA_POOL_WARM", warm)
+    for name in ("LAMBDA_POOL_AUTH", "LAMBDA_POOL_SECRET_ARN"):
+        monkeypatch.delenv(name, raising=False)
+
+    @with_connection()
+    def handler(event: dict[str, int], context: Any, connection: Connection) -> list[int]:
+        # One transaction per statement, the session thief between them: each runs on
+        # another server session than the one before, past psycopg's prepare threshold.
+        doubled = []
+        for i in range(EXECUTIONS):
+            doubled.append(connection.execute(STATEMENT, (i,)).one()[0])
+            thief.release()
+            connection.commit()
+            thief.take()
+        return doubled
+
+    results = [handler({}, lambda_context()) for _ in range(2)]
+    thief.release()
+
+    assert results == [[2 * i for i in range(EXECUTIONS)]] * 2
+    assert handler.engine.transaction_pooling is True  # type: ignore[attr-defined]
+    if warm == "1":
+        assert handler.engine.pool.transaction_pooling is True  # type: ignore[attr-defined]
