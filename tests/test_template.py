@@ -69,6 +69,7 @@ EXPECTED_ENV = {
     "LAMBDA_POOL_PRE_PING_IDLE_SECONDS",
     "LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS",
     "LAMBDA_POOL_REGISTER_EXTENSION",
+    "LAMBDA_POOL_TRANSACTION_POOLING",
     "POWERTOOLS_SERVICE_NAME",
     "POWERTOOLS_METRICS_NAMESPACE",
 }
@@ -324,6 +325,14 @@ def test_transform_makes_four_vpc_functions_with_versions_and_live_alias(
     assert {a["Properties"]["Name"] for a in aliases} == {"live"}
 
 
+def test_functions_behind_rds_proxy_turn_transaction_pooling_on(
+    transformed: dict[str, Any],
+) -> None:
+    stack = render(transformed, UseRdsProxy="true")
+    for props in stack.functions().values():
+        assert props["Environment"]["Variables"]["LAMBDA_POOL_TRANSACTION_POOLING"] == "1"
+
+
 def test_every_function_gets_lambda_pool_environment_and_registers_the_extension(
     transformed: dict[str, Any],
 ) -> None:
@@ -336,6 +345,7 @@ def test_every_function_gets_lambda_pool_environment_and_registers_the_extension
         assert env["LAMBDA_POOL_IAM_REGION"] == REGION
         assert env["LAMBDA_POOL_PRE_PING_IDLE_SECONDS"] == 60
         assert env["LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS"] == 500
+        assert env["LAMBDA_POOL_TRANSACTION_POOLING"] == "0"
         assert env["LAMBDA_POOL_DATABASE_URL"] == (
             f"postgresql://app@{CLUSTER_HOST}:5432/app?sslmode=require"
         )
