@@ -16,6 +16,7 @@ A pool's mode comes from its creator: ``async def creator()`` (or a dialect with
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import inspect
@@ -327,8 +328,12 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class Pool:
-    """Base of every pool class: a creator, a dialect, listeners, and the shared procedures."""
+class Pool(abc.ABC):
+    """Base of every pool class: a creator, a dialect, listeners, and the shared procedures.
+
+    Abstract: a pool class says how it keeps connections by returning its slot policy
+    from :meth:`_make_slots` (see :mod:`lambda_pool.pool.core`).
+    """
 
     def __init__(
         self,
@@ -390,8 +395,9 @@ class Pool:
 
     # --- subclass hooks -----------------------------------------------------------------
 
+    @abc.abstractmethod
     def _make_slots(self) -> core.Slots[ConnectionPoolEntry]:
-        raise NotImplementedError
+        """The slot policy deciding checkouts and returns for this pool class."""
 
     # --- public API ---------------------------------------------------------------------
 

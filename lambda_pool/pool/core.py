@@ -12,6 +12,7 @@ once, as generators) yield; the shells execute them with or without ``await``.
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -174,7 +175,7 @@ class Acquire(enum.Enum):
     WAIT = "wait"  # the limit is reached: wait for a release
 
 
-class Slots(Generic[R]):
+class Slots(abc.ABC, Generic[R]):
     """Counts records and decides checkouts and returns; subclasses are the pool policies.
 
     ``version`` changes on every event that can let a waiting caller proceed, so a
@@ -185,23 +186,24 @@ class Slots(Generic[R]):
         self.version = 0
         self.out = 0
 
+    @abc.abstractmethod
     def acquire(self, make: Callable[[], R], key: Hashable = None) -> tuple[Acquire, R | None]:
-        raise NotImplementedError
+        """Decide a checkout: reuse an idle record, make a new one (``make``), or wait."""
 
     def ready(self, record: R) -> None:
         """The record's checkout preparation ended (connected, checked, or failed)."""
 
+    @abc.abstractmethod
     def release(self, record: R) -> bool:
         """A checked-out record comes back; True = keep it idle, False = close it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def discard(self, record: R) -> None:
         """A checked-out record leaves the pool for good (detach, failed connect)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def drain_idle(self) -> list[R]:
         """Remove and return every idle record (dispose); checked-out ones stay counted."""
-        raise NotImplementedError
 
     def forget_all(self) -> list[R]:
         """Forget every record (after a fork they belong to the parent); return the idle ones."""
@@ -215,11 +217,13 @@ class Slots(Generic[R]):
 
     # counters -----------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def size(self) -> int:
-        raise NotImplementedError
+        """The pool's configured size (``pool.size()``)."""
 
+    @abc.abstractmethod
     def checkedin(self) -> int:
-        raise NotImplementedError
+        """Idle records ready for checkout (``pool.checkedin()``)."""
 
     def checkedout(self) -> int:
         return max(0, self.out)
