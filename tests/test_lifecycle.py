@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -475,3 +476,79 @@ def test_sigterm_closes_checked_out_and_idle_engine_connections_and_the_engine_r
     assert embedded_postgres.wait_for_backend_count(0, app, timeout=5.0) == 0
     child.send("exit")
     assert child.wait() == 0, child.stderr()
+
+
+# A statement still running when SIGTERM arrives: a worker thread of the function is in
+# the middle of a 30 s query on an engine connection.
+LONG_QUERY_AT_SIGTERM = """
+import threading
+import time
+import lambda_pool.pool.base
+
+if os.environ.get("T_NO_CANCEL"):
+    lambda_pool.pool.base.SHUTDOWN_CANCEL_TIMEOUT_S = 0  # the behaviour before cancelling
+
+busy = lambda_pool.create_engine(DSN, connect_args={"application_name": APP + "_busy"})
+
+def long_query():
+    with busy.connect() as conn:
+        conn.execute("SELECT pg_sleep(30)")
+
+threading.Thread(target=long_query, daemon=True).start()
+lifecycle.install_shutdown_hooks()
+print("ready", flush=True)
+for _ in range(600):
+    time.sleep(0.1)
+"""
+
+
+def _wait_for_running_sleep(pg: Any, app: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = [
+            row
+            for row in pg.backends(app)
+            if row["state"] == "active" and "pg_sleep" in (row["query"] or "")
+        ]
+        if running:
+            return running
+        time.sleep(0.02)
+    raise AssertionError(f"no pg_sleep query of {app} started")
+
+
+def test_sigterm_cancels_a_running_query_so_its_backend_ends_with_the_process(
+    spawn: Any, child_env: dict[str, str], embedded_postgres: Any
+) -> None:
+    busy_app = child_env["T_APP"] + "_busy"
+    child = spawn(LONG_QUERY_AT_SIGTERM)
+    child.expect("ready")
+    assert len(_wait_for_running_sleep(embedded_postgres, busy_app)) == 1
+
+    child.proc.send_signal(signal.SIGTERM)
+
+    assert child.wait() == -signal.SIGTERM
+    # Cancelled, then closed: the backend is gone seconds before the 30 s query would end.
+    assert embedded_postgres.wait_for_backend_count(0, busy_app, timeout=3.0) == 0
+    # The idle and checked-out connections of the prelude's engine went as before.
+    assert embedded_postgres.wait_for_backend_count(0, child_env["T_APP"], timeout=1.0) == 0
+
+
+def test_without_cancelling_the_backend_runs_the_query_on_after_the_process_died(
+    spawn: Any, child_env: dict[str, str], embedded_postgres: Any
+) -> None:
+    # The control: with cancelling switched off, closing the connection does not stop
+    # the statement; PostgreSQL notices the closed client only when pg_sleep ends.
+    busy_app = child_env["T_APP"] + "_busy"
+    child = spawn(LONG_QUERY_AT_SIGTERM, T_NO_CANCEL="1")
+    child.expect("ready")
+    [running] = _wait_for_running_sleep(embedded_postgres, busy_app)
+
+    child.proc.send_signal(signal.SIGTERM)
+
+    assert child.wait() == -signal.SIGTERM
+    try:
+        assert embedded_postgres.wait_for_backend_count(0, busy_app, timeout=1.5) == 1
+        [still] = embedded_postgres.backends(busy_app)
+        assert still["pid"] == running["pid"] and still["state"] == "active"
+    finally:
+        embedded_postgres.terminate(busy_app)

@@ -328,6 +328,81 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+#: Seconds :meth:`Pool._close_all_for_shutdown` waits, all connections together, for cancel
+#: requests to statements still running before it closes their connections.  Part of
+#: ``lambda_pool.lifecycle``'s SIGTERM budget (0.4 s by default, inside Lambda's ~500 ms
+#: grace period); 0 skips cancelling (the backend then runs the statement to its end).
+SHUTDOWN_CANCEL_TIMEOUT_S = 0.2
+
+# libpq's PQTRANS_ACTIVE: a command is in progress on the connection.
+_PQTRANS_ACTIVE = 1
+
+
+def _executing(dbapi: Any) -> bool:
+    """Whether a libpq-based connection (psycopg) is in the middle of a statement.
+
+    Read from libpq's local state, no I/O and no driver lock.  Other drivers answer
+    ``False``: they are only closed.
+    """
+    pgconn = getattr(dbapi, "pgconn", None)
+    if pgconn is None:
+        return False
+    try:
+        return int(pgconn.transaction_status) == _PQTRANS_ACTIVE
+    except Exception:
+        return False
+
+
+def _send_cancel(dbapi: Any, timeout: float) -> None:
+    cancel_safe = getattr(dbapi, "cancel_safe", None)
+    if callable(cancel_safe) and not inspect.iscoroutinefunction(cancel_safe):
+        # psycopg >= 3.2 sync connection: bounded by ``timeout`` with libpq >= 17.
+        cancel_safe(timeout=timeout)
+    else:
+        # psycopg's AsyncConnection: cancel_safe() needs its event loop, which may be
+        # gone at shutdown; cancel() is synchronous and loop-free (bounded by the join).
+        dbapi.cancel()
+
+
+def _cancel_for_shutdown(connections: list[Any], timeout: float) -> int:
+    """Send a cancel request to each connection's running statement; return how many went.
+
+    One helper thread per connection, all joined against one deadline of ``timeout``
+    seconds, so neither several busy connections nor a cancel path without its own bound
+    (libpq < 17, async connections) can make shutdown wait longer.  A cancel that did not
+    finish in time is abandoned (its daemon thread ends with the process).
+    """
+    if timeout <= 0:
+        return 0
+    sent: list[Any] = []
+    errors: list[str] = []
+
+    def cancel(dbapi: Any) -> None:
+        try:
+            _send_cancel(dbapi, timeout)
+        except Exception as exc:  # the connection is closed right after anyway
+            errors.append(type(exc).__name__)
+        else:
+            sent.append(dbapi)
+
+    threads = [
+        threading.Thread(target=cancel, args=(dbapi,), name="lambda-pool-cancel", daemon=True)
+        for dbapi in connections
+    ]
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if errors:
+        logging.getLogger(__name__).warning(
+            "lambda-pool: cancelling %d running statement(s) at shutdown failed: %s",
+            len(errors),
+            ", ".join(sorted(set(errors))),
+        )
+    return len(sent)
+
+
 class Pool(abc.ABC):
     """Base of every pool class: a creator, a dialect, listeners, and the shared procedures.
 
@@ -442,6 +517,12 @@ class Pool(abc.ABC):
         next checkout, and a checked-out one is returned as usual (its user sees a closed
         connection).  Calling it again finds nothing left to close.  In a forked child
         that never used the pool, the connections are the parent's and are left alone.
+
+        A connection busy executing a statement is sent a cancel request first (at most
+        :data:`SHUTDOWN_CANCEL_TIMEOUT_S` for all of them together), because PostgreSQL
+        notices a closed client only when the statement ends: closing alone would leave
+        the backend running the query to its end.  Idle connections are closed before
+        any cancel is attempted, so a slow cancel never keeps them open.
         """
         if os.getpid() != self._pid:
             return 0
@@ -453,6 +534,7 @@ class Pool(abc.ABC):
                 break
             except RuntimeError:
                 continue
+        busy: list[Any] = []
         closed = 0
         for record in records:
             dbapi = record.dbapi_connection
@@ -460,17 +542,30 @@ class Pool(abc.ABC):
                 continue
             record.dbapi_connection = None
             closed += 1
-            terminate = getattr(self._dialect, "do_terminate", None)
-            try:
-                if callable(terminate):
-                    terminate(dbapi)
-                elif not self._dialect_async:
-                    self._dialect.do_close(dbapi)
-            except Exception:
-                self._logger.error("Exception closing connection %r at shutdown", dbapi)
+            if _executing(dbapi):
+                busy.append(dbapi)
+            else:
+                self._terminate_for_shutdown(dbapi)
+        if busy:
+            cancelled = _cancel_for_shutdown(busy, SHUTDOWN_CANCEL_TIMEOUT_S)
+            for dbapi in busy:
+                self._terminate_for_shutdown(dbapi)
+            self._logger.info(
+                "Cancelled %d of %d running statement(s) at shutdown", cancelled, len(busy)
+            )
         if closed:
             self._logger.info("Closed %d connection(s) for shutdown", closed)
         return closed
+
+    def _terminate_for_shutdown(self, dbapi: Any) -> None:
+        terminate = getattr(self._dialect, "do_terminate", None)
+        try:
+            if callable(terminate):
+                terminate(dbapi)
+            elif not self._dialect_async:
+                self._dialect.do_close(dbapi)
+        except Exception:
+            self._logger.error("Exception closing connection %r at shutdown", dbapi)
 
     def recreate(self) -> Pool:
         """A new, unconnected pool of the same class, arguments and listeners."""
