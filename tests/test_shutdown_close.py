@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -106,3 +107,72 @@ def test_async_engine_closes_checked_out_connections_after_its_loop_is_gone(
     assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
     engine.dispose_for_shutdown()  # twice: nothing left, no error
     del held
+
+
+def _running_sleep(pg: PostgresServer, app: str, timeout: float = 10.0) -> int:
+    """Wait until a ``pg_sleep`` statement of ``app`` runs on the server; its backend pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for row in pg.backends(app):
+            if row["state"] == "active" and "pg_sleep" in (row["query"] or ""):
+                return int(row["pid"])
+        time.sleep(0.02)
+    raise AssertionError(f"no pg_sleep statement of {app} started")
+
+
+def test_a_running_statement_is_cancelled_before_its_connection_closes(
+    embedded_postgres: PostgresServer, url: str, unique_application_name: str
+) -> None:
+    engine = create_engine(url)
+    outcome: list[BaseException | None] = []
+
+    def long_query() -> None:
+        try:
+            with engine.connect() as conn:
+                conn.execute("SELECT pg_sleep(30)")
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=long_query, daemon=True)
+    worker.start()
+    _running_sleep(embedded_postgres, unique_application_name)
+
+    engine.dispose_for_shutdown()
+
+    # The server stopped the statement and the session; nothing waits 30 s for pg_sleep.
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name, timeout=3) == 0
+    worker.join(5)
+    assert not worker.is_alive()
+    assert outcome and outcome[0] is not None  # the caller saw its statement fail
+    engine.dispose()
+
+
+def test_an_async_connection_running_a_statement_is_cancelled_without_its_loop(
+    embedded_postgres: PostgresServer, url: str, unique_application_name: str
+) -> None:
+    engine = create_async_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    outcome: list[BaseException | None] = []
+
+    async def long_query() -> None:
+        async with engine.connect() as conn:
+            await conn.execute("SELECT pg_sleep(30)")
+
+    def run() -> None:
+        try:
+            asyncio.run(long_query())
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    _running_sleep(embedded_postgres, unique_application_name)
+
+    # From another thread, as the SIGTERM path does: the loop is busy in the query.
+    engine.dispose_for_shutdown()
+
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name, timeout=3) == 0
+    worker.join(5)
+    assert not worker.is_alive()
+    assert outcome and outcome[0] is not None
