@@ -16,47 +16,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from lambda_pool.dialects.base import AsyncDialect
-from lambda_pool.engine_setup import build_engine_parts, engine_logger
-from lambda_pool.exc import InvalidRequestError, ResourceClosedError
+from lambda_pool.engine_core import (
+    ConnectionCore,
+    ConnOp,
+    EngineBase,
+    Params,
+    Proc,
+    Step,
+    TransactionCore,
+    run_async,
+)
+from lambda_pool.exc import InvalidRequestError
 from lambda_pool.result import Result
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
-    from lambda_pool.auth.base import CredentialProvider
-    from lambda_pool.event import EventRegistry
-    from lambda_pool.pool import Pool, PoolProxiedConnection
+    from lambda_pool.pool import PoolProxiedConnection
     from lambda_pool.url import URL
 
 __all__ = ["AsyncConnection", "AsyncEngine", "AsyncTransaction", "create_async_engine"]
 
-Params = Sequence[Any] | Mapping[str, Any] | None
 
-
-class AsyncTransaction:
+class AsyncTransaction(TransactionCore):
     """An explicit transaction: ``async with conn.begin(): ...`` commits or rolls back."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
-        self._connection = connection
-        self._active = True
-
-    @property
-    def is_active(self) -> bool:
-        return self._active
-
     async def commit(self) -> None:
-        if self._active:
-            self._active = False
-            await self._connection._end_transaction(self, commit=True)
+        await run_async(self._g_end(commit=True), self._connection_perform)
 
     async def rollback(self) -> None:
-        if self._active:
-            self._active = False
-            await self._connection._end_transaction(self, commit=False)
+        await run_async(self._g_end(commit=False), self._connection_perform)
+
+    async def _connection_perform(self, step: Step) -> Any:
+        assert isinstance(self._connection, AsyncConnection)
+        return await self._connection._perform(step)
 
     async def __aenter__(self) -> AsyncTransaction:
         return self
@@ -73,32 +69,58 @@ class AsyncTransaction:
             await self.rollback()
 
 
-class AsyncConnection:
+class AsyncConnection(ConnectionCore["AsyncEngine"]):
     """An async checked-out connection (see :class:`lambda_pool.engine.Connection`).
 
     ``engine.connect()`` returns it unconnected; ``async with`` (or ``await
     conn.start()``) checks the connection out, ``await conn.close()`` returns it.
+    The rules live in :class:`lambda_pool.engine_core.ConnectionCore`, shared with the
+    blocking ``Connection``.
     """
 
+    _kind = "AsyncConnection"
+    _rollback_verb = "await"
+    _begun_hint = "end it first"
+
     def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._proxy: PoolProxiedConnection | None = None
-        self._started = False
-        self._closed = False
-        self._invalidated = False
-        self._transaction: AsyncTransaction | None = None
+        super().__init__(engine, None)
 
-    @property
-    def engine(self) -> AsyncEngine:
-        return self._engine
+    # --- the shell: await each step ------------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    async def _run(self, proc: Proc[Any]) -> Any:
+        return await run_async(proc, self._perform)
 
-    @property
-    def invalidated(self) -> bool:
-        return self._invalidated
+    async def _perform(self, step: Step) -> Any:
+        op, arg = step
+        if op is ConnOp.CHECKOUT:
+            return await self._engine.pool.aconnect()
+        if op is ConnOp.EXECUTE:
+            return await self._engine.dialect.execute(*arg)
+        if op is ConnOp.COMMIT:
+            return await self._engine.dialect.do_commit(arg)
+        if op is ConnOp.ROLLBACK:
+            return await self._engine.dialect.do_rollback(arg)
+        if op is ConnOp.INVALIDATE:
+            proxy, exc = arg
+            return await proxy.ainvalidate(exc)
+        if op is ConnOp.CLOSE:
+            return await arg.aclose()
+        raise AssertionError(op)  # pragma: no cover - every ConnOp is handled
+
+    async def _live(self) -> PoolProxiedConnection:
+        proxy: PoolProxiedConnection = await self._run(self._g_live())
+        return proxy
+
+    def _checked(self) -> PoolProxiedConnection:
+        """The proxy, without I/O: properties cannot await a checkout."""
+        self._check_usable()
+        if self._proxy is None:
+            raise InvalidRequestError(
+                "This AsyncConnection is not started: use 'async with engine.connect() as conn'"
+            )
+        return self._proxy
+
+    # --- state -------------------------------------------------------------------------
 
     @property
     def connection(self) -> PoolProxiedConnection:
@@ -114,31 +136,6 @@ class AsyncConnection:
     def info(self) -> dict[Any, Any]:
         return self._checked().info
 
-    def in_transaction(self) -> bool:
-        return self._transaction is not None and self._transaction.is_active
-
-    def _checked(self) -> PoolProxiedConnection:
-        if self._closed:
-            raise ResourceClosedError("This AsyncConnection is closed")
-        if self._invalidated:
-            raise InvalidRequestError(
-                "This AsyncConnection was invalidated (its database connection was lost); "
-                "await rollback() to continue with a new one, or close() it"
-            )
-        if self._proxy is None:
-            raise InvalidRequestError(
-                "This AsyncConnection is not started: use 'async with engine.connect() as conn'"
-            )
-        return self._proxy
-
-    async def _live(self) -> PoolProxiedConnection:
-        if self._closed:
-            raise ResourceClosedError("This AsyncConnection is closed")
-        if self._proxy is None and not self._invalidated:
-            self._proxy = await self._engine.pool.aconnect()
-            self._started = True
-        return self._checked()
-
     async def start(self) -> AsyncConnection:
         """Check the connection out (``async with`` does this)."""
         await self._live()
@@ -148,99 +145,37 @@ class AsyncConnection:
         # ``conn = await engine.connect()`` works as in SQLAlchemy.
         return self.start().__await__()
 
+    # --- statements --------------------------------------------------------------------
+
     async def execute(self, statement: str, parameters: Params = None) -> Result:
         """Run one SQL statement (psycopg-style placeholders); returns a buffered Result."""
-        if not isinstance(statement, str):
-            raise InvalidRequestError(
-                f"execute() takes SQL text (str), got {type(statement).__name__}"
-            )
-        proxy = await self._live()
-        dbapi = proxy.dbapi_connection
-        self._engine._log_statement(statement)
-        dialect = self._engine.dialect
-        try:
-            outcome = await dialect.execute(dbapi, statement, parameters)
-        except Exception as exc:
-            if dialect.is_disconnect(exc, dbapi):
-                await self._invalidate(exc)
-            raise
-        return Result(
-            outcome.keys, outcome.rows, outcome.rowcount, returns_rows=outcome.returns_rows
-        )
+        result: Result = await self._run(self._g_execute(statement, parameters))
+        return result
 
     async def exec_driver_sql(self, statement: str, parameters: Params = None) -> Result:
         return await self.execute(statement, parameters)
 
     async def commit(self) -> None:
-        await self._finish(commit=True)
+        await self._run(self._g_finish(commit=True))
 
     async def rollback(self) -> None:
         """Roll back; after an invalidation this lets the connection reconnect."""
-        if self._closed:
-            raise ResourceClosedError("This AsyncConnection is closed")
-        if self._invalidated:
-            self._invalidated = False
-            self._transaction = None
-            return
-        await self._finish(commit=False)
-
-    async def _finish(self, *, commit: bool) -> None:
-        proxy = await self._live()
-        dbapi = proxy.dbapi_connection
-        dialect = self._engine.dialect
-        self._transaction = None
-        try:
-            if commit:
-                await dialect.do_commit(dbapi)
-            else:
-                await dialect.do_rollback(dbapi)
-        except Exception as exc:
-            if dialect.is_disconnect(exc, dbapi):
-                await self._invalidate(exc)
-            raise
+        await self._run(self._g_rollback())
 
     def begin(self) -> AsyncTransaction:
         """``async with conn.begin(): ...`` commits on success, rolls back on error."""
-        if self._closed:
-            raise ResourceClosedError("This AsyncConnection is closed")
-        if self.in_transaction():
-            raise InvalidRequestError(
-                "a transaction is already begun on this AsyncConnection; end it first"
-            )
-        self._transaction = AsyncTransaction(self)
-        return self._transaction
+        self._check_open()
+        return self._new_transaction(AsyncTransaction)
 
-    async def _end_transaction(self, transaction: AsyncTransaction, *, commit: bool) -> None:
-        if transaction is not self._transaction:
-            return
-        if self._closed or self._invalidated:
-            self._transaction = None
-            return
-        await self._finish(commit=commit)
-
-    async def _invalidate(self, exc: BaseException | None) -> None:
-        proxy, self._proxy = self._proxy, None
-        self._invalidated = True
-        self._transaction = None
-        if proxy is not None:
-            await proxy.ainvalidate(exc)
+    # --- ending ------------------------------------------------------------------------
 
     async def invalidate(self, exception: BaseException | None = None) -> None:
         """Close the driver connection now and drop it from the pool."""
-        if self._closed:
-            raise ResourceClosedError("This AsyncConnection is closed")
-        if not self._invalidated:
-            await self._invalidate(exception)
+        await self._run(self._g_invalidate_requested(exception))
 
     async def close(self) -> None:
         """Return the connection to the pool (which rolls back open work). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._transaction = None
-        proxy, self._proxy = self._proxy, None
-        if proxy is not None:
-            await proxy.aclose()
+        await self._run(self._g_close())
 
     async def __aenter__(self) -> AsyncConnection:
         return await self.start()
@@ -249,47 +184,12 @@ class AsyncConnection:
         # Shielded: a cancelled task must still give its connection back.
         await asyncio.shield(self.close())
 
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else ("invalidated" if self._invalidated else "open")
-        return f"<AsyncConnection {state} {self._engine!r}>"
 
-
-class AsyncEngine:
+class AsyncEngine(EngineBase[AsyncDialect]):
     """The asyncio counterpart of :class:`lambda_pool.engine.Engine`."""
 
-    def __init__(
-        self,
-        url: URL,
-        dialect: AsyncDialect,
-        pool: Pool,
-        pool_events: EventRegistry,
-        *,
-        credentials: CredentialProvider | None = None,
-        echo: bool | str = False,
-        logging_name: str | None = None,
-        transaction_pooling: bool = False,
-    ) -> None:
-        self.url = url
-        self.dialect = dialect
-        self.pool = pool
-        self.pool_events = pool_events
-        self.credentials = credentials
-        self.echo = echo
-        self.logging_name = logging_name
-        self.transaction_pooling = transaction_pooling
-        self._logger = engine_logger(logging_name, echo)
-
-    def _log_statement(self, statement: str) -> None:
-        if self._logger.isEnabledFor(logging.INFO):
-            self._logger.info("%s", statement)
-
-    @property
-    def name(self) -> str:
-        return self.dialect.name
-
-    @property
-    def driver(self) -> str:
-        return self.dialect.driver
+    _is_async = True
+    _kind = "AsyncEngine"
 
     def connect(self) -> AsyncConnection:
         """``async with engine.connect() as conn`` (or ``conn = await engine.connect()``)."""
@@ -312,18 +212,6 @@ class AsyncEngine:
             await old.adispose()
         self.pool = old.recreate()
 
-    def dispose_for_shutdown(self) -> None:
-        """Synchronous, loop-free disposal for process shutdown (``lambda_pool.lifecycle``).
-
-        Closes idle and checked-out connections with the driver's synchronous terminate
-        (psycopg ``pgconn.finish()``, asyncpg ``terminate()``): the event loop they were
-        opened on is usually gone by then.  Safe to call twice; the engine stays usable.
-        """
-        self.pool._close_all_for_shutdown()
-
-    def __repr__(self) -> str:
-        return f"AsyncEngine({self.url!r})"
-
 
 def create_async_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     """Create an :class:`AsyncEngine`; keywords as :func:`lambda_pool.create_engine`.
@@ -331,19 +219,4 @@ def create_async_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     A URL whose driver is blocking-only (``sqlite://``) raises ``ArgumentError``
     pointing to ``create_engine``.  Nothing connects until the first checkout.
     """
-    parts = build_engine_parts(url, kwargs, is_async=True)
-    assert isinstance(parts.dialect, AsyncDialect)
-    engine = AsyncEngine(
-        parts.url,
-        parts.dialect,
-        parts.pool,
-        parts.pool_events,
-        credentials=parts.credentials,
-        echo=parts.echo,
-        logging_name=parts.logging_name,
-        transaction_pooling=parts.transaction_pooling,
-    )
-    from lambda_pool.lifecycle import register
-
-    register(engine)
-    return engine
+    return AsyncEngine._create(url, kwargs)
