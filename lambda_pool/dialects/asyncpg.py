@@ -28,6 +28,7 @@ from lambda_pool.dialects.base import (
     ExecResult,
     is_capacity_message,
     stronger_sslmode,
+    url_connect_params,
 )
 from lambda_pool.exc import ArgumentError
 
@@ -115,17 +116,7 @@ class AsyncpgDialect(AsyncDialect):
     extra: ClassVar[str] = "asyncpg"
 
     def create_connect_args(self, url: URL) -> dict[str, Any]:
-        cparams: dict[str, Any] = {}
-        if url.host is not None:
-            cparams["host"] = url.host
-        if url.port is not None:
-            cparams["port"] = url.port
-        if url.database is not None:
-            cparams["database"] = url.database
-        if url.username is not None:
-            cparams["user"] = url.username
-        if url.password is not None:
-            cparams["password"] = url.password
+        cparams = url_connect_params(url, database_key="database")
         for key, value in url.query.items():
             if isinstance(value, tuple):
                 if key != "host":
@@ -150,21 +141,8 @@ class AsyncpgDialect(AsyncDialect):
                 merged[key] = value
         return merged
 
-    def apply_credentials(
-        self,
-        cparams: Mapping[str, Any],
-        user: str | None,
-        password: str | None,
-        connect_args: Mapping[str, Any],
-    ) -> dict[str, Any]:
-        merged = dict(cparams)
-        if user is not None:
-            merged["user"] = user
-        if password is not None:
-            merged["password"] = password
-        for key, value in connect_args.items():
-            _libpq_to_asyncpg(merged, key, value)
-        return merged
+    def apply_libpq_arg(self, cparams: dict[str, Any], key: str, value: Any) -> None:
+        _libpq_to_asyncpg(cparams, key, value)
 
     async def connect(self, cparams: Mapping[str, Any]) -> Any:
         asyncpg = self.load_driver()

@@ -30,6 +30,7 @@ __all__ = [
     "SyncDialect",
     "import_driver",
     "stronger_sslmode",
+    "url_connect_params",
 ]
 
 # libpq's sslmode values, weakest first: credentials that require TLS may raise the
@@ -73,6 +74,22 @@ def stronger_sslmode(current: object, required: str) -> object:
     if isinstance(current, str) and current in _SSLMODES and required in _SSLMODES:
         return current if _SSLMODES.index(current) >= _SSLMODES.index(required) else required
     return current
+
+
+def url_connect_params(url: URL, *, database_key: str) -> dict[str, Any]:
+    """The URL's host, port, database (under ``database_key``), user and password, as given."""
+    cparams: dict[str, Any] = {}
+    if url.host is not None:
+        cparams["host"] = url.host
+    if url.port is not None:
+        cparams["port"] = url.port
+    if url.database is not None:
+        cparams[database_key] = url.database
+    if url.username is not None:
+        cparams["user"] = url.username
+    if url.password is not None:
+        cparams["password"] = url.password
+    return cparams
 
 
 def import_driver(module: str, extra: str) -> ModuleType:
@@ -129,7 +146,8 @@ class _DialectBase(ABC):
     ) -> dict[str, Any]:
         """Connect arguments with a credentials provider's user, password and requirements.
 
-        The provider's ``connect_args`` use libpq names; ``sslmode`` can only be raised.
+        The provider's ``connect_args`` use libpq names (:meth:`apply_libpq_arg` stores
+        each in the driver's terms); ``sslmode`` can only be raised.
         """
         merged = dict(cparams)
         if user is not None:
@@ -137,11 +155,15 @@ class _DialectBase(ABC):
         if password is not None:
             merged["password"] = password
         for key, value in connect_args.items():
-            if key == "sslmode":
-                merged["sslmode"] = stronger_sslmode(merged.get("sslmode"), str(value))
-            else:
-                merged[key] = value
+            self.apply_libpq_arg(merged, key, value)
         return merged
+
+    def apply_libpq_arg(self, cparams: dict[str, Any], key: str, value: Any) -> None:
+        """Store one libpq-named connection parameter in ``cparams`` (``sslmode`` only up)."""
+        if key == "sslmode":
+            cparams["sslmode"] = stronger_sslmode(cparams.get("sslmode"), str(value))
+        else:
+            cparams[key] = value
 
     def get_driver_connection(self, dbapi_conn: Any) -> Any:
         """The driver's own connection object (we do not wrap drivers)."""

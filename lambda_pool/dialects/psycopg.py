@@ -16,7 +16,9 @@ from lambda_pool.dialects.base import (
     CAPACITY_SQLSTATES,
     ExecResult,
     SyncDialect,
+    import_driver,
     is_capacity_message,
+    url_connect_params,
 )
 from lambda_pool.exc import ArgumentError
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
 
 __all__ = [
     "PsycopgDialect",
+    "PsycopgRules",
     "psycopg_connect_args",
     "psycopg_is_auth_failure",
     "psycopg_is_capacity_error",
@@ -63,17 +66,7 @@ def psycopg_connect_args(url: URL) -> dict[str, Any]:
     ones it does not know.  Several ``host`` (or ``port``) values become libpq's
     comma-separated multi-host list.
     """
-    cparams: dict[str, Any] = {}
-    if url.host is not None:
-        cparams["host"] = url.host
-    if url.port is not None:
-        cparams["port"] = url.port
-    if url.database is not None:
-        cparams["dbname"] = url.database
-    if url.username is not None:
-        cparams["user"] = url.username
-    if url.password is not None:
-        cparams["password"] = url.password
+    cparams = url_connect_params(url, database_key="dbname")
     for key, value in url.query.items():
         if isinstance(value, tuple):
             if key not in ("host", "port", "hostaddr"):
@@ -143,8 +136,17 @@ def psycopg_is_capacity_error(exc: BaseException) -> bool:
 PSYCOPG_TRANSACTION_POOLING_ARGS: dict[str, Any] = {"prepare_threshold": None}
 
 
-class PsycopgDialect(SyncDialect):
-    """Blocking psycopg 3 connections (``psycopg.connect``)."""
+def psycopg_exec_result(cursor: Any, rows: list[tuple[Any, ...]]) -> ExecResult:
+    """A psycopg cursor's outcome (``rows`` fetched by the caller, sync or async)."""
+    if cursor.description is None:
+        return ExecResult((), [], cursor.rowcount, returns_rows=False)
+    keys = tuple(column.name for column in cursor.description)
+    return ExecResult(keys, rows, cursor.rowcount, returns_rows=True)
+
+
+class PsycopgRules:
+    """What the blocking and asyncio psycopg dialects share (one set of rules for both):
+    names, connect arguments, error classification, transaction pooling, terminate."""
 
     name: ClassVar[str] = "postgresql"
     driver: ClassVar[str] = "psycopg"
@@ -154,17 +156,46 @@ class PsycopgDialect(SyncDialect):
     def create_connect_args(self, url: URL) -> dict[str, Any]:
         return psycopg_connect_args(url)
 
+    def is_disconnect(self, exc: BaseException, dbapi_conn: Any) -> bool:
+        return psycopg_is_disconnect(exc, dbapi_conn)
+
+    def is_auth_failure(self, exc: BaseException) -> bool:
+        return psycopg_is_auth_failure(exc)
+
+    def is_capacity_error(self, exc: BaseException) -> bool:
+        return psycopg_is_capacity_error(exc)
+
+    def transaction_pooling_args(self) -> dict[str, Any]:
+        return dict(PSYCOPG_TRANSACTION_POOLING_ARGS)
+
+    def do_terminate(self, dbapi_conn: Any) -> None:
+        """Close at once, without taking psycopg's connection lock or awaiting (process
+        shutdown: the interrupted thread may hold it, the event loop may be gone).
+        libpq still says goodbye to the server."""
+        dbapi_conn.pgconn.finish()
+
+    @staticmethod
+    def ping_needs_autocommit(dbapi_conn: Any) -> bool:
+        """Whether the ping's empty query must run in autocommit.
+
+        An empty query is one round trip; outside a transaction it must run in
+        autocommit, or psycopg would send BEGIN first and leave a transaction open
+        (the way psycopg_pool checks connections).
+        """
+        psycopg = import_driver("psycopg", "postgres")
+        idle = dbapi_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        return bool(idle and not dbapi_conn.autocommit)
+
+
+class PsycopgDialect(PsycopgRules, SyncDialect):
+    """Blocking psycopg 3 connections (``psycopg.connect``)."""
+
     def connect(self, cparams: Mapping[str, Any]) -> Any:
         psycopg = self.load_driver()
         return psycopg.connect(**cparams)
 
     def do_ping(self, dbapi_conn: Any) -> bool:
-        # An empty query is one round trip; outside a transaction it must run in
-        # autocommit, or psycopg would send BEGIN first and leave a transaction open
-        # (the way psycopg_pool checks connections).
-        psycopg = self.load_driver()
-        idle = dbapi_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        if dbapi_conn.autocommit or not idle:
+        if not self.ping_needs_autocommit(dbapi_conn):
             dbapi_conn.execute("")
             return True
         dbapi_conn.autocommit = True
@@ -183,25 +214,5 @@ class PsycopgDialect(SyncDialect):
         # tuple_row whatever row_factory the user configured: Result rows are tuples.
         with dbapi_conn.cursor(row_factory=tuple_row) as cursor:
             cursor.execute(sql, params)
-            if cursor.description is None:
-                return ExecResult((), [], cursor.rowcount, returns_rows=False)
-            keys = tuple(column.name for column in cursor.description)
-            rows = cursor.fetchall()
-            return ExecResult(keys, rows, cursor.rowcount, returns_rows=True)
-
-    def is_disconnect(self, exc: BaseException, dbapi_conn: Any) -> bool:
-        return psycopg_is_disconnect(exc, dbapi_conn)
-
-    def is_auth_failure(self, exc: BaseException) -> bool:
-        return psycopg_is_auth_failure(exc)
-
-    def is_capacity_error(self, exc: BaseException) -> bool:
-        return psycopg_is_capacity_error(exc)
-
-    def transaction_pooling_args(self) -> dict[str, Any]:
-        return dict(PSYCOPG_TRANSACTION_POOLING_ARGS)
-
-    def do_terminate(self, dbapi_conn: Any) -> None:
-        """Close at once, without taking psycopg's connection lock (process shutdown:
-        the interrupted thread may hold it).  libpq still says goodbye to the server."""
-        dbapi_conn.pgconn.finish()
+            rows = cursor.fetchall() if cursor.description is not None else []
+            return psycopg_exec_result(cursor, rows)
