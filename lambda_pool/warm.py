@@ -29,27 +29,32 @@ exactly the same rules.  Counters live in :class:`WarmStats` (``engine.pool.stat
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import hmac
+import inspect
 import logging
 import os
 import secrets
 import select
+import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lambda_pool.exc import ArgumentError
+from lambda_pool.exc import ArgumentError, InvalidRequestError
 from lambda_pool.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 from lambda_pool.pool import core as pool_core
 from lambda_pool.pool.core import Acquire, Op
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
-    from collections.abc import Generator
-
+    from lambda_pool.asyncio import AsyncEngine
     from lambda_pool.engine import Engine
 
 __all__ = [
@@ -71,13 +76,17 @@ __all__ = [
     "WarmSlots",
     "WarmStats",
     "abandon_inherited_connection",
+    "areset_session",
     "cached_engines",
+    "close_off_loop",
     "decide_reuse",
     "forget_cached_engines",
+    "g_reset_session",
     "identity_key",
     "pre_ping_idle_seconds_from_env",
     "probe_driver",
     "reset_session",
+    "warm_async_engine",
     "warm_connect_args",
     "warm_engine",
 ]
@@ -103,6 +112,7 @@ class ReplaceReason(str, enum.Enum):
 
     FORKED = "forked"
     RESTORED = "restored"
+    OTHER_EVENT_LOOP = "other_event_loop"
     CLOSED = "closed"
     NOT_IDLE = "not_idle"
     RESET_FAILED = "reset_failed"
@@ -172,6 +182,7 @@ class ConnectionState:
     credentials_expire_at: float | None = None
     reset_failed: bool = False
     pending_input: bool = False
+    same_event_loop: bool = True
 
 
 def decide_reuse(
@@ -181,19 +192,24 @@ def decide_reuse(
 
     Checks run cheapest and most fundamental first; the first that fails names the
     reason.  The process check comes first because nothing else about an inherited
-    connection may be touched.  The pre-ping is the only check needing a round trip,
-    so it is returned as :class:`Ping` for the caller to perform: after an idle gap
-    longer than ``pre_ping_idle_seconds``, or at once when the socket of an idle
-    connection has something to read (``pending_input``) — the server does not speak
-    unprompted to an idle session except to end it (``pg_terminate_backend``,
-    ``idle_session_timeout``, shutdown), so a terminated session is caught even
-    between back-to-back invocations.
+    connection may be touched; an asyncio connection opened on another event loop than
+    the running one (``same_event_loop``) is not used either.  The pre-ping is the only
+    check needing a round trip, so it is returned as :class:`Ping` for the caller to
+    perform: after an idle gap longer than ``pre_ping_idle_seconds``, or at once when
+    the socket of an idle connection has something to read (``pending_input``) — the
+    server does not speak unprompted to an idle session except to end it
+    (``pg_terminate_backend``, ``idle_session_timeout``, shutdown), so a terminated
+    session is caught even between back-to-back invocations.
     """
     policy = policy or _DEFAULT_POLICY
     if state.opener_pid != state.current_pid:
         return Replace(ReplaceReason.FORKED)
     if state.opened_generation != state.current_generation:
         return Replace(ReplaceReason.RESTORED)
+    if not state.same_event_loop:
+        # An asyncio connection belongs to the loop that opened it (its socket is
+        # registered with that loop's selector, its futures with that loop).
+        return Replace(ReplaceReason.OTHER_EVENT_LOOP)
     if state.closed:
         return Replace(ReplaceReason.CLOSED)
     if state.reset_failed:
@@ -349,24 +365,45 @@ class WarmStats:
 
 
 # --------------------------------------------------------------------------------------
-# Driver-facing helpers shared by both shells (no SQL except in reset_session).
+# Driver-facing helpers shared by both shells (no SQL except in the session reset).
 # --------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class WarmConnectionInfo:
-    """Bookkeeping for one physical connection, kept in ``record.info[WARM_INFO_KEY]``."""
+    """Bookkeeping for one physical connection, kept in ``record.info[WARM_INFO_KEY]``.
+
+    ``loop`` is a weak reference to the event loop an asyncio connection was opened on
+    (``None`` for a blocking one): weak, so the cache never keeps a finished loop alive,
+    and never an ``id()``, which a later loop may get again.
+    """
 
     opener_pid: int
     opened_generation: int
     opened_at: float
     last_used_at: float
     reset_failed: bool = False
+    loop: weakref.ReferenceType[asyncio.AbstractEventLoop] | None = None
+
+    def opening_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the connection was opened on, if it was one and it still exists."""
+        return None if self.loop is None else self.loop()
 
 
 def _is_psycopg(conn: Any) -> bool:
     # Checked by module name so that this module never imports the driver.
     return type(conn).__module__.startswith("psycopg")
+
+
+def _is_asyncpg(conn: Any) -> bool:
+    return type(conn).__module__.startswith("asyncpg")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,10 +418,12 @@ class DriverState:
 def probe_driver(conn: Any) -> DriverState:
     """The driver's view of ``conn``, without any network round trip.
 
-    psycopg 3 reads libpq's local state (``closed``, ``broken``,
-    ``info.transaction_status``) and polls the socket with a zero timeout for unread
-    input; other DB-API drivers report what they expose (``closed``,
-    ``in_transaction``) and are otherwise assumed open and idle.
+    psycopg 3 (``Connection`` and ``AsyncConnection`` alike) reads libpq's local state
+    (``closed``, ``broken``, ``info.transaction_status``); asyncpg its protocol's
+    (``is_closed()``, ``is_in_transaction()``, both from the last message received).  For
+    both the socket is polled with a zero timeout for unread input.  Other DB-API
+    drivers report what they expose (``closed``, ``in_transaction``) and are otherwise
+    assumed open and idle.
     """
     if _is_psycopg(conn):
         if bool(conn.closed) or bool(getattr(conn, "broken", False)):
@@ -392,22 +431,110 @@ def probe_driver(conn: Any) -> DriverState:
         # pq.TransactionStatus.IDLE == 0; compared by value to avoid importing psycopg.
         idle = int(conn.info.transaction_status) == 0
         return DriverState(closed=False, idle=idle, pending_input=_socket_readable(conn))
+    if _is_asyncpg(conn):
+        if bool(conn.is_closed()):
+            return DriverState(closed=True, idle=False)
+        return DriverState(
+            closed=False,
+            idle=not bool(conn.is_in_transaction()),
+            pending_input=_socket_readable(conn),
+        )
     closed = bool(getattr(conn, "closed", False))
     return DriverState(closed=closed, idle=not bool(getattr(conn, "in_transaction", False)))
 
 
-def _socket_readable(conn: Any) -> bool:
-    """True when the connection's socket has data or EOF waiting (a zero-timeout poll)."""
+def _socket_fileno(conn: Any) -> int | None:
+    """The descriptor of ``conn``'s socket, or ``None`` when the driver does not expose one.
+
+    psycopg: ``fileno()`` (libpq's ``pgconn.socket``), sync and async.  asyncpg has no
+    public accessor: its ``Connection`` keeps the asyncio transport in ``_transport``
+    (private; looked up defensively), whose public ``get_extra_info("socket")`` gives
+    the socket.  Only polled or duplicated here, never read from: asyncio owns it.
+    """
     try:
-        fileno = int(conn.fileno())
+        if _is_asyncpg(conn):
+            transport = getattr(conn, "_transport", None)
+            sock = None if transport is None else transport.get_extra_info("socket")
+            if sock is None:
+                return None
+            fileno = int(sock.fileno())
+        else:
+            fileno = int(conn.fileno())
     except Exception:
+        return None
+    return fileno if fileno >= 0 else None
+
+
+def _socket_readable(conn: Any) -> bool:
+    """True when the connection's socket has data or EOF waiting (a zero-timeout poll).
+
+    For asyncpg this sees what the kernel holds; what asyncio already read (its loop
+    reads eagerly while it runs) has reached the protocol, which then reports the
+    connection closed by itself.
+    """
+    fileno = _socket_fileno(conn)
+    if fileno is None:
         return False
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(fileno, select.POLLIN | select.POLLPRI)
-        return bool(poller.poll(0))
-    readable, _, _ = select.select([fileno], [], [], 0)
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fileno, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fileno], [], [], 0)
+    except (OSError, ValueError):
+        return False
     return bool(readable)
+
+
+# The session reset is written once, as a generator of driver calls, like the pool's
+# procedures (lambda_pool.pool.base): each step is ``(DRIVER_CALL, fn)``; a sync runner
+# calls ``fn()``, an async runner calls it and awaits the result.  WarmPool's shells
+# perform these steps; reset_session() and areset_session() run them outside a pool.
+
+
+class _DriverStep(enum.Enum):
+    CALL = "driver call"
+
+
+DRIVER_CALL = _DriverStep.CALL
+DriverStep = tuple[_DriverStep, Callable[[], Any]]
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> DriverStep:
+    return (DRIVER_CALL, functools.partial(fn, *args, **kwargs))
+
+
+def g_reset_session(conn: Any, *, discard: bool = True) -> Generator[DriverStep, Any, None]:
+    """The steps of :func:`reset_session` (sync or async driver), for a runner to perform."""
+    if _is_psycopg(conn):
+        if int(conn.info.transaction_status) != 0:
+            yield _call(conn.rollback)
+        if not discard:
+            return
+        was_autocommit = bool(conn.autocommit)
+        if not was_autocommit:
+            # set_autocommit(): the property is read-only on psycopg's AsyncConnection.
+            yield _call(conn.set_autocommit, True)
+        try:
+            yield _call(conn.execute, "DISCARD ALL", prepare=False)
+        finally:
+            if not was_autocommit:
+                yield _call(conn.set_autocommit, False)
+        if conn.prepare_threshold is not None:
+            _clear_psycopg_prepared_cache(conn)
+        return
+    if _is_asyncpg(conn):
+        # Conn.execute() without arguments is the simple query protocol: no statement is
+        # prepared for these two.
+        if conn.is_in_transaction():
+            yield _call(conn.execute, "ROLLBACK")
+        if not discard:
+            return
+        yield _call(conn.execute, "DISCARD ALL")
+        _clear_asyncpg_statement_cache(conn)
+        return
+    # Generic DB-API connection: a rollback is all a driver-neutral reset can do.
+    yield _call(conn.rollback)
 
 
 def reset_session(conn: Any, *, discard: bool = True) -> None:
@@ -431,25 +558,54 @@ def reset_session(conn: Any, *, discard: bool = True) -> None:
     Warm connections are therefore opened with ``prepare_threshold=None`` (no automatic
     server-side preparation; :func:`warm_connect_args`); when a user turns preparation back
     on, the cache is cleared here after the discard.
+
+    asyncpg's statement cache has the same hazard, worse: see
+    :func:`_clear_asyncpg_statement_cache`.  This function is for blocking connections;
+    :func:`areset_session` runs the same steps on an asyncio one.
     """
-    if _is_psycopg(conn):
-        if int(conn.info.transaction_status) != 0:
-            conn.rollback()
-        if not discard:
-            return
-        was_autocommit = bool(conn.autocommit)
-        if not was_autocommit:
-            conn.autocommit = True
+    steps = g_reset_session(conn, discard=discard)
+    send: Any = None
+    error: BaseException | None = None
+    while True:
         try:
-            conn.execute("DISCARD ALL", prepare=False)
-        finally:
-            if not was_autocommit:
-                conn.autocommit = False
-        if conn.prepare_threshold is not None:
-            _clear_psycopg_prepared_cache(conn)
-        return
-    # Generic DB-API connection: a rollback is all a driver-neutral reset can do.
-    conn.rollback()
+            step = steps.throw(error) if error is not None else steps.send(send)
+        except StopIteration:
+            return
+        error, send = None, None
+        try:
+            send = step[1]()
+            if inspect.isawaitable(send):
+                _discard_awaitable(send)
+                raise InvalidRequestError(
+                    "reset_session() got an asyncio connection: use 'await areset_session()'"
+                )
+        except BaseException as exc:
+            error = exc
+
+
+async def areset_session(conn: Any, *, discard: bool = True) -> None:
+    """:func:`reset_session` for an asyncio connection (psycopg ``AsyncConnection``, asyncpg)."""
+    steps = g_reset_session(conn, discard=discard)
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = steps.throw(error) if error is not None else steps.send(send)
+        except StopIteration:
+            return
+        error, send = None, None
+        try:
+            send = step[1]()
+            if inspect.isawaitable(send):
+                send = await send
+        except BaseException as exc:
+            error = exc
+
+
+def _discard_awaitable(value: Any) -> None:
+    close = getattr(value, "close", None)
+    if callable(close):
+        close()  # no "coroutine was never awaited" warning
 
 
 def _clear_psycopg_prepared_cache(conn: Any) -> None:
@@ -464,14 +620,52 @@ def _clear_psycopg_prepared_cache(conn: Any) -> None:
         conn.prepare_threshold = None
 
 
-def warm_connect_args(connect_args: Mapping[str, Any] | None, *, psycopg: bool) -> dict[str, Any]:
-    """Driver keywords for a warm connection: ``prepare_threshold=None`` unless given.
+def _clear_asyncpg_statement_cache(conn: Any) -> None:
+    """Forget asyncpg's cached prepared statements after ``DISCARD ALL`` deallocated them.
 
-    See :func:`reset_session` for why automatic preparation is off by default.
+    asyncpg prepares the statements of ``fetch()``/``execute(query, *args)``… as named
+    server-side statements kept in a per-connection cache (``statement_cache_size``,
+    default 100) and is not told about ``DISCARD ALL`` (which includes ``DEALLOCATE
+    ALL``); the next use of a cached one fails with ``InvalidSQLStatementNameError``
+    (*prepared statement "__asyncpg_stmt_1__" does not exist*), an error asyncpg does
+    not retry (it re-prepares only on ``InvalidCachedStatementError``).  Its maintainers
+    keep ``DISCARD ALL`` out of asyncpg's own pool reset for this reason
+    (MagicStack/asyncpg#270), and its FAQ answers prepared-statement errors with
+    ``statement_cache_size=0``.  Warm asyncpg connections are therefore opened with
+    ``statement_cache_size=0`` (asyncpg then uses unnamed statements only; see
+    :func:`warm_connect_args`), like psycopg's ``prepare_threshold=None``.  When a user
+    turns the cache back on, it is emptied here with ``_drop_local_statement_cache()``,
+    the private method asyncpg itself calls when it drops a connection's cache; the
+    closes asyncpg then sends for the dropped statements are harmless (closing a
+    statement that does not exist is not an error in PostgreSQL).  If that method is
+    gone, the reset fails, so the pool closes the connection instead of keeping it
+    inconsistent.
+    """
+    if not getattr(conn, "_stmt_cache_enabled", True):
+        return
+    drop = getattr(conn, "_drop_local_statement_cache", None)
+    if not callable(drop):
+        raise InvalidRequestError(
+            "cannot empty asyncpg's statement cache after DISCARD ALL; open warm asyncpg "
+            "connections with statement_cache_size=0"
+        )
+    drop()
+
+
+def warm_connect_args(
+    connect_args: Mapping[str, Any] | None, *, psycopg: bool, asyncpg: bool = False
+) -> dict[str, Any]:
+    """Driver keywords for a warm connection: automatic server-side preparation off.
+
+    psycopg: ``prepare_threshold=None``; asyncpg: ``statement_cache_size=0``; a value the
+    caller gave is kept.  See :func:`reset_session` and
+    :func:`_clear_asyncpg_statement_cache` for why.
     """
     args = dict(connect_args or {})
     if psycopg:
         args.setdefault("prepare_threshold", None)
+    if asyncpg:
+        args.setdefault("statement_cache_size", 0)
     return args
 
 
@@ -482,14 +676,17 @@ def abandon_inherited_connection(conn: Any) -> None:
     uses, ending the parent's session; letting the garbage collector finalize it does the
     same.  Instead the child's copy of the descriptor is pointed at ``/dev/null``
     (``dup2``), so the driver's close writes there and releases only the child's memory;
-    the parent's descriptor is a different file-table entry and stays open.
+    the parent's descriptor is a different file-table entry and stays open.  psycopg's
+    ``AsyncConnection`` is closed the same way through libpq (``pgconn.finish()``, no
+    event loop).  An asyncpg connection is only kept referenced, never closed: each of
+    its close paths goes through asyncio's selector, which after ``fork()`` is the
+    parent's epoll instance, shared.
     """
-    fileno: int | None
-    try:
-        fileno = int(conn.fileno())
-    except Exception:
-        fileno = None
-    if fileno is None or fileno < 0:
+    if _is_asyncpg(conn):
+        _ABANDONED.append(conn)
+        return
+    fileno = _socket_fileno(conn)
+    if fileno is None:
         _ABANDONED.append(conn)  # cannot neutralise it: keep it alive, never finalize
         return
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -498,12 +695,69 @@ def abandon_inherited_connection(conn: Any) -> None:
     finally:
         os.close(devnull)
     try:
-        conn.close()
+        if _is_psycopg(conn) and inspect.iscoroutinefunction(type(conn).close):
+            conn.pgconn.finish()
+        else:
+            conn.close()
     except Exception:
         log.debug("closing an abandoned inherited connection failed", exc_info=True)
 
 
 _ABANDONED: list[Any] = []
+
+
+def close_off_loop(conn: Any, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Close an asyncio connection without awaiting, from outside the loop it belongs to.
+
+    For a warm connection found opened on another event loop than the running one
+    (reason ``other_event_loop``): awaiting its close here would run its I/O on the
+    wrong loop.  ``loop`` is the loop it was opened on, when that still exists.
+
+    psycopg ``AsyncConnection``: ``pgconn.finish()``, libpq's own close (sends
+    *Terminate*, closes the socket; no loop involved).  asyncpg: the session is first
+    ended on a duplicate of the socket's descriptor (``shutdown()`` reaches the shared
+    TCP connection, so the server ends the backend now, whatever the state of the old
+    loop), then ``terminate()`` runs on the old loop when it is running in another
+    thread, else here; on a closed loop asyncio cannot schedule the transport's cleanup
+    (``RuntimeError``), and the descriptor is released when the transport is collected.
+    """
+    if _is_psycopg(conn):
+        conn.pgconn.finish()
+        return
+    if _is_asyncpg(conn):
+        fileno = _socket_fileno(conn)
+        if fileno is not None:
+            _shutdown_duplicate(fileno)
+        if loop is not None and loop.is_running() and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_terminate_quietly, conn)
+                return
+        _terminate_quietly(conn)
+        return
+    terminate = getattr(conn, "terminate", None)
+    if callable(terminate):
+        terminate()
+
+
+def _terminate_quietly(conn: Any) -> None:
+    try:
+        conn.terminate()
+    except RuntimeError:
+        # The loop it was opened on is closed: nothing can be scheduled on it.
+        log.debug("terminating a connection of a closed event loop", exc_info=True)
+
+
+def _shutdown_duplicate(fileno: int) -> None:
+    try:
+        sock = socket.socket(fileno=os.dup(fileno))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 class WarmGuard:
@@ -524,8 +778,12 @@ class WarmGuard:
         self.clock: Callable[[], float] = clock or time.time
         self.stats = stats if stats is not None else WarmStats()
 
-    def new_info(self) -> WarmConnectionInfo:
-        """Bookkeeping for a connection opened just now (counted as ``opened``)."""
+    def new_info(self, loop: asyncio.AbstractEventLoop | None = None) -> WarmConnectionInfo:
+        """Bookkeeping for a connection opened just now (counted as ``opened``).
+
+        ``loop``: the event loop an asyncio connection was opened on (``None`` for a
+        blocking connection, which then never fails the event-loop rule).
+        """
         now = self.clock()
         self.stats.record_opened()
         return WarmConnectionInfo(
@@ -533,15 +791,21 @@ class WarmGuard:
             opened_generation=_restore_generation(),
             opened_at=now,
             last_used_at=now,
+            loop=None if loop is None else weakref.ref(loop),
         )
 
     def decide(
         self, conn: Any, info: WarmConnectionInfo, credentials_expire_at: float | None
     ) -> ReuseDecision:
-        """The decision for ``conn`` now (no I/O; a :class:`Ping` is the caller's to run)."""
+        """The decision for ``conn`` now (no I/O; a :class:`Ping` is the caller's to run).
+
+        For an asyncio connection the running loop must be the one it was opened on (a
+        loop that no longer exists never is).
+        """
         pid = os.getpid()
-        if info.opener_pid != pid:
-            # Do not even probe an inherited connection: its state is the parent's.
+        same_loop = info.loop is None or info.opening_loop() is _running_loop()
+        if info.opener_pid != pid or not same_loop:
+            # Do not even probe it: its state belongs to another process or loop.
             driver = DriverState(closed=False, idle=True)
         else:
             driver = probe_driver(conn)
@@ -557,6 +821,7 @@ class WarmGuard:
             credentials_expire_at=credentials_expire_at,
             reset_failed=info.reset_failed,
             pending_input=driver.pending_input,
+            same_event_loop=same_loop,
         )
         return decide_reuse(state, self.clock(), self.policy)
 
@@ -723,7 +988,17 @@ class WarmPool(Pool):
     ``recycle`` and ``pre_ping`` keep their pool meaning but are applied by the shared
     decision on ``clock`` (``pre_ping=True`` pings at every checkout); the pool's own
     wall-clock recycle and pre-ping are therefore off.  ``stats`` is a
-    :class:`WarmStats`.  Sync pools only: an async creator is an ``ArgumentError``.
+    :class:`WarmStats`.
+
+    Both modes, like every pool class: a blocking creator (``pool.connect()``) or an
+    ``async def`` creator / async dialect (``await pool.aconnect()``; psycopg
+    ``AsyncConnection``, asyncpg).  The procedures are the same generators; the session
+    reset's driver calls are steps too (:func:`g_reset_session`), performed with or
+    without ``await`` by this class's shells.  In async mode the connection is also
+    bound to the event loop that opened it: a checkout on another loop replaces it
+    (reason ``other_event_loop``), closing the old one without awaiting
+    (:func:`close_off_loop`).  Two tasks checking out at once get two connections, as
+    two threads do.
     """
 
     def __init__(
@@ -776,11 +1051,6 @@ class WarmPool(Pool):
             dialect=dialect,
             pre_ping=False,
         )
-        if self._is_async:
-            raise ArgumentError(
-                "WarmPool holds a blocking connection; for asyncio use create_async_engine "
-                "with AsyncAdaptedQueuePool(pool_size=1)"
-            )
         self.stats = stats if stats is not None else WarmStats()
         self._guard = WarmGuard(
             ReusePolicy(
@@ -898,6 +1168,11 @@ class WarmPool(Pool):
             return
         self.stats.record_replaced(decision.reason)
         self._logger.info("Warm connection %r replaced: %s", dbapi, decision.reason.value)
+        if decision.reason is ReplaceReason.OTHER_EVENT_LOOP:
+            # Its close cannot be awaited here; the base checkout then opens the
+            # replacement on the running loop.
+            self._drop_off_loop(record, info)
+            return
         if not decision.may_close:
             abandon_inherited_connection(self._dialect.get_driver_connection(dbapi))
         # The base checkout then finds no connection and opens the replacement.
@@ -906,7 +1181,38 @@ class WarmPool(Pool):
     def _g_connect(self, record: ConnectionPoolEntry) -> Generator[Any, Any, None]:
         yield from super()._g_connect(record)
         if self._warm_slots().is_warm(record):
-            record.info[WARM_INFO_KEY] = self._guard.new_info()
+            loop = _running_loop() if self._is_async else None
+            record.info[WARM_INFO_KEY] = self._guard.new_info(loop)
+
+    def _drop_off_loop(self, record: ConnectionPoolEntry, info: WarmConnectionInfo) -> None:
+        dbapi = record.dbapi_connection
+        record.dbapi_connection = None
+        try:
+            self._fire("close", dbapi, record)
+        finally:
+            try:
+                close_off_loop(self._dialect.get_driver_connection(dbapi), info.opening_loop())
+            except Exception:
+                self._logger.error("Exception closing connection %r", dbapi, exc_info=True)
+
+    # -- the shells: the pool's steps, plus the session reset's driver calls ------------
+
+    def _perform_sync(self, step: Any) -> Any:
+        if step[0] is DRIVER_CALL:
+            result = step[1]()
+            if inspect.isawaitable(result):  # pragma: no cover - a sync pool's driver
+                _discard_awaitable(result)
+                raise InvalidRequestError("a blocking WarmPool got an asyncio connection")
+            return result
+        return super()._perform_sync(step)
+
+    async def _perform_async(self, step: Any) -> Any:
+        if step[0] is DRIVER_CALL:
+            result = step[1]()
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        return await super()._perform_async(step)
 
     # -- return -----------------------------------------------------------------------
 
@@ -927,7 +1233,7 @@ class WarmPool(Pool):
             return
         info = record.info.get(WARM_INFO_KEY)
         try:
-            reset_session(
+            yield from g_reset_session(
                 self._dialect.get_driver_connection(record.dbapi_connection),
                 discard=not self._transaction_pooling,
             )
@@ -950,7 +1256,8 @@ class WarmPool(Pool):
 
 
 _cache_lock = threading.Lock()
-_cache: dict[tuple[Any, ...], tuple[Engine, Any]] = {}
+_cache: dict[tuple[Any, ...], tuple[Engine | AsyncEngine, Any]] = {}
+_REFUSED_KEYWORDS = ("poolclass", "pool", "pool_size", "max_overflow", "pool_timeout")
 
 
 def warm_engine(
@@ -975,10 +1282,63 @@ def warm_engine(
     ``pool_recycle``, ``pool_pre_ping``, ``echo_pool``, …); ``poolclass`` and queue sizing
     are refused.  Thread-safe: concurrent first calls create one engine.
     """
-    for name in ("poolclass", "pool", "pool_size", "max_overflow", "pool_timeout"):
+    engine = _cached_warm_engine(
+        "warm_engine", url, False, pre_ping_idle_seconds, transaction_pooling, clock, kw
+    )
+    from lambda_pool.engine import Engine
+
+    assert isinstance(engine, Engine)
+    return engine
+
+
+def warm_async_engine(
+    url: Any,
+    *,
+    pre_ping_idle_seconds: float | None = None,
+    transaction_pooling: bool = False,
+    clock: Callable[[], float] | None = None,
+    **kw: Any,
+) -> AsyncEngine:
+    """:func:`warm_engine` for asyncio: the container's :class:`~lambda_pool.asyncio.AsyncEngine`.
+
+    Same identity rule, same keywords (every other one goes to
+    :func:`lambda_pool.asyncio.create_async_engine`), same :class:`WarmPool` and reuse
+    rules, used with ``async with engine.connect() as conn``.  Drivers: psycopg's
+    ``AsyncConnection`` (``postgresql://``, opened with ``prepare_threshold=None``) and
+    asyncpg (``postgresql+asyncpg://``, opened with ``statement_cache_size=0`` unless the
+    URL or ``connect_args`` says otherwise; see :func:`_clear_asyncpg_statement_cache`).
+    The cache holds async and blocking engines apart (a URL gets one of each).
+
+    Event loops: an asyncio connection belongs to the loop that opened it.  There is one
+    engine per identity, not one per loop; its pool checks at each checkout that the
+    running loop is the connection's and otherwise replaces it (reason
+    ``other_event_loop``), closing the old one without awaiting it.  Keep one loop for
+    the container's life (``loop.run_until_complete`` per invocation, as
+    ``samples/async_handler`` does) and the connection is reused; ``asyncio.run()`` per
+    invocation still works, with a new connection each time.
+    """
+    engine = _cached_warm_engine(
+        "warm_async_engine", url, True, pre_ping_idle_seconds, transaction_pooling, clock, kw
+    )
+    from lambda_pool.asyncio import AsyncEngine
+
+    assert isinstance(engine, AsyncEngine)
+    return engine
+
+
+def _cached_warm_engine(
+    factory: str,
+    url: Any,
+    is_async: bool,
+    pre_ping_idle_seconds: float | None,
+    transaction_pooling: bool,
+    clock: Callable[[], float] | None,
+    kw: dict[str, Any],
+) -> Engine | AsyncEngine:
+    for name in _REFUSED_KEYWORDS:
         if name in kw:
             raise ArgumentError(
-                f"warm_engine() chooses its pool (WarmPool, one connection); {name}= does not "
+                f"{factory}() chooses its pool (WarmPool, one connection); {name}= does not "
                 "apply. Use lambda_pool.create_engine() for other pools"
             )
     from lambda_pool.engine_setup import transaction_pooling_from_url
@@ -994,13 +1354,16 @@ def warm_engine(
         transaction_pooling=transaction_pooling,
         clock=clock,
     )
+    if is_async:
+        # Part of the key: a URL's blocking and asyncio engines are different engines.
+        options["lambda_pool.asyncio"] = True
     credentials = kw.get("credentials")
     key = identity_key(parsed, credentials, options)
     with _cache_lock:
         cached = _cache.get(key)
         if cached is None:
             engine = _create_warm_engine(
-                parsed, pre_ping_idle_seconds, transaction_pooling, clock, kw
+                parsed, is_async, pre_ping_idle_seconds, transaction_pooling, clock, kw
             )
             # The provider stays referenced with its entry, so its id() in the key
             # cannot be taken by another object while the engine lives.
@@ -1011,23 +1374,29 @@ def warm_engine(
 
 def _create_warm_engine(
     url: Any,
+    is_async: bool,
     pre_ping_idle_seconds: float | None,
     transaction_pooling: bool,
     clock: Callable[[], float] | None,
     kw: dict[str, Any],
-) -> Engine:
-    from lambda_pool.engine import create_engine
-
+) -> Engine | AsyncEngine:
     options = dict(kw)
     if clock is None:
         clock = getattr(options.get("credentials"), "clock", None)
-    if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg", ""):
+    postgresql = url.get_backend_name() == "postgresql"
+    driver = url.get_driver_name()
+    if postgresql and driver in ("psycopg", ""):
         connect_args = dict(options.get("connect_args") or {})
         if transaction_pooling:
             # Server-side prepared statements break (or pin) behind a transaction pooler.
             connect_args["prepare_threshold"] = None
         options["connect_args"] = warm_connect_args(connect_args, psycopg=True)
-    if transaction_pooling and url.get_backend_name() == "postgresql":
+    elif postgresql and driver == "asyncpg" and "statement_cache_size" not in url.query:
+        # (A URL's ?statement_cache_size= is the user's choice: connect_args would win
+        # over it, so no default is added then.)
+        connect_args = dict(options.get("connect_args") or {})
+        options["connect_args"] = warm_connect_args(connect_args, psycopg=False, asyncpg=True)
+    if transaction_pooling and postgresql:
         # The engine's own setting (engine.transaction_pooling; the driver's keywords).
         options["transaction_pooling"] = True
     poolclass = WarmPool.configure(
@@ -1036,20 +1405,29 @@ def _create_warm_engine(
         clock=clock,
         recycle_on_credentials_expiry=options.get("recycle_on_credentials_expiry", True),
     )
+    if is_async:
+        from lambda_pool.asyncio import create_async_engine
+
+        return create_async_engine(url, poolclass=poolclass, **options)
+    from lambda_pool.engine import create_engine
+
     return create_engine(url, poolclass=poolclass, **options)
 
 
-def cached_engines() -> list[Engine]:
-    """The engines :func:`warm_engine` created in this process (for diagnostics)."""
+def cached_engines() -> list[Engine | AsyncEngine]:
+    """The engines :func:`warm_engine` and :func:`warm_async_engine` created in this
+    process (for diagnostics)."""
     with _cache_lock:
         return [engine for engine, _ in _cache.values()]
 
 
-def forget_cached_engines() -> list[Engine]:
-    """Empty the cache, so the next :func:`warm_engine` call builds a new engine.
+def forget_cached_engines() -> list[Engine | AsyncEngine]:
+    """Empty the cache, so the next :func:`warm_engine` / :func:`warm_async_engine` call
+    builds a new engine.
 
     What a new execution environment starts with; a test standing in for a cold start
-    needs it.  The forgotten engines are returned, not disposed: the caller decides.
+    needs it.  The forgotten engines (blocking and asyncio) are returned, not disposed:
+    the caller decides.
     """
     with _cache_lock:
         engines = [engine for engine, _ in _cache.values()]
