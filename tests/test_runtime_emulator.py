@@ -264,3 +264,119 @@ def test_shutdown_hook_closes_the_warm_connection_when_lambda_ends_the_environme
     assert status == -signal.SIGTERM
     assert mark.read_text() == "disposed 1\n"
     assert embedded_postgres.wait_for_backend_count(0, app, timeout=1.0) == 0
+
+
+SNAPSTART_HANDLERS = textwrap.dedent(
+    """
+    import os, time
+    from snapshot_restore_py import register_after_restore, register_before_snapshot
+
+    EVENTS = [("init", time.time())]
+
+    @register_before_snapshot
+    def before():
+        if os.environ.get("T_FAIL") == "before":
+            raise RuntimeError("cannot close the connection")
+        EVENTS.append(("before", time.time()))
+
+    @register_after_restore
+    def after():
+        if os.environ.get("T_FAIL") == "after":
+            raise ValueError("cannot renew the token")
+        EVENTS.append(("after", time.time()))
+
+    def handler(event, context):
+        return {
+            "events": [name for name, _ in EVENTS],
+            "paused_s": dict(EVENTS).get("after", 0) - dict(EVENTS).get("before", 0),
+            "init_type": os.environ["AWS_LAMBDA_INITIALIZATION_TYPE"],
+            "pid": os.getpid(),
+        }
+    """
+)
+
+
+def _process_state(pid: int | None) -> str:
+    """The kernel's one-letter state of ``pid`` (``T`` = stopped)."""
+    assert pid is not None
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+@pytest.fixture
+def snap_dir(tmp_path: Path) -> Path:
+    pytest.importorskip("snapshot_restore_py", reason="pip install 'lambda-pool[snapstart]'")
+    (tmp_path / "snap.py").write_text(SNAPSTART_HANDLERS)
+    return tmp_path
+
+
+def test_snapstart_runs_before_snapshot_hooks_freezes_then_after_restore_hooks(
+    snap_dir: Path,
+) -> None:
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("reading a process state needs /proc")
+    seen: dict[str, object] = {}
+
+    def at_snapshot() -> str:
+        seen["pid"] = fn.pid
+        return _process_state(fn.pid)
+
+    def at_restore() -> str:
+        return _process_state(fn.pid)
+
+    with LocalLambda(
+        "snap.handler",
+        snap_dir,
+        snapstart=True,
+        on_snapshot=at_snapshot,
+        on_restore=at_restore,
+        snapshot_pause_s=0.3,
+    ) as fn:
+        first = fn.invoke({})
+        second = fn.invoke({})
+
+    assert first.ok and second.ok, fn.logs()
+    # awslambdaric ran the before-snapshot hooks after Init, then (once restore/next was
+    # answered) the after-restore hooks, then the invocations; each hook once.
+    assert first.payload["events"] == ["init", "before", "after"]
+    assert second.payload["events"] == ["init", "before", "after"]
+    assert first.payload["init_type"] == "snap-start"
+    # Frozen at the snapshot and still frozen when the restore began; the same process
+    # then served the invocations (the emulation's documented gap: no new process).
+    assert (fn.snapshot_observed, fn.restore_observed) == ("T", "T")
+    assert first.payload["pid"] == seen["pid"] == second.payload["pid"]
+    assert first.payload["paused_s"] >= 0.3  # the wall clock moved on across the pause
+    assert (fn.snapshots, fn.restores, fn.cold_starts) == (1, 1, 1)
+    assert first.cold and not second.cold
+
+
+def test_without_snapstart_no_hook_runs(snap_dir: Path) -> None:
+    with LocalLambda("snap.handler", snap_dir) as fn:
+        result = fn.invoke({})
+
+    assert result.payload["events"] == ["init"]
+    assert result.payload["init_type"] == "on-demand"
+    assert (fn.snapshots, fn.restores) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("hook", "error_type", "cause"),
+    [
+        ("before", "Runtime.BeforeSnapshotError", "RuntimeError: cannot close the connection"),
+        ("after", "Runtime.AfterRestoreError", "ValueError: cannot renew the token"),
+    ],
+)
+def test_a_failing_snapstart_hook_fails_the_environment_like_lambda(
+    snap_dir: Path, hook: str, error_type: str, cause: str
+) -> None:
+    with LocalLambda("snap.handler", snap_dir, snapstart=True, env={"T_FAIL": hook}) as fn:
+        with pytest.raises(RuntimeInitError) as info:
+            fn.start()
+        result = fn.invoke({})
+
+    assert info.value.error_type == error_type
+    assert info.value.error_message.startswith(cause)
+    # The environment is thrown away; the next invocation tries a new one, fails the same.
+    assert result.error_type == error_type and result.cold
+    assert fn.cold_starts == 2 and fn.restores == 0
+    assert fn.snapshots == (0 if hook == "before" else 2)

@@ -9,9 +9,38 @@ one invocation at a time with an absolute deadline, SIGKILL when the deadline pa
 (the next invocation is a cold start again), and at Shutdown SIGTERM -- only when an
 extension is registered, as in Lambda -- followed by SIGKILL after a grace period.
 
-What is not emulated: freezing is optional (``idle(freeze=True)`` sends SIGSTOP),
-extensions receive only the SHUTDOWN event (no INVOKE events), SnapStart's
-``/runtime/restore/next`` answers at once, and response streaming is not supported.
+SnapStart (``LocalLambda(..., snapstart=True)``)
+-----------------------------------------------
+Init runs with ``AWS_LAMBDA_INITIALIZATION_TYPE=snap-start``, so awslambdaric, after
+importing the handler module, runs the ``snapshot_restore_py`` before-snapshot hooks and
+then asks ``GET /runtime/restore/next``; that request is the moment Lambda takes the
+snapshot. The emulator holds the answer and emulates snapshot and restore around it:
+
+1. *snapshot*: the process is stopped (SIGSTOP) and ``on_snapshot()`` is called, so a
+   test sees the world as the snapshot does (e.g. how many backends the function still
+   has on the database server: a connection alive here would be frozen into it);
+2. the process stays frozen for ``snapshot_pause_s`` (wall-clock time moves on, as it
+   does while a snapshot sits in storage);
+3. *restore*: ``on_restore()`` is called, to invalidate what a restore invalidates
+   outside the process (e.g. terminate the server-side sessions opened during Init: in
+   a restored microVM their TCP state is gone), the process is continued (SIGCONT) and
+   ``/runtime/restore/next`` is answered 200; awslambdaric then runs the after-restore
+   hooks and asks for its first invocation, which ends the restore. A hook failure comes
+   back as ``Runtime.BeforeSnapshotError`` (posted to ``/runtime/init/error``) or
+   ``Runtime.AfterRestoreError`` (``/runtime/restore/error``), as awslambdaric reports them.
+
+The gap to a real SnapStart restore: the *same* process continues, it is not a copy
+resumed from a memory image in another microVM. So the monotonic clock does not jump
+(it advanced exactly as long as the pause), the process keeps its pid, its open file
+descriptors and sockets (whatever the caller's ``on_restore`` does not break stays
+working, where on Lambda it would be broken), its random state is not shared with other
+environments restored from the same snapshot, and Init runs again for every new
+environment instead of once per published version. ``restore_duration_ms`` measures the
+hooks and the return to ``/invocation/next``, not loading a snapshot.
+
+Otherwise not emulated: freezing between invocations is optional (``idle(freeze=True)``
+sends SIGSTOP), extensions receive only the SHUTDOWN event (no INVOKE events), and
+response streaming is not supported.
 """
 
 from __future__ import annotations
@@ -104,6 +133,11 @@ class _ServerState:
     in_flight: dict[str, _Invocation] = field(default_factory=dict)
     runtime_ready: bool = False
     init_error: dict[str, Any] | None = None
+    # SnapStart: hold /runtime/restore/next until released (else answer at once).
+    hold_restore: bool = False
+    restore_requested: bool = False
+    restore_released: bool = False
+    restore_error: dict[str, Any] | None = None
     extensions: dict[str, str] = field(default_factory=dict)
     shutting_down: bool = False
     closed: bool = False
@@ -141,8 +175,12 @@ class RuntimeAPIServer:
         self._httpd.server_close()
         self._thread.join(5)
 
-    def new_environment(self) -> None:
-        """Forget the previous runtime process: a new one is about to start."""
+    def new_environment(self, *, snapstart: bool = False) -> None:
+        """Forget the previous runtime process: a new one is about to start.
+
+        With ``snapstart=True`` its ``/runtime/restore/next`` is answered only after
+        :meth:`release_restore`.
+        """
         st = self.state
         with st.cond:
             st.generation += 1
@@ -150,9 +188,19 @@ class RuntimeAPIServer:
             st.in_flight.clear()
             st.runtime_ready = False
             st.init_error = None
+            st.hold_restore = snapstart
+            st.restore_requested = False
+            st.restore_released = False
+            st.restore_error = None
             st.extensions.clear()
             st.shutting_down = False
             st.cond.notify_all()
+
+    def release_restore(self) -> None:
+        """Answer the held ``/runtime/restore/next``: the environment is restored."""
+        with self.state.cond:
+            self.state.restore_released = True
+            self.state.cond.notify_all()
 
     def begin_shutdown(self) -> None:
         """Answer every extension's ``event/next`` with a SHUTDOWN event."""
@@ -225,7 +273,7 @@ def _make_handler(state: _ServerState) -> type[BaseHTTPRequestHandler]:
             if path == f"{_RUNTIME_PREFIX}/invocation/next":
                 self._next_invocation()
             elif path == f"{_RUNTIME_PREFIX}/restore/next":
-                self._send(HTTPStatus.OK)
+                self._restore_next()
             elif path == f"{_EXTENSION_PREFIX}/event/next":
                 self._extension_next()
             else:
@@ -238,8 +286,12 @@ def _make_handler(state: _ServerState) -> type[BaseHTTPRequestHandler]:
                 self._extension_register(body)
                 return
             if path in (f"{_RUNTIME_PREFIX}/init/error", f"{_RUNTIME_PREFIX}/restore/error"):
+                document = _runtime_error_document(body, self.headers)
                 with state.cond:
-                    state.init_error = _error_document(body, self.headers)
+                    if path.endswith("/init/error"):
+                        state.init_error = document
+                    else:
+                        state.restore_error = document
                     state.cond.notify_all()
                 self._json(HTTPStatus.ACCEPTED, {"status": "OK"})
                 return
@@ -280,6 +332,22 @@ def _make_handler(state: _ServerState) -> type[BaseHTTPRequestHandler]:
                     "Lambda-Runtime-Trace-Id": invocation.trace_id,
                 },
             )
+
+        def _restore_next(self) -> None:
+            # awslambdaric asks this once, after the before-snapshot hooks: the snapshot
+            # is taken now, and the answer means "restored, run the after-restore hooks".
+            with state.cond:
+                generation = state.generation
+                state.restore_requested = True
+                state.cond.notify_all()
+                if state.hold_restore:
+                    state.cond.wait_for(
+                        lambda: (
+                            state.closed or state.generation != generation or state.restore_released
+                        )
+                    )
+                answer = not state.closed and state.generation == generation
+            self._send(HTTPStatus.OK if answer else HTTPStatus.GONE)
 
         def _invocation_outcome(self, request_id: str, kind: str, body: bytes) -> None:
             with state.cond:
@@ -361,6 +429,22 @@ def _error_document(body: bytes, headers: Any) -> dict[str, Any]:
     return doc
 
 
+def _runtime_error_document(body: bytes, headers: Any) -> dict[str, Any]:
+    """An Init or restore error as Lambda reports it: the runtime's error type header wins.
+
+    awslambdaric posts a failed before-snapshot hook to ``/init/error`` with the header
+    ``Runtime.BeforeSnapshotError`` and a failed after-restore hook to ``/restore/error``
+    with ``Runtime.AfterRestoreError``; the body names the hook's exception. For other
+    Init errors header and body agree.
+    """
+    doc = _error_document(body, headers)
+    header = headers.get("Lambda-Runtime-Function-Error-Type")
+    if header and header != doc["errorType"]:
+        doc["errorMessage"] = f"{doc['errorType']}: {doc.get('errorMessage', '')}"
+        doc["errorType"] = header
+    return doc
+
+
 # --------------------------------------------------------------------------- process
 
 
@@ -435,6 +519,14 @@ class LocalLambda:
     what it returns is attached to the result (e.g. the number of backends on the
     database server). Use as a context manager, or call :meth:`shutdown` and
     :meth:`close`.
+
+    ``snapstart=True`` runs every environment's Init as a SnapStart snapshot followed by
+    a restore (see the module docstring): ``on_snapshot()`` is called while the process
+    is frozen at the snapshot, ``on_restore()`` just before it is restored, after
+    ``snapshot_pause_s`` seconds; what they return is kept in :attr:`snapshot_observed`
+    and :attr:`restore_observed`. The restore (after-restore hooks until the runtime
+    asks for an invocation) must end within ``restore_timeout_s``, as Lambda allows
+    10 s for restore and hooks.
     """
 
     def __init__(
@@ -451,6 +543,11 @@ class LocalLambda:
         python: str = sys.executable,
         execution_env: str = "AWS_Lambda_python3.12",
         observe: Callable[[], dict[str, Any]] | None = None,
+        snapstart: bool = False,
+        on_snapshot: Callable[[], Any] | None = None,
+        on_restore: Callable[[], Any] | None = None,
+        snapshot_pause_s: float = 0.0,
+        restore_timeout_s: float = 10.0,
     ) -> None:
         if "." not in handler:
             raise ValueError(f"handler must be 'module.function', got {handler!r}")
@@ -464,12 +561,26 @@ class LocalLambda:
         self.python = python
         self.execution_env = execution_env
         self.observe = observe
+        self.snapstart = snapstart
+        self.on_snapshot = on_snapshot
+        self.on_restore = on_restore
+        self.snapshot_pause_s = snapshot_pause_s
+        self.restore_timeout_s = restore_timeout_s
         self._user_env = dict(env or {})
         self._server: RuntimeAPIServer | None = None
         self._process: _RuntimeProcess | None = None
         self._finished: list[_RuntimeProcess] = []
         self.cold_starts = 0
         self.init_duration_ms: float | None = None
+        self.snapshots = 0
+        """How many environments were snapshotted (SnapStart)."""
+        self.restores = 0
+        """How many environments were restored and reached their first invocation."""
+        self.restore_duration_ms: float | None = None
+        self.snapshot_observed: Any = None
+        """What ``on_snapshot`` returned at the last snapshot."""
+        self.restore_observed: Any = None
+        """What ``on_restore`` returned at the last restore."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -495,7 +606,7 @@ class LocalLambda:
             "AWS_LAMBDA_FUNCTION_NAME": self.function_name,
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(self.memory_mb),
             "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
-            "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
+            "AWS_LAMBDA_INITIALIZATION_TYPE": "snap-start" if self.snapstart else "on-demand",
             "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{self.function_name}",
             "AWS_LAMBDA_LOG_STREAM_NAME": stream,
             "AWS_REGION": self.region,
@@ -534,10 +645,10 @@ class LocalLambda:
         return self._server
 
     def _start_process(self) -> dict[str, Any] | None:
-        """Start a process and wait for Init; the init error document on failure."""
+        """Start a process and wait for Init (and, SnapStart, restore); the error on failure."""
         self._retire_process()
         server = self._ensure_server()
-        server.new_environment()
+        server.new_environment(snapstart=self.snapstart)
         started = time.monotonic()
         process = _RuntimeProcess(
             [self.python, "-m", "awslambdaric", self.handler],
@@ -547,30 +658,106 @@ class LocalLambda:
         )
         self._process = process
         self.cold_starts += 1
+        try:
+            error = self._wait_for_init(server, process)
+            self.init_duration_ms = (time.monotonic() - started) * 1000
+            if error is None and self.snapstart:
+                error = self._snapshot_and_restore(server, process)
+        except BaseException:
+            self._retire_process()  # an on_snapshot/on_restore callback failed
+            raise
+        if error is not None:
+            # Lambda throws the environment away after a failed Init or restore.
+            self._retire_process()
+        return error
+
+    def _wait_for_init(
+        self, server: RuntimeAPIServer, process: _RuntimeProcess
+    ) -> dict[str, Any] | None:
         st = server.state
         with st.cond:
             st.cond.wait_for(
-                lambda: st.runtime_ready or st.init_error is not None or not process.alive,
+                lambda: (
+                    st.runtime_ready
+                    or st.restore_requested
+                    or st.init_error is not None
+                    or not process.alive
+                ),
                 timeout=self.init_timeout_s,
             )
-            ready, init_error = st.runtime_ready, st.init_error
-        self.init_duration_ms = (time.monotonic() - started) * 1000
-        if ready and init_error is None:
+            init_error = st.init_error
+            ready = st.restore_requested if self.snapstart else st.runtime_ready
+            skipped_restore = self.snapstart and st.runtime_ready and not st.restore_requested
+        if init_error is not None:
+            return init_error
+        if ready:
             return None
-        if init_error is None:
-            if process.alive:
-                init_error = {
-                    "errorType": "Runtime.InitTimeout",
-                    "errorMessage": f"Init did not finish within {self.init_timeout_s} s",
-                }
-            else:
-                init_error = {
-                    "errorType": "Runtime.ExitError",
-                    "errorMessage": f"Runtime exited during Init: {process.popen.returncode}",
-                }
-        # Lambda throws the environment away after a failed Init.
-        self._retire_process()
-        return init_error
+        if skipped_restore:
+            return {
+                "errorType": "Runtime.SnapStartNotSupported",
+                "errorMessage": (
+                    "the runtime asked for an invocation without GET /runtime/restore/next "
+                    "although AWS_LAMBDA_INITIALIZATION_TYPE=snap-start: it ran no "
+                    "before-snapshot hooks"
+                ),
+            }
+        if process.alive:
+            return {
+                "errorType": "Runtime.InitTimeout",
+                "errorMessage": f"Init did not finish within {self.init_timeout_s} s",
+            }
+        return {
+            "errorType": "Runtime.ExitError",
+            "errorMessage": f"Runtime exited during Init: {process.popen.returncode}",
+        }
+
+    def _snapshot_and_restore(
+        self, server: RuntimeAPIServer, process: _RuntimeProcess
+    ) -> dict[str, Any] | None:
+        """Freeze at the snapshot, let the caller look and invalidate, then restore."""
+        # The runtime is blocked in GET /runtime/restore/next after its before-snapshot
+        # hooks: freeze it, as the snapshot captures it in exactly this state.
+        process.signal(signal.SIGSTOP)
+        process.stopped = True
+        self.snapshots += 1
+        self.snapshot_observed = self.on_snapshot() if self.on_snapshot is not None else None
+        if self.snapshot_pause_s > 0:
+            time.sleep(self.snapshot_pause_s)
+        self.restore_observed = self.on_restore() if self.on_restore is not None else None
+        process.signal(signal.SIGCONT)
+        process.stopped = False
+        started = time.monotonic()
+        server.release_restore()
+        st = server.state
+        with st.cond:
+            st.cond.wait_for(
+                lambda: (
+                    st.runtime_ready
+                    or st.restore_error is not None
+                    or st.init_error is not None
+                    or not process.alive
+                ),
+                timeout=self.restore_timeout_s,
+            )
+            ready, error = st.runtime_ready, st.restore_error or st.init_error
+        self.restore_duration_ms = (time.monotonic() - started) * 1000
+        if error is not None:
+            return error
+        if ready:
+            self.restores += 1
+            return None
+        if process.alive:
+            return {
+                "errorType": "Runtime.RestoreTimeout",
+                "errorMessage": (
+                    f"restore and after-restore hooks did not finish within "
+                    f"{self.restore_timeout_s} s"
+                ),
+            }
+        return {
+            "errorType": "Runtime.ExitError",
+            "errorMessage": f"Runtime exited during restore: {process.popen.returncode}",
+        }
 
     def _retire_process(self) -> None:
         process, self._process = self._process, None
