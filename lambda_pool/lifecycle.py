@@ -41,6 +41,12 @@ An engine registered here is disposed at shutdown by calling, in order of prefer
    completion on a fresh event loop in a helper thread, as a best effort.
 
 Errors from any engine are logged and never stop the others from being disposed.
+
+The engines' ``dispose_for_shutdown()`` (``Pool._close_all_for_shutdown``) first sends a
+cancel request to every psycopg connection still executing a statement, waiting at most
+``lambda_pool.pool.base.SHUTDOWN_CANCEL_TIMEOUT_S`` (0.2 s) for all of them, inside this
+module's SIGTERM budget: PostgreSQL notices a closed client only when the statement ends,
+so closing alone would leave the backend running the query to its end.
 """
 
 from __future__ import annotations
