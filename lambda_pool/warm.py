@@ -718,8 +718,9 @@ def close_off_loop(conn: Any, loop: asyncio.AbstractEventLoop | None = None) -> 
     ended on a duplicate of the socket's descriptor (``shutdown()`` reaches the shared
     TCP connection, so the server ends the backend now, whatever the state of the old
     loop), then ``terminate()`` runs on the old loop when it is running in another
-    thread, else here; on a closed loop asyncio cannot schedule the transport's cleanup
-    (``RuntimeError``), and the descriptor is released when the transport is collected.
+    thread, else here (it unregisters the socket; the old loop closes it when it runs
+    again, or the garbage collector does).  A closed loop can run nothing, so there the
+    descriptor is released when the connection is collected.
     """
     if _is_psycopg(conn):
         conn.pgconn.finish()
@@ -728,7 +729,13 @@ def close_off_loop(conn: Any, loop: asyncio.AbstractEventLoop | None = None) -> 
         fileno = _socket_fileno(conn)
         if fileno is not None:
             _shutdown_duplicate(fileno)
-        if loop is not None and loop.is_running() and not loop.is_closed():
+        if loop is not None and loop.is_closed():
+            # Nothing can run on a closed loop (terminate() would fail scheduling the
+            # transport's cleanup, after asyncio logged a fatal error); the session is
+            # ended above, and the descriptor is released when the connection is
+            # collected (asyncio warns "unclosed transport").
+            return
+        if loop is not None and loop.is_running():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_terminate_quietly, conn)
                 return
