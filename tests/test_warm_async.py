@@ -107,7 +107,7 @@ async def test_async_engine_is_cached_per_identity_apart_from_the_blocking_one(
 
 
 def test_warm_async_engine_refuses_other_pools(url: str) -> None:
-    with pytest.raises(ArgumentError, match="warm_async_engine.*pool_size"):
+    with pytest.raises(ArgumentError, match=r"warm_async_engine\(\).*pool_size"):
         warm_async_engine(url, pool_size=3)
     with pytest.raises(ArgumentError, match="pre_ping_idle_seconds"):
         warm_async_engine(url, pre_ping_idle_seconds=-5)
@@ -252,8 +252,9 @@ async def test_committed_session_state_is_discarded(url: str, cleanup: None) -> 
                 "    AND pid = pg_backend_pid())"
             )
         ).one()
-        assert tuple(row)[0] != "pg_catalog"
-        assert tuple(row)[1] == 0
+        search_path, advisory_locks = tuple(row)
+        assert search_path != "pg_catalog"
+        assert advisory_locks == 0
 
 
 async def test_transaction_pooling_skips_discard_all(url: str, cleanup: None) -> None:
@@ -263,8 +264,10 @@ async def test_transaction_pooling_skips_discard_all(url: str, cleanup: None) ->
         await conn.execute("CREATE TEMP TABLE survives_without_discard (x int)")
         await conn.commit()
     async with engine.connect() as conn:
-        row = (await conn.execute("SELECT to_regclass('pg_temp.survives_without_discard')")).one()
-        assert tuple(row)[0] is not None
+        table = (
+            await conn.execute("SELECT to_regclass('pg_temp.survives_without_discard')")
+        ).scalar()
+        assert table is not None
 
 
 # -- prepared statements stay consistent across DISCARD ALL --------------------------------------
