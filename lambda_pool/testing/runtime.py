@@ -495,6 +495,26 @@ class _RuntimeProcess:
         with contextlib.suppress(ProcessLookupError):
             self.popen.send_signal(signum)
 
+    def freeze(self, timeout: float = 2.0) -> None:
+        """SIGSTOP, and wait until the kernel says the process is stopped.
+
+        The signal is delivered asynchronously: without waiting, a snapshot observer
+        could still see the process running. Where ``/proc`` is missing this is a
+        best effort.
+        """
+        self.signal(signal.SIGSTOP)
+        self.stopped = True
+        stat = Path(f"/proc/{self.popen.pid}/stat")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return
+            if state in ("T", "t", "Z", "X"):
+                return
+            time.sleep(0.002)
+
     def kill(self) -> None:
         if self.stopped:
             self.signal(signal.SIGCONT)
@@ -717,8 +737,7 @@ class LocalLambda:
         """Freeze at the snapshot, let the caller look and invalidate, then restore."""
         # The runtime is blocked in GET /runtime/restore/next after its before-snapshot
         # hooks: freeze it, as the snapshot captures it in exactly this state.
-        process.signal(signal.SIGSTOP)
-        process.stopped = True
+        process.freeze()
         self.snapshots += 1
         self.snapshot_observed = self.on_snapshot() if self.on_snapshot is not None else None
         if self.snapshot_pause_s > 0:
@@ -887,8 +906,7 @@ class LocalLambda:
         """
         process = self._process
         if freeze and process is not None and process.alive and not process.stopped:
-            process.signal(signal.SIGSTOP)
-            process.stopped = True
+            process.freeze()
         time.sleep(seconds)
 
     # ------------------------------------------------------------------ shutdown
