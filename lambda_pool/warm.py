@@ -8,6 +8,7 @@ checkout **only** when all of these hold (see :func:`decide_reuse`):
 
 1. same process — a child after ``fork()`` never uses (nor closes) its parent's socket;
 2. no SnapStart restore since it was opened (:func:`lambda_pool.lifecycle.restore_generation`);
+   for asyncio, the running event loop is the one that opened it;
 3. the driver does not report it closed or broken;
 4. it is idle (no transaction left open by the previous invocation's reset);
 5. it is younger than its recycle deadline (``recycle`` seconds, and the expiry of the
@@ -18,9 +19,12 @@ checkout **only** when all of these hold (see :func:`decide_reuse`):
    is idle (a zero-timeout poll, no round trip: the server only speaks unprompted to an
    idle session to end it, e.g. ``pg_terminate_backend``).
 
-Otherwise it is closed (after a fork: dropped without touching the socket) and replaced,
-and the caller sees no error.  A second concurrent checkout (another thread) gets a
-separate short-lived connection, closed on return: one connection is never shared.
+Otherwise it is closed (after a fork: dropped without touching the socket; on another
+event loop: closed without awaiting, :func:`close_off_loop`) and replaced,
+and the caller sees no error.  A second concurrent checkout (another thread, or another
+task) gets a separate short-lived connection, closed on return: one connection is never
+shared.  :func:`warm_async_engine` is the same cache for asyncio engines (psycopg
+``AsyncConnection``, asyncpg), on the same pool class and the same rules.
 
 Session state is reset on return by :func:`reset_session`.  The reuse decision is I/O
 free (:func:`decide_reuse`), so the SQLAlchemy adapter (``lambda_pool.sqlalchemy``) applies
