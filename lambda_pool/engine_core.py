@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from lambda_pool.dialects.base import AsyncDialect, SyncDialect
-from lambda_pool.engine_setup import build_engine_parts, engine_logger
+from lambda_pool.engine_setup import ConnectWrapper, build_engine_parts, engine_logger
 from lambda_pool.exc import InvalidRequestError, ResourceClosedError
 from lambda_pool.result import Result
 
@@ -280,6 +280,7 @@ class EngineBase(Generic[D]):
         echo: bool | str = False,
         logging_name: str | None = None,
         transaction_pooling: bool = False,
+        connect_wrappers: list[ConnectWrapper] | None = None,
     ) -> None:
         self.url = url
         self.dialect = dialect
@@ -292,6 +293,12 @@ class EngineBase(Generic[D]):
         #: True when connections go through a transaction-pooling proxy (PgBouncer
         #: transaction mode, RDS Proxy) and the driver prepares no statements.
         self.transaction_pooling = transaction_pooling
+        #: Context-manager factories entered around each new connection (observability
+        #: times connects with one); see :class:`lambda_pool.engine_setup.ConnectAttempt`.
+        #: Only engines that built their pool's creator use them (not ``pool=``).
+        self.connect_wrappers: list[ConnectWrapper] = (
+            connect_wrappers if connect_wrappers is not None else []
+        )
         self._logger = engine_logger(logging_name, echo)
 
     @classmethod
@@ -310,6 +317,7 @@ class EngineBase(Generic[D]):
             echo=parts.echo,
             logging_name=parts.logging_name,
             transaction_pooling=parts.transaction_pooling,
+            connect_wrappers=parts.connect_wrappers,
         )
         from lambda_pool.lifecycle import register
 

@@ -17,6 +17,10 @@ classes by the same rule and treat credentials the same way:
   clients", PgBouncer's ``max_client_conn``, RDS Proxy's limits) is retried with
   jittered backoff (``connect_retries``, ``connect_retry_backoff``; see
   :mod:`lambda_pool.connect_retry`), around every creator the engine gives its pool.
+* **connect hooks**: the engine-level ``do_connect`` event (SQLAlchemy's) fires before
+  each driver connect with that connect's keyword dict (see :mod:`lambda_pool.event`);
+  ``engine.connect_wrappers`` (context-manager factories, see :class:`ConnectAttempt`)
+  are entered around each new connection, retries included, and see how it ended.
 * **transaction pooling** (``transaction_pooling=True`` or ``?transaction_pooling=true``
   in the URL): PgBouncer in transaction mode or RDS Proxy in front of the server; the
   driver then prepares no server-side statements (psycopg ``prepare_threshold=None``,
@@ -25,11 +29,12 @@ classes by the same rule and treat credentials the same way:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lambda_pool.connect_retry import (
@@ -43,7 +48,7 @@ from lambda_pool.connect_retry import (
 )
 from lambda_pool.dialects import load_dialect
 from lambda_pool.dialects.base import AsyncDialect, SyncDialect
-from lambda_pool.event import EventRegistry
+from lambda_pool.event import EventRegistry, fire_do_connect
 from lambda_pool.exc import ArgumentError, DisconnectionError
 from lambda_pool.url import URL, make_url
 
@@ -54,6 +59,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
 __all__ = [
     "CREDENTIALS_EXPIRE_KEY",
     "TRANSACTION_POOLING_QUERY_KEY",
+    "ConnectAttempt",
+    "ConnectWrapper",
     "EngineParts",
     "build_engine_parts",
     "engine_logger",
@@ -98,6 +105,32 @@ ACCEPTED_KEYWORDS = frozenset(_POOL_KEYWORDS) | _ENGINE_KEYWORDS | _RETRY_KEYWOR
 
 
 @dataclass
+class ConnectAttempt:
+    """One new connection being opened, as a connect wrapper sees it.
+
+    A connect wrapper is a function ``wrapper(attempt) -> context manager``, appended to
+    ``engine.connect_wrappers``.  The engine enters each wrapper's context (in list
+    order) before it opens a new physical connection and leaves it when the connection
+    is open (``attempt.connection`` is then the driver connection) or the connect
+    failed (the exception passes through the context's exit).  The context spans the
+    whole open: credentials, capacity retries and ``do_connect`` listeners included;
+    it runs once per new connection, never per checkout, and the pool's ``connect``
+    event fires right after it.  Entered in the task or thread that connects, with no
+    ``await`` between the exit and that ``connect`` event.  Not used by an engine given
+    ``pool=`` (its pool has its own creator).
+    """
+
+    #: True for an async engine (the connect is awaited inside the context).
+    is_async: bool
+    #: The driver connection, once the connect returned.
+    connection: Any = None
+
+
+#: ``engine.connect_wrappers`` entries: see :class:`ConnectAttempt`.
+ConnectWrapper = Callable[[ConnectAttempt], contextlib.AbstractContextManager[Any]]
+
+
+@dataclass
 class EngineParts:
     """What an engine is made of."""
 
@@ -110,6 +143,7 @@ class EngineParts:
     logging_name: str | None
     transaction_pooling: bool = False
     connect_retry: ConnectRetry | None = None
+    connect_wrappers: list[ConnectWrapper] = field(default_factory=list)
 
 
 def engine_logger(logging_name: str | None, echo: bool | str) -> logging.Logger:
@@ -252,6 +286,39 @@ def _pool_arguments(
     return arguments
 
 
+# --------------------------------------------------------------------------- driver connect
+
+
+class _DriverConnect:
+    """The driver connect behind every engine-built creator: ``do_connect`` listeners first.
+
+    Each connect gets its own copy of the keyword dict, so a listener's change applies
+    to that connect only (a token set for one connect never lingers for the next).
+    """
+
+    def __init__(self, dialect: SyncDialect | AsyncDialect, events: EventRegistry) -> None:
+        self.dialect = dialect
+        self.events = events
+
+    def connect_sync(self, cparams: Mapping[str, Any]) -> Any:
+        dialect = self.dialect
+        assert isinstance(dialect, SyncDialect)
+        params = dict(cparams)
+        connection = fire_do_connect(self.events, dialect, [], params)
+        return connection if connection is not None else dialect.connect(params)
+
+    async def connect_async(self, cparams: Mapping[str, Any]) -> Any:
+        dialect = self.dialect
+        assert isinstance(dialect, AsyncDialect)
+        params = dict(cparams)
+        connection = fire_do_connect(self.events, dialect, [], params)
+        if connection is None:
+            return await dialect.connect(params)
+        if inspect.isawaitable(connection):
+            connection = await connection
+        return connection
+
+
 # --------------------------------------------------------------------------- credentials
 
 
@@ -261,11 +328,12 @@ class _CredentialsBinding:
     def __init__(
         self,
         provider: CredentialProvider,
-        dialect: SyncDialect | AsyncDialect,
+        driver: _DriverConnect,
         cparams: Mapping[str, Any],
     ) -> None:
         self.provider = provider
-        self.dialect = dialect
+        self.driver = driver
+        self.dialect = driver.dialect
         self.cparams = dict(cparams)
         # id(dbapi connection) -> expires_at, from the creator until the connect event
         # (fired by the pool right after the creator returns) moves it to record.info.
@@ -282,31 +350,29 @@ class _CredentialsBinding:
         return connection
 
     def connect_sync(self) -> Any:
-        dialect = self.dialect
-        assert isinstance(dialect, SyncDialect)
+        connect = self.driver.connect_sync
         credentials = self.provider.get()
         try:
-            return self.opened(dialect.connect(self.params(credentials)), credentials)
+            return self.opened(connect(self.params(credentials)), credentials)
         except Exception as exc:
-            if not dialect.is_auth_failure(exc):
+            if not self.dialect.is_auth_failure(exc):
                 raise
         # The password may have been rotated: forget the cached one and try once more.
         self.provider.refresh()
         credentials = self.provider.get()
-        return self.opened(dialect.connect(self.params(credentials)), credentials)
+        return self.opened(connect(self.params(credentials)), credentials)
 
     async def connect_async(self) -> Any:
-        dialect = self.dialect
-        assert isinstance(dialect, AsyncDialect)
+        connect = self.driver.connect_async
         credentials = self.provider.get()
         try:
-            return self.opened(await dialect.connect(self.params(credentials)), credentials)
+            return self.opened(await connect(self.params(credentials)), credentials)
         except Exception as exc:
-            if not dialect.is_auth_failure(exc):
+            if not self.dialect.is_auth_failure(exc):
                 raise
         self.provider.refresh()
         credentials = self.provider.get()
-        return self.opened(await dialect.connect(self.params(credentials)), credentials)
+        return self.opened(await connect(self.params(credentials)), credentials)
 
     def on_connect(self, dbapi_connection: Any, connection_record: Any) -> None:
         expires_at = self._pending.pop(id(dbapi_connection), None)
@@ -510,31 +576,32 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
     if provider is not None and _requires_tls(provider):
         _check_tls(dialect, cparams)
     events = EventRegistry()
+    driver = _DriverConnect(dialect, events)
     pool_creator: Callable[[], Any] | Callable[[], Awaitable[Any]]
     if creator is not None:
         pool_creator = _wrap_creator(creator, is_async)
     elif provider is not None:
-        binding = _CredentialsBinding(provider, dialect, cparams)
+        binding = _CredentialsBinding(provider, driver, cparams)
         pool_creator = binding.connect_async if is_async else binding.connect_sync
         events.add("connect", binding.on_connect, insert=True)
         if kw.get("recycle_on_credentials_expiry", True):
             events.add("checkout", binding.on_checkout, insert=True)
-    elif isinstance(dialect, AsyncDialect):
-        async_dialect = dialect
+    elif is_async:
 
         async def pool_creator_async() -> Any:
-            return await async_dialect.connect(cparams)
+            return await driver.connect_async(cparams)
 
         pool_creator = pool_creator_async
     else:
-        sync_dialect = dialect
 
         def pool_creator_sync() -> Any:
-            return sync_dialect.connect(cparams)
+            return driver.connect_sync(cparams)
 
         pool_creator = pool_creator_sync
     if connect_retry.policy.retries > 0:
         pool_creator = _with_capacity_retry(pool_creator, dialect, connect_retry, is_async)
+    connect_wrappers: list[ConnectWrapper] = []
+    pool_creator = _with_connect_wrappers(pool_creator, connect_wrappers, is_async)
 
     pool = poolclass(pool_creator, dialect=dialect, events=events, **pool_arguments)
     return EngineParts(
@@ -547,7 +614,43 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
         kw.get("logging_name"),
         transaction_pooling,
         connect_retry,
+        connect_wrappers,
     )
+
+
+def _with_connect_wrappers(
+    creator: Callable[..., Any], wrappers: list[ConnectWrapper], is_async: bool
+) -> Callable[..., Any]:
+    """``creator`` inside the contexts of ``wrappers`` (read at each connect: the list is
+    ``engine.connect_wrappers``, which may change after the engine is made)."""
+
+    def enter(stack: contextlib.ExitStack) -> ConnectAttempt:
+        attempt = ConnectAttempt(is_async=is_async)
+        for wrapper in list(wrappers):
+            stack.enter_context(wrapper(attempt))
+        return attempt
+
+    if is_async:
+
+        async def connect_wrapped_async() -> Any:
+            if not wrappers:
+                return await creator()
+            with contextlib.ExitStack() as stack:
+                attempt = enter(stack)
+                attempt.connection = await creator()
+                return attempt.connection
+
+        return connect_wrapped_async
+
+    def connect_wrapped() -> Any:
+        if not wrappers:
+            return creator()
+        with contextlib.ExitStack() as stack:
+            attempt = enter(stack)
+            attempt.connection = creator()
+            return attempt.connection
+
+    return connect_wrapped
 
 
 def _with_capacity_retry(

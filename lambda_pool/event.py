@@ -9,6 +9,24 @@ Events and their arguments (SQLAlchemy's)::
     invalidate, soft_invalidate  (dbapi_connection, connection_record, exception or None)
     close_detached  (dbapi_connection)
 
+Engine events (SQLAlchemy's ``DialectEvents``), on an engine only::
+
+    do_connect      (dialect, conn_rec, cargs, cparams)
+
+``do_connect`` fires before the driver opens each new connection (once per physical
+connection, not per checkout; after credentials are applied, before the driver's
+``connect``).  ``cparams`` is that connect's keyword dict, a fresh copy for each
+connect: change it to change what the driver gets (``cparams["application_name"] =
+...``, an IAM token as ``cparams["password"]``).  It holds the password: never log it.
+A listener may return a driver connection to use instead; the first non-``None``
+return wins and the later listeners and the driver connect are skipped (an async
+engine awaits a returned awaitable).  ``cargs`` is an empty list (the drivers take
+keywords only; a listener adding to it is an ``ArgumentError``); ``conn_rec`` is
+``None``: the pool attaches its record only once the connection exists (use the
+``connect`` event for ``record.info``).  Not fired for an engine given ``creator=``
+or ``pool=`` (the creator connects), as in SQLAlchemy.  Listeners registered before
+or after ``create_engine`` apply to every later connect and survive ``dispose()``.
+
 Targets and where a listener is stored:
 
 * a pool **class** (``QueuePool``, ``Pool``…): a registry per class; a pool fires the
@@ -38,7 +56,16 @@ from typing import Any, TypeVar
 
 from lambda_pool.exc import ArgumentError
 
-__all__ = ["EVENTS", "EventRegistry", "contains", "listen", "listens_for", "remove"]
+__all__ = [
+    "ENGINE_EVENTS",
+    "EVENTS",
+    "EventRegistry",
+    "contains",
+    "fire_do_connect",
+    "listen",
+    "listens_for",
+    "remove",
+]
 
 #: Every pool event with its argument names (used for validation and ``named=True``).
 EVENTS: dict[str, tuple[str, ...]] = {
@@ -53,6 +80,12 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "invalidate": ("dbapi_connection", "connection_record", "exception"),
     "soft_invalidate": ("dbapi_connection", "connection_record", "exception"),
 }
+
+#: Events an engine fires itself (not its pools), with their argument names.
+ENGINE_EVENTS: dict[str, tuple[str, ...]] = {
+    "do_connect": ("dialect", "conn_rec", "cargs", "cparams"),
+}
+_ARGUMENTS: dict[str, tuple[str, ...]] = {**EVENTS, **ENGINE_EVENTS}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -77,16 +110,16 @@ class _Listener:
         seq = next(_sequence)
         self.order = -seq if insert else seq
 
-    def __call__(self, *args: Any) -> None:
+    def __call__(self, *args: Any) -> Any:
+        """Call the listener; its return value matters only for ``do_connect``."""
         if self.once:
             with _lock:
                 if self.fired:
-                    return
+                    return None
                 self.fired = True
         if self.named:
-            self.fn(**dict(zip(EVENTS[self.name], args, strict=False)))
-        else:
-            self.fn(*args)
+            return self.fn(**dict(zip(_ARGUMENTS[self.name], args, strict=False)))
+        return self.fn(*args)
 
 
 class EventRegistry:
@@ -166,10 +199,27 @@ def class_registry(cls: type, *, create: bool = False) -> EventRegistry | None:
 
 
 def _check_name(name: str) -> None:
-    if name not in EVENTS:
+    if name not in _ARGUMENTS:
         raise ArgumentError(
-            f"No such pool event {name!r}; valid events: {', '.join(sorted(EVENTS))}"
+            f"No such pool event {name!r}; valid events: {', '.join(sorted(EVENTS))}, "
+            f"and on an engine: {', '.join(sorted(ENGINE_EVENTS))}"
         )
+
+
+def fire_do_connect(
+    registry: EventRegistry, dialect: Any, cargs: list[Any], cparams: dict[str, Any]
+) -> Any:
+    """Run an engine's ``do_connect`` listeners; the first connection one returns, or None."""
+    for listener in registry.listeners("do_connect"):
+        connection = listener(dialect, None, cargs, cparams)
+        if connection is not None:
+            return connection
+    if cargs:
+        raise ArgumentError(
+            "a do_connect listener added positional connect arguments (cargs); "
+            "lambda-pool's drivers take keywords only: set them in cparams"
+        )
+    return None
 
 
 def _registry_for(target: Any) -> EventRegistry:
@@ -208,9 +258,24 @@ def listen(
     once: bool = False,
     named: bool = False,
 ) -> None:
-    """Register ``fn`` for pool event ``identifier`` on ``target``."""
+    """Register ``fn`` for pool event ``identifier`` (or engine event) on ``target``."""
     _check_name(identifier)
-    _registry_for(target).add(identifier, fn, insert=insert, once=once, named=named)
+    _registry_for(_engine_event_target(target, identifier)).add(
+        identifier, fn, insert=insert, once=once, named=named
+    )
+
+
+def _engine_event_target(target: Any, identifier: str) -> Any:
+    """``target`` itself; an engine event on a pool is an error (pools never fire it)."""
+    if identifier in ENGINE_EVENTS:
+        from lambda_pool.pool.base import Pool
+
+        if isinstance(target, Pool) or (isinstance(target, type) and issubclass(target, Pool)):
+            raise ArgumentError(
+                f"{identifier!r} is an engine event: listen on the engine "
+                "(event.listen(engine, ...)), not on a pool"
+            )
+    return target
 
 
 def listens_for(

@@ -38,9 +38,14 @@ EMF metrics (``metrics.add_metric``; no dimensions are added, the caller's apply
 ``StatementTimeouts``   Count         a statement hit the invocation's deadline
 ======================  ============  ==================================================
 
-X-Ray: each new connection is opened inside ``tracer.provider.in_subsegment(
-"lambda_pool.connect")`` (annotated with ``backend_pid``), so cold-start connects show in
-the trace.
+X-Ray: each new connection of a blocking engine is opened inside
+``tracer.provider.in_subsegment("lambda_pool.connect")`` (annotated with
+``backend_pid``; a failed connect closes it with the error), so cold-start connects show
+in the trace.  The connect is timed and the subsegment held through the engine's public
+``connect_wrappers`` (:class:`lambda_pool.engine_setup.ConnectAttempt`); async engines get
+``ConnectMs`` and ``connect_ms`` but no subsegment (X-Ray's default context is per thread,
+not per task).  An engine without ``connect_wrappers`` (``pool=`` given, another
+library's engine) reports everything but the connect timing.
 
 Never logged or measured: passwords, tokens, secret values, URLs, SQL text, parameters
 and exception messages (which can quote SQL); errors are named by class and SQLSTATE.
@@ -95,8 +100,6 @@ METRIC_STATEMENT_TIMEOUTS = "StatementTimeouts"
 # checkout event can tell "opened for this checkout" from "reused".  record.info is
 # emptied by the pool whenever a new connection is made, so a stale mark cannot survive.
 _FRESH_KEY = "lambda_pool.observability.fresh"
-# Set on creator wrappers so instrumenting twice does not time a connect twice.
-_WRAPPED_MARK = "_lambda_pool_connect_timer"
 
 _registry_lock = threading.Lock()
 _instrumented: weakref.WeakKeyDictionary[Any, Instrumentation] = weakref.WeakKeyDictionary()
@@ -160,7 +163,7 @@ class Instrumentation:
                 event.listen(engine, name, fn)
             self._listening = True
         self._attach_warm_stats(engine)
-        self._wrap_creator(engine)
+        self._attach_connect_timer(engine)
 
     def _pool_listeners(self) -> dict[str, Callable[..., None]]:
         return {
@@ -178,6 +181,9 @@ class Instrumentation:
                 with contextlib.suppress(Exception):
                     event.remove(engine, name, fn)
         self._listening = False
+        wrappers = getattr(engine, "connect_wrappers", None)
+        if isinstance(wrappers, list) and self._time_connect in wrappers:
+            wrappers.remove(self._time_connect)
         if self._stats is not None:
             self._stats.remove_listener(self._on_warm_event)
             self._stats = None
@@ -201,33 +207,16 @@ class Instrumentation:
         stats.add_listener(self._on_warm_event)
         self._stats = stats
 
-    def _wrap_creator(self, engine: Any) -> None:
-        """Time each connect and open the X-Ray subsegment around it.
+    def _attach_connect_timer(self, engine: Any) -> None:
+        """Time each connect and hold the X-Ray subsegment around it.
 
-        Pool events fire only after a connection exists, so the only place to stand
-        *around* a connect is the pool's creator.  ``Pool.recreate()`` passes the same
-        creator on, so ``engine.dispose()`` keeps the wrapper.  Async pools are left
-        alone (their creator is a coroutine function; wrapping would change the mode).
+        Pool events fire only after a connection exists; ``engine.connect_wrappers`` is
+        the engine's public way to stand *around* a connect (and see a failure).  The
+        list belongs to the engine, so ``engine.dispose()`` keeps the timer.
         """
-        pool = getattr(engine, "pool", None)
-        creator = getattr(pool, "_creator", None)
-        if pool is None or creator is None or getattr(pool, "is_async", False):
-            return
-        if getattr(creator, _WRAPPED_MARK, None) is not None:
-            return
-        # Look the instrumentation up at each connect: after close() and a new
-        # instrument() call the same wrapper reports to the new one.
-        engine_ref = weakref.ref(engine)
-
-        def timed_creator() -> Any:
-            current = engine_ref()
-            instrumentation = None if current is None else instrumentation_for(current)
-            if instrumentation is None:
-                return creator()
-            return instrumentation._timed_connect(creator)
-
-        setattr(timed_creator, _WRAPPED_MARK, True)
-        pool._creator = timed_creator
+        wrappers = getattr(engine, "connect_wrappers", None)
+        if isinstance(wrappers, list) and self._time_connect not in wrappers:
+            wrappers.append(self._time_connect)
 
     # --- sinks -----------------------------------------------------------------------
 
@@ -288,20 +277,25 @@ class Instrumentation:
         else:
             manager.__exit__(None, None, None)
 
-    # --- connect timing (creator wrapper) --------------------------------------------
+    # --- connect timing (engine.connect_wrappers) ------------------------------------
 
-    def _timed_connect(self, creator: Callable[[], Any]) -> Any:
-        with self._subsegment(CONNECT_SUBSEGMENT) as segment:
+    @contextlib.contextmanager
+    def _time_connect(self, attempt: Any) -> Iterator[None]:
+        subsegment = (
+            contextlib.nullcontext() if attempt.is_async else self._subsegment(CONNECT_SUBSEGMENT)
+        )
+        with subsegment as segment:
             started = time.perf_counter()
-            connection = creator()
+            yield
             elapsed_ms = (time.perf_counter() - started) * 1000.0
-            pid = _backend_pid(connection)
+            pid = _backend_pid(attempt.connection)
             if segment is not None and pid is not None:
                 with contextlib.suppress(Exception):
                     segment.put_annotation(key="backend_pid", value=pid)
+        # Read by the pool's connect event, fired right after this context ends in the
+        # same thread (or task: no await in between).
         self._pending_connect_ms.value = elapsed_ms
         self._metric(METRIC_CONNECT_MS, "Milliseconds", round(elapsed_ms, 3))
-        return connection
 
     # --- pool event listeners --------------------------------------------------------
 
