@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
     "AsyncAdaptedQueuePool": "lambda_pool.pool",
     "PoolResetState": "lambda_pool.pool",
     "warm_engine": "lambda_pool.warm",
+    "warm_async_engine": "lambda_pool.warm",
     "with_connection": "lambda_pool.handler",
     "install_shutdown_hooks": "lambda_pool.lifecycle",
     "dispose_all": "lambda_pool.lifecycle",
@@ -61,6 +62,7 @@ __all__ = [
     "install_shutdown_hooks",
     "instrument",
     "make_url",
+    "warm_async_engine",
     "warm_engine",
     "with_connection",
 ]
@@ -81,7 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
         StaticPool,
     )
     from lambda_pool.url import URL, make_url
-    from lambda_pool.warm import warm_engine
+    from lambda_pool.warm import warm_async_engine, warm_engine
 
 
 def __getattr__(name: str) -> Any:
