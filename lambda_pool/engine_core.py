@@ -6,22 +6,24 @@
 written once here, as a generator that keeps the state (closed, invalidated, the open
 transaction), decides what happens after a disconnect, and yields a :class:`ConnOp`
 whenever it needs I/O.  The sync shell performs each step with :func:`run_sync`, the
-async shell awaits it with :func:`run_async`: the pool's technique
-(:mod:`lambda_pool.pool.base`).  :class:`EngineBase` holds what both engines are made
-of (URL, dialect, pool, listeners, logging) and how they are built from
-``create_engine`` keywords.
+async shell awaits it with :func:`run_async`: the pool's technique and the pool's own
+runners (:func:`lambda_pool.pool.core.drive`, ``drive_async``).  :class:`EngineBase`
+holds what both engines are made of (URL, dialect, pool, listeners, logging) and how
+they are built from ``create_engine`` keywords.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from lambda_pool.dialects.base import AsyncDialect, SyncDialect
 from lambda_pool.engine_setup import ConnectWrapper, build_engine_parts, engine_logger
 from lambda_pool.exc import InvalidRequestError, ResourceClosedError
+from lambda_pool.pool.core import drive as run_sync
+from lambda_pool.pool.core import drive_async as run_async
 from lambda_pool.result import Result
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
@@ -61,38 +63,6 @@ class ConnOp(enum.Enum):
 
 Step = tuple[ConnOp, Any]
 Proc = Generator[Step, Any, T]
-
-
-def run_sync(proc: Proc[T], perform: Callable[[Step], Any]) -> T:
-    """Drive ``proc``, performing each step with ``perform`` (errors are thrown back in)."""
-    send: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = proc.throw(error) if error is not None else proc.send(send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        error = None
-        try:
-            send = perform(step)
-        except BaseException as exc:
-            error, send = exc, None
-
-
-async def run_async(proc: Proc[T], perform: Callable[[Step], Awaitable[Any]]) -> T:
-    """:func:`run_sync` for a shell whose steps are awaited."""
-    send: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = proc.throw(error) if error is not None else proc.send(send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        error = None
-        try:
-            send = await perform(step)
-        except BaseException as exc:
-            error, send = exc, None
 
 
 class TransactionCore:

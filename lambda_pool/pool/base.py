@@ -628,18 +628,7 @@ class Pool(abc.ABC):
     # --- shells -------------------------------------------------------------------------
 
     def _run_sync(self, proc: Proc[T]) -> T:
-        send: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = proc.throw(error) if error is not None else proc.send(send)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            error = None
-            try:
-                send = self._perform_sync(step)
-            except BaseException as exc:
-                error, send = exc, None
+        return core.drive(proc, self._perform_sync)
 
     def _perform_sync(self, step: Step) -> Any:
         op, arg = step
@@ -665,18 +654,7 @@ class Pool(abc.ABC):
         raise AssertionError(op)  # pragma: no cover - every Op is handled
 
     async def _run_async(self, proc: Proc[T]) -> T:
-        send: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = proc.throw(error) if error is not None else proc.send(send)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            error = None
-            try:
-                send = await self._perform_async(step)
-            except BaseException as exc:
-                error, send = exc, None
+        return await core.drive_async(proc, self._perform_async)
 
     async def _perform_async(self, step: Step) -> Any:
         op, arg = step
@@ -720,21 +698,15 @@ class Pool(abc.ABC):
         return self._run_sync(proc)
 
     def _run_nowait(self, proc: Proc[T]) -> T:
-        send: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = proc.throw(error) if error is not None else proc.send(send)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            error = None
-            op, arg = step
-            if op is Op.CLOSE:
-                self._close_soon(arg)
-            else:
-                error = InvalidRequestError(
-                    f"An async pool cannot {op.value} without awaiting: use the 'a…' method"
-                )
+        return core.drive(proc, self._perform_nowait)
+
+    def _perform_nowait(self, step: Step) -> None:
+        op, arg = step
+        if op is not Op.CLOSE:
+            raise InvalidRequestError(
+                f"An async pool cannot {op.value} without awaiting: use the 'a…' method"
+            )
+        self._close_soon(arg)
 
     def _close_soon(self, dbapi: Any) -> None:
         """Close an async connection from sync code: a task if a loop runs, else terminate."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import enum
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Generator, Hashable
 from typing import Any, Generic, TypeVar
 
 from lambda_pool.exc import ArgumentError
@@ -163,6 +163,42 @@ class Op(enum.Enum):
 
 
 Step = tuple[Op, Any]
+
+S = TypeVar("S")
+V = TypeVar("V")
+
+
+def drive(proc: Generator[S, Any, V], perform: Callable[[S], Any]) -> V:
+    """Run a procedure: perform each step it yields and send the result back in (an error
+    is thrown back in).  The sync shells (the pool's, the engine's) are this loop."""
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = proc.throw(error) if error is not None else proc.send(send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        error = None
+        try:
+            send = perform(step)
+        except BaseException as exc:
+            error, send = exc, None
+
+
+async def drive_async(proc: Generator[S, Any, V], perform: Callable[[S], Awaitable[Any]]) -> V:
+    """:func:`drive` for the async shells: each step is awaited."""
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = proc.throw(error) if error is not None else proc.send(send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        error = None
+        try:
+            send = await perform(step)
+        except BaseException as exc:
+            error, send = exc, None
 
 
 # --------------------------------------------------------------------------- slot accounting
