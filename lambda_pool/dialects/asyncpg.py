@@ -16,7 +16,11 @@ extended-protocol driver) to get both the rows and the command status (rowcount)
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import shlex
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -35,7 +39,14 @@ from lambda_pool.exc import ArgumentError
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lambda_pool.url import URL
 
-__all__ = ["AsyncpgDialect"]
+__all__ = [
+    "AsyncpgDialect",
+    "asyncpg_connection_loop",
+    "asyncpg_socket_fileno",
+    "asyncpg_terminate",
+]
+
+log = logging.getLogger("lambda_pool.dialects.asyncpg")
 
 _DISCONNECT_SQLSTATES = {"57P01", "57P02", "57P03"}
 _AUTH_SQLSTATES = {"28P01", "28000"}
@@ -107,6 +118,101 @@ def _rowcount(status: str | None) -> int:
     return int(last) if last.isdigit() else -1
 
 
+def asyncpg_socket_fileno(conn: Any) -> int | None:
+    """The descriptor of an asyncpg connection's socket, or ``None`` (closed, or unknown).
+
+    asyncpg has no public accessor: its ``Connection`` keeps the asyncio transport in
+    ``_transport`` (private; looked up defensively), whose public
+    ``get_extra_info("socket")`` gives the socket.  Callers only poll or duplicate the
+    descriptor, never read from it: asyncio owns it.
+    """
+    try:
+        transport = getattr(conn, "_transport", None)
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        fileno = int(sock.fileno())
+    except Exception:
+        return None
+    return fileno if fileno >= 0 else None
+
+
+def asyncpg_connection_loop(conn: Any) -> asyncio.AbstractEventLoop | None:
+    """The event loop an asyncpg connection belongs to, or ``None`` when it cannot be told.
+
+    asyncpg has no public accessor either: ``Connection._loop`` (private, looked up
+    defensively) is the loop it was opened on, the one its transport and every callback
+    it schedules (``terminate()`` included) use.
+    """
+    loop = getattr(conn, "_loop", None)
+    return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
+
+
+def _shutdown_duplicate(fileno: int) -> None:
+    """``shutdown()`` the TCP connection behind ``fileno`` through a duplicate descriptor.
+
+    ``shutdown`` acts on the connection, not the descriptor, so the server sees the
+    client gone and ends the backend now, while the original descriptor (asyncio's)
+    stays valid for its owner to close.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(fileno))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _terminate_quietly(conn: Any) -> None:
+    try:
+        conn.terminate()
+    except RuntimeError:
+        # Its loop closed meanwhile: nothing can be scheduled on it (the session is
+        # already ended by the shutdown of the socket).
+        log.debug("terminating a connection of a closed event loop", exc_info=True)
+
+
+def _runs_in_this_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def asyncpg_terminate(conn: Any) -> None:
+    """Close an asyncpg connection at once, from any thread, whatever its loop's state.
+
+    ``Connection.terminate()`` alone aborts the asyncio transport, which schedules its
+    cleanup on the connection's loop: it raises ``RuntimeError`` when that loop is
+    closed (after asyncio logged a fatal error), and is not thread-safe while the loop
+    runs in another thread.  So, first, the session is ended on a duplicate of the
+    socket's descriptor (:func:`_shutdown_duplicate`: the server ends the backend now,
+    whatever the loop does); then ``terminate()`` runs on the connection's loop
+    (:func:`asyncpg_connection_loop`) when it is running in another thread
+    (``call_soon_threadsafe``), here when it is this thread's running loop, idle, or
+    unknown, and not at all when it is closed: nothing can run there, and the
+    descriptor is released when the connection is garbage-collected (asyncio warns
+    "unclosed transport").  Never awaits, takes no lock.
+    """
+    fileno = asyncpg_socket_fileno(conn)
+    if fileno is not None:
+        _shutdown_duplicate(fileno)
+    loop = asyncpg_connection_loop(conn)
+    if loop is not None and loop.is_closed():
+        return
+    if loop is not None and loop.is_running() and not _runs_in_this_thread(loop):
+        try:
+            loop.call_soon_threadsafe(_terminate_quietly, conn)
+            return
+        except RuntimeError:  # closed in the meantime
+            return
+    _terminate_quietly(conn)
+
+
 class AsyncpgDialect(AsyncDialect):
     """asyncpg connections, with psycopg-style SQL and transactions."""
 
@@ -168,8 +274,28 @@ class AsyncpgDialect(AsyncDialect):
             dbapi_conn.terminate()
 
     def do_terminate(self, dbapi_conn: Any) -> None:
-        """Close at once without awaiting (disposal at shutdown, no event loop left)."""
-        dbapi_conn.terminate()
+        """Close at once without awaiting or a lock, from any thread, and never fail
+        because the connection's event loop is closed (:func:`asyncpg_terminate`)."""
+        asyncpg_terminate(dbapi_conn)
+
+    def is_executing(self, dbapi_conn: Any) -> bool:
+        """Always ``False``: no statement is cancelled before an asyncpg connection is
+        terminated at shutdown (see :meth:`do_cancel`)."""
+        return False
+
+    def do_cancel(self, dbapi_conn: Any, timeout: float) -> None:
+        """Not available without the event loop, hence :meth:`is_executing` is ``False``.
+
+        asyncpg's cancel (``Connection._cancel`` → ``connect_utils._cancel``) is a
+        coroutine that opens a new connection on the connection's own loop, which at
+        shutdown is closed or busy in the very statement to cancel.  A loop-free cancel
+        would have to speak PostgreSQL's CancelRequest by hand from asyncpg's private
+        protocol state (the backend's secret key) over a new socket, TLS negotiation
+        included.  The connection is terminated instead: its socket is shut down at
+        once, and the server ends a busy backend when the statement ends, or sooner
+        with ``client_connection_check_interval`` (PostgreSQL 14+) set.
+        """
+        raise NotImplementedError("asyncpg cannot cancel a statement without its event loop")
 
     async def execute(
         self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None

@@ -6,6 +6,13 @@ A dialect is the only place that knows a driver.  The pool uses ``do_ping``,
 engines also use ``create_connect_args``, ``apply_credentials``, ``connect``,
 ``execute`` and ``is_auth_failure``.  Async dialects have the same names, with
 the I/O methods as coroutines.
+
+Closing without an event loop or a lock (process shutdown, a connection of another
+event loop, garbage collection) uses three synchronous methods, the same in both
+kinds: ``do_terminate(conn)`` (close now; never awaits, never fails because the
+connection's loop is closed), ``is_executing(conn) -> bool`` (a statement is running,
+from local state only) and ``do_cancel(conn, timeout)`` (ask the server to cancel it;
+called from a helper thread, only when ``is_executing`` said so).
 """
 
 from __future__ import annotations
@@ -185,6 +192,21 @@ class _DialectBase(ABC):
         """
         return False
 
+    def is_executing(self, dbapi_conn: Any) -> bool:
+        """Whether a statement is running on ``dbapi_conn``, read from local state (no I/O,
+        no lock, no event loop).  ``True`` makes shutdown :meth:`do_cancel` it before
+        terminating the connection; the default, ``False``, only terminates."""
+        return False
+
+    def do_cancel(self, dbapi_conn: Any, timeout: float) -> None:
+        """Ask the server to cancel the statement running on ``dbapi_conn``.
+
+        Synchronous, from a helper thread, without the driver's connection lock or the
+        event loop; ``timeout`` bounds it where the driver can (the caller stops waiting
+        after it anyway).  Called only when :meth:`is_executing` is ``True``.
+        """
+        raise NotImplementedError(f"the {self.name}+{self.driver} dialect cannot cancel")
+
     def transaction_pooling_args(self) -> dict[str, Any]:
         """Driver keywords for a transaction-pooling proxy (PgBouncer transaction mode,
         RDS Proxy): no server-side prepared statements, which live in one server session."""
@@ -215,6 +237,11 @@ class SyncDialect(_DialectBase):
 
     def do_close(self, dbapi_conn: Any) -> None:
         dbapi_conn.close()
+
+    def do_terminate(self, dbapi_conn: Any) -> None:
+        """Close at once without the driver's connection lock (process shutdown: the
+        interrupted thread may hold it).  By default :meth:`do_close`."""
+        self.do_close(dbapi_conn)
 
     @abstractmethod
     def execute(
@@ -247,6 +274,12 @@ class AsyncDialect(_DialectBase):
     @abstractmethod
     async def do_close(self, dbapi_conn: Any) -> None:
         """Close the connection for real."""
+
+    @abstractmethod
+    def do_terminate(self, dbapi_conn: Any) -> None:
+        """Close at once, synchronously, from any thread: no await, no driver lock, and no
+        error when the connection's event loop is closed or runs in another thread
+        (process shutdown, a connection of another event loop, garbage collection)."""
 
     @abstractmethod
     async def execute(

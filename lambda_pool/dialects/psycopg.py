@@ -32,6 +32,8 @@ __all__ = [
     "psycopg_is_auth_failure",
     "psycopg_is_capacity_error",
     "psycopg_is_disconnect",
+    "psycopg_is_executing",
+    "psycopg_terminate",
 ]
 
 # SQLSTATEs meaning the session is gone: class 08 (connection exception) plus the
@@ -136,6 +138,36 @@ def psycopg_is_capacity_error(exc: BaseException) -> bool:
 PSYCOPG_TRANSACTION_POOLING_ARGS: dict[str, Any] = {"prepare_threshold": None}
 
 
+# libpq's PQTRANS_ACTIVE: a command is in progress on the connection.
+_PQTRANS_ACTIVE = 1
+
+
+def psycopg_is_executing(dbapi_conn: Any) -> bool:
+    """Whether a psycopg connection (blocking or asyncio) is in the middle of a statement.
+
+    Read from libpq's local state (``pgconn.transaction_status``): no I/O, no psycopg
+    lock, no event loop.  Anything unreadable answers ``False`` (the connection is then
+    only closed).
+    """
+    pgconn = getattr(dbapi_conn, "pgconn", None)
+    if pgconn is None:
+        return False
+    try:
+        return int(pgconn.transaction_status) == _PQTRANS_ACTIVE
+    except Exception:
+        return False
+
+
+def psycopg_terminate(dbapi_conn: Any) -> None:
+    """Close at once through libpq (``pgconn.finish()``): no psycopg lock, no await.
+
+    libpq still says goodbye to the server (*Terminate*), so the backend ends now.
+    The same for ``Connection`` and ``AsyncConnection``: neither the interrupted thread
+    holding psycopg's lock nor a closed event loop can stop it.
+    """
+    dbapi_conn.pgconn.finish()
+
+
 def psycopg_exec_result(cursor: Any, rows: list[tuple[Any, ...]]) -> ExecResult:
     """A psycopg cursor's outcome (``rows`` fetched by the caller, sync or async)."""
     if cursor.description is None:
@@ -172,7 +204,13 @@ class PsycopgRules:
         """Close at once, without taking psycopg's connection lock or awaiting (process
         shutdown: the interrupted thread may hold it, the event loop may be gone).
         libpq still says goodbye to the server."""
-        dbapi_conn.pgconn.finish()
+        psycopg_terminate(dbapi_conn)
+
+    def is_executing(self, dbapi_conn: Any) -> bool:
+        """Whether a statement is running on ``dbapi_conn`` (libpq's local state, no I/O):
+        such a connection is sent :meth:`do_cancel` before it is terminated at shutdown,
+        because the server notices a closed client only when the statement ends."""
+        return psycopg_is_executing(dbapi_conn)
 
     @staticmethod
     def ping_needs_autocommit(dbapi_conn: Any) -> bool:
@@ -205,6 +243,16 @@ class PsycopgDialect(PsycopgRules, SyncDialect):
             if not dbapi_conn.closed:
                 dbapi_conn.autocommit = False
         return True
+
+    def do_cancel(self, dbapi_conn: Any, timeout: float) -> None:
+        """Ask the server to cancel the running statement, from any thread, without
+        psycopg's connection lock.  psycopg >= 3.2: ``cancel_safe(timeout=)`` (bounded by
+        ``timeout`` with libpq >= 17); older: ``cancel()``."""
+        cancel_safe = getattr(dbapi_conn, "cancel_safe", None)
+        if callable(cancel_safe):
+            cancel_safe(timeout=timeout)
+        else:
+            dbapi_conn.cancel()
 
     def execute(
         self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None

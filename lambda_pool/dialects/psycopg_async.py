@@ -1,8 +1,9 @@
 """The asyncio psycopg 3 dialect: ``postgresql(+psycopg)://`` with ``create_async_engine``.
 
 Uses ``psycopg.AsyncConnection``; connect arguments, error classification, transaction
-pooling and terminate are the blocking dialect's (:class:`PsycopgRules`: one set of
-rules for both), only the I/O here is awaited.
+pooling, terminate and the running-statement check are the blocking dialect's
+(:class:`PsycopgRules`: one set of rules for both), only the I/O here is awaited, and
+the shutdown cancel is the synchronous ``cancel()``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class AsyncPsycopgDialect(PsycopgRules, AsyncDialect):
 
     async def do_close(self, dbapi_conn: Any) -> None:
         await dbapi_conn.close()
+
+    def do_cancel(self, dbapi_conn: Any, timeout: float) -> None:
+        """Cancel the running statement without the event loop: the synchronous
+        ``AsyncConnection.cancel()`` (``cancel_safe()`` is a coroutine, and the loop may
+        be gone or busy in that very statement).  Not bounded by ``timeout`` itself: the
+        caller runs it in a thread it stops waiting for."""
+        dbapi_conn.cancel()
 
     async def execute(
         self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None

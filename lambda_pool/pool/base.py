@@ -334,43 +334,17 @@ def _wake(future: asyncio.Future[None]) -> None:
 #: grace period); 0 skips cancelling (the backend then runs the statement to its end).
 SHUTDOWN_CANCEL_TIMEOUT_S = 0.2
 
-# libpq's PQTRANS_ACTIVE: a command is in progress on the connection.
-_PQTRANS_ACTIVE = 1
 
-
-def _executing(dbapi: Any) -> bool:
-    """Whether a libpq-based connection (psycopg) is in the middle of a statement.
-
-    Read from libpq's local state, no I/O and no driver lock.  Other drivers answer
-    ``False``: they are only closed.
-    """
-    pgconn = getattr(dbapi, "pgconn", None)
-    if pgconn is None:
-        return False
-    try:
-        return int(pgconn.transaction_status) == _PQTRANS_ACTIVE
-    except Exception:
-        return False
-
-
-def _send_cancel(dbapi: Any, timeout: float) -> None:
-    cancel_safe = getattr(dbapi, "cancel_safe", None)
-    if callable(cancel_safe) and not inspect.iscoroutinefunction(cancel_safe):
-        # psycopg >= 3.2 sync connection: bounded by ``timeout`` with libpq >= 17.
-        cancel_safe(timeout=timeout)
-    else:
-        # psycopg's AsyncConnection: cancel_safe() needs its event loop, which may be
-        # gone at shutdown; cancel() is synchronous and loop-free (bounded by the join).
-        dbapi.cancel()
-
-
-def _cancel_for_shutdown(connections: list[Any], timeout: float) -> int:
+def _cancel_for_shutdown(
+    do_cancel: Callable[[Any, float], None], connections: list[Any], timeout: float
+) -> int:
     """Send a cancel request to each connection's running statement; return how many went.
 
-    One helper thread per connection, all joined against one deadline of ``timeout``
-    seconds, so neither several busy connections nor a cancel path without its own bound
-    (libpq < 17, async connections) can make shutdown wait longer.  A cancel that did not
-    finish in time is abandoned (its daemon thread ends with the process).
+    ``do_cancel(dbapi, timeout)`` is the dialect's.  One helper thread per connection,
+    all joined against one deadline of ``timeout`` seconds, so neither several busy
+    connections nor a cancel path without its own bound (libpq < 17, async connections)
+    can make shutdown wait longer.  A cancel that did not finish in time is abandoned
+    (its daemon thread ends with the process).
     """
     if timeout <= 0:
         return 0
@@ -379,7 +353,7 @@ def _cancel_for_shutdown(connections: list[Any], timeout: float) -> int:
 
     def cancel(dbapi: Any) -> None:
         try:
-            _send_cancel(dbapi, timeout)
+            do_cancel(dbapi, timeout)
         except Exception as exc:  # the connection is closed right after anyway
             errors.append(type(exc).__name__)
         else:
@@ -510,16 +484,17 @@ class Pool(abc.ABC):
         For process shutdown (SIGTERM, SnapStart snapshot; see ``lambda_pool.lifecycle``):
         synchronous, needs no event loop and takes no lock, because it may run while the
         interrupted code holds the pool's lock (or a connection's).  Each connection is
-        detached from its record and closed with the dialect's ``do_terminate`` when it
-        has one (no driver lock, no await), else ``do_close``.  No pool event fires:
+        detached from its record and closed by :meth:`_terminate`: the dialect's
+        ``do_terminate`` (no driver lock, no await), else ``do_close``.  No pool event fires:
         listeners may take locks the interrupted code holds.  The accounting is left as
         it is, so the pool stays usable: a record without a connection reconnects at its
         next checkout, and a checked-out one is returned as usual (its user sees a closed
         connection).  Calling it again finds nothing left to close.  In a forked child
         that never used the pool, the connections are the parent's and are left alone.
 
-        A connection busy executing a statement is sent a cancel request first (at most
-        :data:`SHUTDOWN_CANCEL_TIMEOUT_S` for all of them together), because PostgreSQL
+        A connection busy executing a statement (the dialect's ``is_executing``) is sent
+        the dialect's ``do_cancel`` first (at most :data:`SHUTDOWN_CANCEL_TIMEOUT_S` for
+        all of them together; a dialect without both only terminates), because PostgreSQL
         notices a closed client only when the statement ends: closing alone would leave
         the backend running the query to its end.  Idle connections are closed before
         any cancel is attempted, so a slow cancel never keeps them open.
@@ -534,6 +509,7 @@ class Pool(abc.ABC):
                 break
             except RuntimeError:
                 continue
+        do_cancel = getattr(self._dialect, "do_cancel", None)
         busy: list[Any] = []
         closed = 0
         for record in records:
@@ -542,12 +518,13 @@ class Pool(abc.ABC):
                 continue
             record.dbapi_connection = None
             closed += 1
-            if _executing(dbapi):
+            if callable(do_cancel) and self._is_executing(dbapi):
                 busy.append(dbapi)
             else:
                 self._terminate_for_shutdown(dbapi)
         if busy:
-            cancelled = _cancel_for_shutdown(busy, SHUTDOWN_CANCEL_TIMEOUT_S)
+            assert do_cancel is not None
+            cancelled = _cancel_for_shutdown(do_cancel, busy, SHUTDOWN_CANCEL_TIMEOUT_S)
             for dbapi in busy:
                 self._terminate_for_shutdown(dbapi)
             self._logger.info(
@@ -557,15 +534,30 @@ class Pool(abc.ABC):
             self._logger.info("Closed %d connection(s) for shutdown", closed)
         return closed
 
-    def _terminate_for_shutdown(self, dbapi: Any) -> None:
-        terminate = getattr(self._dialect, "do_terminate", None)
+    def _is_executing(self, dbapi: Any) -> bool:
+        is_executing = getattr(self._dialect, "is_executing", None)
+        if not callable(is_executing):
+            return False
         try:
-            if callable(terminate):
-                terminate(dbapi)
-            elif not self._dialect_async:
-                self._dialect.do_close(dbapi)
+            return bool(is_executing(dbapi))
+        except Exception:  # unreadable: the connection is only terminated
+            return False
+
+    def _terminate_for_shutdown(self, dbapi: Any) -> None:
+        try:
+            self._terminate(dbapi)
         except Exception:
             self._logger.error("Exception closing connection %r at shutdown", dbapi)
+
+    def _terminate(self, dbapi: Any) -> None:
+        """Close ``dbapi`` without awaiting or a lock: the dialect's ``do_terminate``; a
+        sync dialect without one ``do_close``; an async one without one nothing (its
+        connection is released when collected).  Raises what the dialect raises."""
+        terminate = getattr(self._dialect, "do_terminate", None)
+        if callable(terminate):
+            terminate(dbapi)
+        elif not self._dialect_async:
+            self._dialect.do_close(dbapi)
 
     def recreate(self) -> Pool:
         """A new, unconnected pool of the same class, arguments and listeners."""
@@ -719,12 +711,8 @@ class Pool(abc.ABC):
             self._background.add(task)  # keep a reference until it finishes
             task.add_done_callback(self._background.discard)
             return
-        terminate = getattr(self._dialect, "do_terminate", None)
         try:
-            if callable(terminate):
-                terminate(dbapi)
-            elif not self._dialect_async:
-                self._dialect.do_close(dbapi)
+            self._terminate(dbapi)
         except Exception:
             self._logger.error("Exception terminating connection %r", dbapi, exc_info=True)
 

@@ -4,6 +4,10 @@ A dialect is how a pool talks to connections (see docs/ARCHITECTURE.md, "Pool â†
 dialect").  These work with any DB-API connection and recognise disconnects of the
 drivers lambda-pool supports (psycopg, sqlite3, asyncpg) by duck typing and class
 names, so no driver is imported here.  The engine passes the precise dialects.
+
+Closing without an event loop or a lock (``do_terminate``, ``is_executing``,
+``do_cancel``) is the drivers' dialects' own code, reached here by module name: a
+psycopg or asyncpg connection behaves the same whichever dialect the pool has.
 """
 
 from __future__ import annotations
@@ -21,6 +25,20 @@ class Dialect(Protocol):
     def do_ping(self, dbapi_connection: Any) -> bool: ...
     def is_disconnect(self, exc: BaseException, dbapi_connection: Any) -> bool: ...
     def get_driver_connection(self, dbapi_connection: Any) -> Any: ...
+
+
+def _driver(dbapi_connection: Any) -> str:
+    # By module name, so that nothing here imports a driver.
+    return type(dbapi_connection).__module__.partition(".")[0]
+
+
+def generic_is_executing(dbapi_connection: Any) -> bool:
+    """A statement is running: psycopg's libpq state; ``False`` for other drivers."""
+    if _driver(dbapi_connection) != "psycopg":
+        return False
+    from lambda_pool.dialects.psycopg import psycopg_is_executing
+
+    return psycopg_is_executing(dbapi_connection)
 
 
 def _class_names(exc: BaseException) -> set[str]:
@@ -60,6 +78,24 @@ class DefaultDialect:
 
     def do_close(self, dbapi_connection: Any) -> None:
         dbapi_connection.close()
+
+    def do_terminate(self, dbapi_connection: Any) -> None:
+        """Close without the driver's lock: psycopg ``pgconn.finish()``, else ``close()``."""
+        if _driver(dbapi_connection) == "psycopg":
+            from lambda_pool.dialects.psycopg import psycopg_terminate
+
+            psycopg_terminate(dbapi_connection)
+        else:
+            dbapi_connection.close()
+
+    def is_executing(self, dbapi_connection: Any) -> bool:
+        return generic_is_executing(dbapi_connection)
+
+    def do_cancel(self, dbapi_connection: Any, timeout: float) -> None:
+        """psycopg's (called only when :meth:`is_executing` said so)."""
+        from lambda_pool.dialects.psycopg import PsycopgDialect
+
+        PsycopgDialect().do_cancel(dbapi_connection, timeout)
 
     def do_ping(self, dbapi_connection: Any) -> bool:
         cursor = dbapi_connection.cursor()
@@ -114,14 +150,31 @@ class AsyncDefaultDialect:
         return True
 
     def do_terminate(self, dbapi_connection: Any) -> None:
-        """Close without awaiting (sync ``dispose()`` of an async pool, no loop running)."""
-        terminate = getattr(dbapi_connection, "terminate", None)  # asyncpg
-        if callable(terminate):
-            terminate()
-            return
-        pgconn = getattr(dbapi_connection, "pgconn", None)  # psycopg
-        if pgconn is not None:
-            pgconn.finish()
+        """Close without awaiting, whatever the state of the connection's event loop:
+        the asyncpg and psycopg dialects' ``do_terminate``; another driver's
+        ``terminate()`` when it has one."""
+        driver = _driver(dbapi_connection)
+        if driver == "asyncpg":
+            from lambda_pool.dialects.asyncpg import asyncpg_terminate
+
+            asyncpg_terminate(dbapi_connection)
+        elif driver == "psycopg":
+            from lambda_pool.dialects.psycopg import psycopg_terminate
+
+            psycopg_terminate(dbapi_connection)
+        else:
+            terminate = getattr(dbapi_connection, "terminate", None)
+            if callable(terminate):
+                terminate()
+
+    def is_executing(self, dbapi_connection: Any) -> bool:
+        return generic_is_executing(dbapi_connection)
+
+    def do_cancel(self, dbapi_connection: Any, timeout: float) -> None:
+        """psycopg ``AsyncConnection``'s (called only when :meth:`is_executing` said so)."""
+        from lambda_pool.dialects.psycopg_async import AsyncPsycopgDialect
+
+        AsyncPsycopgDialect().do_cancel(dbapi_connection, timeout)
 
     def is_disconnect(self, exc: BaseException, dbapi_connection: Any) -> bool:
         return generic_is_disconnect(exc, dbapi_connection)
