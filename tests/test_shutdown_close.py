@@ -87,13 +87,8 @@ def test_shutdown_close_does_not_wait_for_the_pool_lock(
     held.close()
 
 
-# The held connection is never returned: its loop is gone, as at process shutdown.
-@pytest.mark.filterwarnings("ignore:An async pooled connection was garbage-collected")
-@pytest.mark.parametrize("driver", ["postgresql+asyncpg", "postgresql+psycopg"])
-def test_async_engine_closes_checked_out_connections_after_its_loop_is_gone(
-    embedded_postgres: PostgresServer, url: str, unique_application_name: str, driver: str
-) -> None:
-    engine = create_async_engine(url.replace("postgresql://", f"{driver}://"), pool_size=2)
+def _hold_on_a_finished_loop(engine: Any) -> Any:
+    """One connection checked out and one idle, opened on a loop that is closed now."""
 
     async def hold() -> Any:
         held = await engine.connect()
@@ -102,7 +97,17 @@ def test_async_engine_closes_checked_out_connections_after_its_loop_is_gone(
             await idle.execute("SELECT 1")
         return held
 
-    held = asyncio.run(hold())  # the loop is closed now, one connection still checked out
+    return asyncio.run(hold())
+
+
+# The held connection is never returned: its loop is gone, as at process shutdown.
+@pytest.mark.filterwarnings("ignore:An async pooled connection was garbage-collected")
+@pytest.mark.parametrize("driver", ["postgresql+asyncpg", "postgresql+psycopg"])
+def test_async_engine_closes_checked_out_connections_after_its_loop_is_gone(
+    embedded_postgres: PostgresServer, url: str, unique_application_name: str, driver: str
+) -> None:
+    engine = create_async_engine(url.replace("postgresql://", f"{driver}://"), pool_size=2)
+    held = _hold_on_a_finished_loop(engine)
     assert embedded_postgres.wait_for_backend_count(2, unique_application_name) == 2
     engine.dispose_for_shutdown()
     assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
@@ -192,14 +197,7 @@ def test_asyncpg_connections_of_a_closed_loop_are_shut_down_without_an_error(
     opened: list[Any] = []
     event.listen(engine, "connect", lambda dbapi, record: opened.append(dbapi))
 
-    async def hold() -> Any:
-        held = await engine.connect()
-        await held.execute("SELECT 1")
-        async with engine.connect() as idle:
-            await idle.execute("SELECT 1")
-        return held
-
-    held = asyncio.run(hold())  # its loop is closed now: nothing can run on it
+    held = _hold_on_a_finished_loop(engine)  # nothing can run on their loop now
     assert len(opened) == 2
     assert embedded_postgres.wait_for_backend_count(2, unique_application_name) == 2
 

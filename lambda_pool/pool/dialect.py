@@ -65,7 +65,20 @@ def generic_is_disconnect(exc: BaseException, dbapi_connection: Any) -> bool:
     return isinstance(exc, (ConnectionError, EOFError))
 
 
-class DefaultDialect:
+class _GenericDialect:
+    """What both generic dialects answer the same way, sync or async."""
+
+    def is_disconnect(self, exc: BaseException, dbapi_connection: Any) -> bool:
+        return generic_is_disconnect(exc, dbapi_connection)
+
+    def get_driver_connection(self, dbapi_connection: Any) -> Any:
+        return dbapi_connection
+
+    def is_executing(self, dbapi_connection: Any) -> bool:
+        return generic_is_executing(dbapi_connection)
+
+
+class DefaultDialect(_GenericDialect):
     """Any DB-API 2 connection: ``SELECT 1`` through a cursor, ``rollback``, ``commit``."""
 
     is_async = False
@@ -88,9 +101,6 @@ class DefaultDialect:
         else:
             dbapi_connection.close()
 
-    def is_executing(self, dbapi_connection: Any) -> bool:
-        return generic_is_executing(dbapi_connection)
-
     def do_cancel(self, dbapi_connection: Any, timeout: float) -> None:
         """psycopg's (called only when :meth:`is_executing` said so)."""
         from lambda_pool.dialects.psycopg import PsycopgDialect
@@ -105,12 +115,6 @@ class DefaultDialect:
             cursor.close()
         return True
 
-    def is_disconnect(self, exc: BaseException, dbapi_connection: Any) -> bool:
-        return generic_is_disconnect(exc, dbapi_connection)
-
-    def get_driver_connection(self, dbapi_connection: Any) -> Any:
-        return dbapi_connection
-
 
 async def _maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
@@ -118,7 +122,7 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
-class AsyncDefaultDialect:
+class AsyncDefaultDialect(_GenericDialect):
     """psycopg's ``AsyncConnection`` and asyncpg connections, told apart by their methods."""
 
     is_async = True
@@ -167,17 +171,8 @@ class AsyncDefaultDialect:
             if callable(terminate):
                 terminate()
 
-    def is_executing(self, dbapi_connection: Any) -> bool:
-        return generic_is_executing(dbapi_connection)
-
     def do_cancel(self, dbapi_connection: Any, timeout: float) -> None:
         """psycopg ``AsyncConnection``'s (called only when :meth:`is_executing` said so)."""
         from lambda_pool.dialects.psycopg_async import AsyncPsycopgDialect
 
         AsyncPsycopgDialect().do_cancel(dbapi_connection, timeout)
-
-    def is_disconnect(self, exc: BaseException, dbapi_connection: Any) -> bool:
-        return generic_is_disconnect(exc, dbapi_connection)
-
-    def get_driver_connection(self, dbapi_connection: Any) -> Any:
-        return dbapi_connection
