@@ -33,7 +33,6 @@ exactly the same rules.  Counters live in :class:`WarmStats` (``engine.pool.stat
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import functools
@@ -53,9 +52,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from lambda_pool.exc import ArgumentError, InvalidRequestError
 from lambda_pool.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 from lambda_pool.pool import core as pool_core
+from lambda_pool.pool.base import running_loop
 from lambda_pool.pool.core import Acquire, Op
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    import asyncio
+
     from lambda_pool.asyncio import AsyncEngine
     from lambda_pool.engine import Engine
 
@@ -401,10 +403,7 @@ def _is_asyncpg(conn: Any) -> bool:
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+    return running_loop()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,3 +55,11 @@ def test_only_the_urls_driver_is_imported_when_an_engine_is_made() -> None:
 
     assert any(m.split(".")[0] == "psycopg" for m in made)
     assert not any(m.split(".")[0] in ("boto3", "sqlalchemy", "asyncpg") for m in made)
+
+
+def test_a_blocking_handler_module_does_not_pay_for_asyncio() -> None:
+    modules = _imported_modules(
+        "from lambda_pool import with_connection, warm_engine, install_shutdown_hooks"
+    )
+
+    assert "asyncio" not in modules

@@ -17,7 +17,6 @@ A pool's mode comes from its creator: ``async def creator()`` (or a dialect with
 from __future__ import annotations
 
 import abc
-import asyncio
 import contextlib
 import inspect
 import logging
@@ -29,7 +28,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lambda_pool import event
 from lambda_pool.exc import (
@@ -43,6 +42,9 @@ from lambda_pool.exc import (
 from lambda_pool.pool import core
 from lambda_pool.pool.core import Acquire, Op, Stale, Step
 from lambda_pool.pool.dialect import AsyncDefaultDialect, DefaultDialect
+
+if TYPE_CHECKING:  # pragma: no cover - asyncio is imported where an async pool needs it
+    import asyncio
 
 T = TypeVar("T")
 Proc = Generator[Step, Any, T]
@@ -321,6 +323,18 @@ _PROXY_SLOTS = frozenset(vars(PoolProxiedConnection)) | {
 
 #: SQLAlchemy's historical name for the checked-out proxy.
 _ConnectionFairy = PoolProxiedConnection
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running event loop, without importing asyncio when nothing else has."""
+    if "asyncio" not in sys.modules:  # nobody imported asyncio: no loop can be running
+        return None
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -656,6 +670,9 @@ class Pool(abc.ABC):
                 connection = await connection
             return connection
         if op is Op.WAIT:
+            # Imported here: blocking users never pay for asyncio at cold start.
+            import asyncio
+
             version, seconds = arg
             loop = asyncio.get_running_loop()
             future: asyncio.Future[None] = loop.create_future()
@@ -702,10 +719,7 @@ class Pool(abc.ABC):
 
     def _close_soon(self, dbapi: Any) -> None:
         """Close an async connection from sync code: a task if a loop runs, else terminate."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = running_loop()
         if loop is not None and self._dialect_async:
             task = loop.create_task(self._close_quietly(dbapi))
             self._background.add(task)  # keep a reference until it finishes
