@@ -20,7 +20,12 @@ from sqlalchemy.pool import NullPool, QueuePool, StaticPool  # noqa: E402
 
 from lambda_pool import lifecycle  # noqa: E402
 from lambda_pool.exc import ArgumentError  # noqa: E402
-from lambda_pool.sqlalchemy import WarmSQLAlchemyPool, create_engine, warm_engine  # noqa: E402
+from lambda_pool.sqlalchemy import (  # noqa: E402
+    WarmSQLAlchemyPool,
+    create_engine,
+    forget_cached_engines,
+    warm_engine,
+)
 from lambda_pool.testing.postgres import PostgresServer  # noqa: E402
 
 REGION = "us-east-1"
@@ -303,7 +308,8 @@ def test_warm_engine_is_cached_per_identity(embedded_postgres: PostgresServer) -
         with first.connect() as conn:
             assert conn.execute(text("SELECT 1")).scalar_one() == 1
     finally:
-        for engine in (first, warm_engine(url, echo_pool=True)):
+        # Forget the cache too: the echoing engine would otherwise log at session end.
+        for engine in forget_cached_engines():
             engine.dispose()
 
 
