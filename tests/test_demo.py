@@ -29,7 +29,7 @@ def test_demo_shows_reuse_pre_ping_token_recycle_rollback_and_clean_shutdown() -
 
     text = out.getvalue()
     assert status == 0, text
-    warm = _table(text, "lambda-pool warm cache")
+    warm = _table(text, "1. lambda-pool warm cache")
     connection_notes = [row[-3] for row in warm]
     assert connection_notes[0] == "opened"
     assert connection_notes[1:4] == ["reused"] * 3
@@ -38,9 +38,13 @@ def test_demo_shows_reuse_pre_ping_token_recycle_rollback_and_clean_shutdown() -
         assert "recycled: credentials_expired" in connection_notes
     assert "rolled back, kept" in connection_notes
     assert connection_notes[-1] == "reused"
-    null = _table(text, "NullPool default")
+    null = _table(text, "2. NullPool default")
     assert all(row[-3].startswith(("opened", "rolled back")) for row in null)
-    assert text.count("server backends of this function now 0") == 2
+    rotation = _table(text, "3. Secrets Manager (moto) rotation")
+    assert [row[3] for row in rotation] == ["ok"] * 4
+    assert rotation[2][-3].startswith("recycled")
+    assert "the server refused it (see its log), lambda-pool re-read the secret" in text
+    assert text.count("server backends of this function now 0") == 3
     assert "every invocation behaved as expected" in text
 
 
@@ -52,5 +56,5 @@ def test_demo_without_tls_falls_back_to_passwords_and_still_runs() -> None:
     text = out.getvalue()
     assert status == 0, text
     assert "no TLS-capable PostgreSQL" in text
-    assert "recycled" not in text
+    assert "credentials_expired" not in text
     assert "reused after pre-ping" in text
