@@ -559,43 +559,29 @@ def reset_session(conn: Any, *, discard: bool = True) -> None:
     :func:`_clear_asyncpg_statement_cache`.  This function is for blocking connections;
     :func:`areset_session` runs the same steps on an asyncio one.
     """
-    steps = g_reset_session(conn, discard=discard)
-    send: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(send)
-        except StopIteration:
-            return
-        error, send = None, None
-        try:
-            send = step[1]()
-            if inspect.isawaitable(send):
-                _discard_awaitable(send)
-                raise InvalidRequestError(
-                    "reset_session() got an asyncio connection: use 'await areset_session()'"
-                )
-        except BaseException as exc:
-            error = exc
+
+    def perform(step: Any) -> Any:
+        result = step[1]()
+        if inspect.isawaitable(result):
+            _discard_awaitable(result)
+            raise InvalidRequestError(
+                "reset_session() got an asyncio connection: use 'await areset_session()'"
+            )
+        return result
+
+    pool_core.drive(g_reset_session(conn, discard=discard), perform)
 
 
 async def areset_session(conn: Any, *, discard: bool = True) -> None:
     """:func:`reset_session` for an asyncio connection (psycopg ``AsyncConnection``, asyncpg)."""
-    steps = g_reset_session(conn, discard=discard)
-    send: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(send)
-        except StopIteration:
-            return
-        error, send = None, None
-        try:
-            send = step[1]()
-            if inspect.isawaitable(send):
-                send = await send
-        except BaseException as exc:
-            error = exc
+
+    async def perform(step: Any) -> Any:
+        result = step[1]()
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    await pool_core.drive_async(g_reset_session(conn, discard=discard), perform)
 
 
 def _discard_awaitable(value: Any) -> None:
