@@ -41,6 +41,7 @@ from lambda_pool.exc import ArgumentError
 from lambda_pool.warm import (
     CREDENTIALS_EXPIRE_AT,
     WARM_INFO_KEY,
+    EngineCache,
     Ping,
     Replace,
     ReplaceReason,
@@ -481,8 +482,7 @@ def _wall_clock() -> float:
 
 # -- the warm cache for SQLAlchemy engines ----------------------------------------------
 
-_cache_lock = threading.Lock()
-_cache: dict[tuple[Any, ...], tuple[Engine, Any]] = {}
+_engines: EngineCache[Engine] = EngineCache()
 
 
 def warm_engine(url: str | URL, **kwargs: Any) -> Engine:
@@ -496,20 +496,14 @@ def warm_engine(url: str | URL, **kwargs: Any) -> Engine:
     parsed = _normalise_url(url)
     credentials = kwargs.get("credentials")
     key = identity_key(parsed, credentials, kwargs)
-    with _cache_lock:
-        cached = _cache.get(key)
-        if cached is None:
-            # The provider is kept with the engine so that its id() in the key cannot be
-            # reused by another object while the entry lives.
-            cached = (create_engine(parsed, warm=True, **kwargs), credentials)
-            _cache[key] = cached
-        return cached[0]
+    return _engines.get_or_create(
+        key, credentials, lambda: create_engine(parsed, warm=True, **kwargs)
+    )
 
 
 def cached_engines() -> list[Engine]:
     """The engines :func:`warm_engine` created in this process (for diagnostics)."""
-    with _cache_lock:
-        return [engine for engine, _ in _cache.values()]
+    return _engines.engines()
 
 
 def forget_cached_engines() -> list[Engine]:
@@ -518,7 +512,4 @@ def forget_cached_engines() -> list[Engine]:
     What a new execution environment starts with; a test standing in for a cold start
     needs it.  The forgotten engines are returned, not disposed: the caller decides.
     """
-    with _cache_lock:
-        engines = [engine for engine, _ in _cache.values()]
-        _cache.clear()
-    return engines
+    return _engines.forget()

@@ -47,7 +47,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from lambda_pool.exc import ArgumentError, InvalidRequestError
 from lambda_pool.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
@@ -68,6 +68,7 @@ __all__ = [
     "WARM_INFO_KEY",
     "ConnectionState",
     "DriverState",
+    "EngineCache",
     "Ping",
     "Replace",
     "ReplaceReason",
@@ -1187,8 +1188,42 @@ class WarmPool(Pool):
         )
 
 
-_cache_lock = threading.Lock()
-_cache: dict[tuple[Any, ...], tuple[Engine | AsyncEngine, Any]] = {}
+E = TypeVar("E")
+
+
+class EngineCache(Generic[E]):
+    """One engine per identity for the life of the container: module scope, lock-protected.
+
+    Used by :func:`warm_engine`/:func:`warm_async_engine` and by the SQLAlchemy adapter's
+    ``warm_engine``.  Each entry keeps the credentials provider with its engine, so the
+    provider's ``id()`` in the key cannot be taken by another object while the entry lives.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[Any, ...], tuple[E, Any]] = {}
+
+    def get_or_create(self, key: tuple[Any, ...], credentials: Any, make: Callable[[], E]) -> E:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = (make(), credentials)
+                self._entries[key] = entry
+            return entry[0]
+
+    def engines(self) -> list[E]:
+        with self._lock:
+            return [engine for engine, _ in self._entries.values()]
+
+    def forget(self) -> list[E]:
+        """Empty the cache and return what it held (not disposed: the caller decides)."""
+        with self._lock:
+            engines = [engine for engine, _ in self._entries.values()]
+            self._entries.clear()
+        return engines
+
+
+_engines: EngineCache[Engine | AsyncEngine] = EngineCache()
 _REFUSED_KEYWORDS = ("poolclass", "pool", "pool_size", "max_overflow", "pool_timeout")
 
 
@@ -1291,17 +1326,13 @@ def _cached_warm_engine(
         options["lambda_pool.asyncio"] = True
     credentials = kw.get("credentials")
     key = identity_key(parsed, credentials, options)
-    with _cache_lock:
-        cached = _cache.get(key)
-        if cached is None:
-            engine = _create_warm_engine(
-                parsed, is_async, pre_ping_idle_seconds, transaction_pooling, clock, kw
-            )
-            # The provider stays referenced with its entry, so its id() in the key
-            # cannot be taken by another object while the engine lives.
-            cached = (engine, credentials)
-            _cache[key] = cached
-        return cached[0]
+    return _engines.get_or_create(
+        key,
+        credentials,
+        lambda: _create_warm_engine(
+            parsed, is_async, pre_ping_idle_seconds, transaction_pooling, clock, kw
+        ),
+    )
 
 
 def _create_warm_engine(
@@ -1349,8 +1380,7 @@ def _create_warm_engine(
 def cached_engines() -> list[Engine | AsyncEngine]:
     """The engines :func:`warm_engine` and :func:`warm_async_engine` created in this
     process (for diagnostics)."""
-    with _cache_lock:
-        return [engine for engine, _ in _cache.values()]
+    return _engines.engines()
 
 
 def forget_cached_engines() -> list[Engine | AsyncEngine]:
@@ -1361,7 +1391,4 @@ def forget_cached_engines() -> list[Engine | AsyncEngine]:
     needs it.  The forgotten engines (blocking and asyncio) are returned, not disposed:
     the caller decides.
     """
-    with _cache_lock:
-        engines = [engine for engine, _ in _cache.values()]
-        _cache.clear()
-    return engines
+    return _engines.forget()
