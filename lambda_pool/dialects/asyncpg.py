@@ -283,8 +283,8 @@ class AsyncpgDialect(AsyncDialect):
         terminated at shutdown (see :meth:`do_cancel`)."""
         return False
 
-    def do_cancel(self, dbapi_conn: Any, timeout: float) -> None:
-        """Not available without the event loop, hence :meth:`is_executing` is ``False``.
+    def do_cancel(self, dbapi_conn: Any, timeout: float) -> bool:
+        """Not available without the event loop (``False``); :meth:`is_executing` is too.
 
         asyncpg's cancel (``Connection._cancel`` → ``connect_utils._cancel``) is a
         coroutine that opens a new connection on the connection's own loop, which at
@@ -295,7 +295,7 @@ class AsyncpgDialect(AsyncDialect):
         once, and the server ends a busy backend when the statement ends, or sooner
         with ``client_connection_check_interval`` (PostgreSQL 14+) set.
         """
-        raise NotImplementedError("asyncpg cannot cancel a statement without its event loop")
+        return False
 
     async def execute(
         self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None

@@ -198,14 +198,15 @@ class _DialectBase(ABC):
         terminating the connection; the default, ``False``, only terminates."""
         return False
 
-    def do_cancel(self, dbapi_conn: Any, timeout: float) -> None:
-        """Ask the server to cancel the statement running on ``dbapi_conn``.
+    def do_cancel(self, dbapi_conn: Any, timeout: float) -> bool:
+        """Ask the server to cancel the statement running on ``dbapi_conn``; ``True`` when
+        the request was sent, ``False`` when this driver has no way to (the default).
 
         Synchronous, from a helper thread, without the driver's connection lock or the
         event loop; ``timeout`` bounds it where the driver can (the caller stops waiting
         after it anyway).  Called only when :meth:`is_executing` is ``True``.
         """
-        raise NotImplementedError(f"the {self.name}+{self.driver} dialect cannot cancel")
+        return False
 
     def transaction_pooling_args(self) -> dict[str, Any]:
         """Driver keywords for a transaction-pooling proxy (PgBouncer transaction mode,

@@ -244,7 +244,7 @@ class PsycopgDialect(PsycopgRules, SyncDialect):
                 dbapi_conn.autocommit = False
         return True
 
-    def do_cancel(self, dbapi_conn: Any, timeout: float) -> None:
+    def do_cancel(self, dbapi_conn: Any, timeout: float) -> bool:
         """Ask the server to cancel the running statement, from any thread, without
         psycopg's connection lock.  psycopg >= 3.2: ``cancel_safe(timeout=)`` (bounded by
         ``timeout`` with libpq >= 17); older: ``cancel()``."""
@@ -253,6 +253,7 @@ class PsycopgDialect(PsycopgRules, SyncDialect):
             cancel_safe(timeout=timeout)
         else:
             dbapi_conn.cancel()
+        return True
 
     def execute(
         self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None

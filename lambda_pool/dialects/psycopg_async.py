@@ -46,12 +46,13 @@ class AsyncPsycopgDialect(PsycopgRules, AsyncDialect):
     async def do_close(self, dbapi_conn: Any) -> None:
         await dbapi_conn.close()
 
-    def do_cancel(self, dbapi_conn: Any, timeout: float) -> None:
+    def do_cancel(self, dbapi_conn: Any, timeout: float) -> bool:
         """Cancel the running statement without the event loop: the synchronous
         ``AsyncConnection.cancel()`` (``cancel_safe()`` is a coroutine, and the loop may
         be gone or busy in that very statement).  Not bounded by ``timeout`` itself: the
         caller runs it in a thread it stops waiting for."""
         dbapi_conn.cancel()
+        return True
 
     async def execute(
         self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None

@@ -350,7 +350,7 @@ SHUTDOWN_CANCEL_TIMEOUT_S = 0.2
 
 
 def _cancel_for_shutdown(
-    do_cancel: Callable[[Any, float], None], connections: list[Any], timeout: float
+    do_cancel: Callable[[Any, float], bool | None], connections: list[Any], timeout: float
 ) -> int:
     """Send a cancel request to each connection's running statement; return how many went.
 
@@ -367,11 +367,11 @@ def _cancel_for_shutdown(
 
     def cancel(dbapi: Any) -> None:
         try:
-            do_cancel(dbapi, timeout)
+            # A user dialect's do_cancel may return None: it sent the request.
+            if do_cancel(dbapi, timeout) is not False:
+                sent.append(dbapi)
         except Exception as exc:  # the connection is closed right after anyway
             errors.append(type(exc).__name__)
-        else:
-            sent.append(dbapi)
 
     threads = [
         threading.Thread(target=cancel, args=(dbapi,), name="lambda-pool-cancel", daemon=True)

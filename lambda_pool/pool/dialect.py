@@ -101,11 +101,11 @@ class DefaultDialect(_GenericDialect):
         else:
             dbapi_connection.close()
 
-    def do_cancel(self, dbapi_connection: Any, timeout: float) -> None:
+    def do_cancel(self, dbapi_connection: Any, timeout: float) -> bool:
         """psycopg's (called only when :meth:`is_executing` said so)."""
         from lambda_pool.dialects.psycopg import PsycopgDialect
 
-        PsycopgDialect().do_cancel(dbapi_connection, timeout)
+        return PsycopgDialect().do_cancel(dbapi_connection, timeout)
 
     def do_ping(self, dbapi_connection: Any) -> bool:
         cursor = dbapi_connection.cursor()
@@ -171,8 +171,8 @@ class AsyncDefaultDialect(_GenericDialect):
             if callable(terminate):
                 terminate()
 
-    def do_cancel(self, dbapi_connection: Any, timeout: float) -> None:
+    def do_cancel(self, dbapi_connection: Any, timeout: float) -> bool:
         """psycopg ``AsyncConnection``'s (called only when :meth:`is_executing` said so)."""
         from lambda_pool.dialects.psycopg_async import AsyncPsycopgDialect
 
-        AsyncPsycopgDialect().do_cancel(dbapi_connection, timeout)
+        return AsyncPsycopgDialect().do_cancel(dbapi_connection, timeout)
