@@ -6,7 +6,10 @@ machine absolute timings mean little, ratios within one run mean more.
 
 Sections: :mod:`benchmarks.imports` (cold-start import cost, fresh subprocesses),
 :mod:`benchmarks.checkout` (pool checkout + return), :mod:`benchmarks.invocation`
-(a simulated Lambda invocation: ``NullPool`` against the warm engine).  See
+(a simulated Lambda invocation: ``NullPool`` against the warm engine),
+:mod:`benchmarks.async_pools` (both again for asyncio: lambda-pool's async engine
+against SQLAlchemy's ``create_async_engine`` and psycopg_pool's ``AsyncConnectionPool``;
+``NullPool`` against ``warm_async_engine`` on psycopg and asyncpg).  See
 ``docs/benchmarks.md``.
 """
 

@@ -2,7 +2,8 @@
 
 Options: ``--quick`` (few iterations, for the smoke test), ``--json PATH``,
 ``--database-url URL`` (else ``$DATABASE_URL``, else a throw-away embedded
-PostgreSQL on loopback), ``--only SECTION`` (repeatable).
+PostgreSQL on loopback), ``--only SECTION`` (repeatable: ``import``, ``checkout``,
+``invocation``, ``async``; ``async`` is the asyncio checkout and invocation tables).
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.async_pools import measure_async
 from benchmarks.checkout import measure_checkout
 from benchmarks.imports import measure_imports
 from benchmarks.invocation import measure_invocation
 from benchmarks.report import Section, format_sections, write_json
 from benchmarks.server import database
 
-SECTIONS = ("import", "checkout", "invocation")
+SECTIONS = ("import", "checkout", "invocation", "async")
+#: Sections that need the PostgreSQL server.
+DATABASE_SECTIONS = ("checkout", "invocation", "async")
 
 
 @dataclass(frozen=True)
@@ -79,14 +83,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         choices=SECTIONS,
-        help="run only this section (repeatable; default: all)",
+        help="run only this section (repeatable; default: all); 'async' is the asyncio "
+        "checkout and invocation sections",
     )
     return parser.parse_args(argv)
 
 
 def _versions() -> dict[str, str]:
     versions = {}
-    for name in ("lambda-pool", "SQLAlchemy", "psycopg", "psycopg-pool"):
+    for name in ("lambda-pool", "SQLAlchemy", "psycopg", "psycopg-pool", "asyncpg", "greenlet"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -119,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections: list[Section] = []
     if "import" in wanted:
         sections.append(measure_imports(settings.import_repeats))
-    if "checkout" in wanted or "invocation" in wanted:
+    if any(name in wanted for name in DATABASE_SECTIONS):
         with database(args.database_url) as db:
             meta["server"] = db.describe()
             if "checkout" in wanted:
@@ -139,6 +144,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ops_per_round=settings.invocation_ops,
                         warmup_ops=settings.invocation_warmup,
                     )
+                )
+            if "async" in wanted:
+                sections += measure_async(
+                    db,
+                    checkout_rounds=settings.checkout_rounds,
+                    checkout_ops=settings.checkout_ops,
+                    checkout_warmup=settings.checkout_warmup,
+                    invocation_rounds=settings.invocation_rounds,
+                    invocation_ops=settings.invocation_ops,
+                    invocation_warmup=settings.invocation_warmup,
                 )
     meta["elapsed_seconds"] = round(time.perf_counter() - started, 2)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import contenders
-from benchmarks.report import Row, Section, ratio
+from benchmarks.report import Section, add_case_rows
 from benchmarks.server import Database
-from benchmarks.timing import Case, median, run_interleaved
+from benchmarks.timing import Case, run_interleaved
 
 __all__ = ["measure_checkout"]
 
@@ -216,21 +216,5 @@ def measure_checkout(db: Database, *, rounds: int, ops_per_round: int, warmup_op
             f"median of {rounds} interleaved rounds x {ops_per_round} ops",
         ],
     )
-    medians = {case.id: median(case.samples_ns) / 1000.0 for case in cases}
-    anchors = {(case.group, case.role): medians[case.id] for case in cases if case.role}
-    for case in cases:
-        value = medians[case.id]
-        row = Row(
-            id=case.id,
-            label=case.label,
-            median=value,
-            samples=[sample / 1000.0 for sample in case.samples_ns],
-            ratios={
-                name: ratio(value, anchors.get((case.group, name)))
-                for name in (SQLALCHEMY, PSYCOPG_POOL)
-            },
-        )
-        if case.id in facts:
-            row.facts = facts[case.id]
-        section.rows.append(row)
+    add_case_rows(section, cases, facts)
     return section

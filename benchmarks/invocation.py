@@ -13,9 +13,9 @@ import contextlib
 from typing import Any
 
 from benchmarks import contenders
-from benchmarks.report import Row, Section, ratio
+from benchmarks.report import Section, add_case_rows
 from benchmarks.server import Database
-from benchmarks.timing import Case, median, run_interleaved
+from benchmarks.timing import Case, run_interleaved
 
 __all__ = ["measure_invocation"]
 
@@ -76,17 +76,5 @@ def measure_invocation(
             f"median of {rounds} interleaved rounds x {ops_per_round} invocations",
         ],
     )
-    baseline = median(cases[0].samples_ns) / 1000.0
-    for case in cases:
-        value = median(case.samples_ns) / 1000.0
-        section.rows.append(
-            Row(
-                id=case.id,
-                label=case.label,
-                median=value,
-                samples=[sample / 1000.0 for sample in case.samples_ns],
-                ratios={NULLPOOL: ratio(value, baseline)},
-                facts=facts.get(case.id, {}),
-            )
-        )
+    add_case_rows(section, cases, facts)
     return section

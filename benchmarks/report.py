@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Row", "Section", "format_sections", "ratio", "write_json"]
+from benchmarks.timing import Case, median
+
+__all__ = ["Row", "Section", "add_case_rows", "format_sections", "ratio", "write_json"]
 
 
 @dataclass
@@ -43,6 +45,34 @@ def ratio(value: float, baseline: float | None) -> float | None:
     if baseline is None or not math.isfinite(baseline) or baseline <= 0:
         return None
     return value / baseline
+
+
+def add_case_rows(
+    section: Section, cases: Sequence[Case], facts: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """Append a row per timed case (µs), each ratio against its group's case of that role.
+
+    Every name in ``section.baselines`` is a role; a group without a case of that role
+    gets ``None`` (printed as a dash) in that column.
+    """
+    facts = facts or {}
+    medians = {case.id: median(case.samples_ns) / 1000.0 for case in cases}
+    anchors = {(case.group, case.role): medians[case.id] for case in cases if case.role}
+    for case in cases:
+        value = medians[case.id]
+        section.rows.append(
+            Row(
+                id=case.id,
+                label=case.label,
+                median=value,
+                samples=[sample / 1000.0 for sample in case.samples_ns],
+                ratios={
+                    name: ratio(value, anchors.get((case.group, name)))
+                    for name in section.baselines
+                },
+                facts=facts.get(case.id, {}),
+            )
+        )
 
 
 def _number(value: float) -> str:

@@ -42,8 +42,14 @@ class Database:
         return _with_scheme(self.url, "postgresql+psycopg")
 
     @property
+    def asyncpg_url(self) -> str:
+        """``postgresql+asyncpg://…`` for :func:`lambda_pool.create_async_engine` on asyncpg."""
+        return _with_scheme(self.url, "postgresql+asyncpg")
+
+    @property
     def sqlalchemy_url(self) -> str:
-        """``postgresql+psycopg://…`` for :func:`sqlalchemy.create_engine` (psycopg 3)."""
+        """``postgresql+psycopg://…`` for SQLAlchemy's ``create_engine`` and
+        ``create_async_engine`` (psycopg 3; the async engine picks its async dialect)."""
         return _with_scheme(self.url, "postgresql+psycopg")
 
     def describe(self) -> dict[str, Any]:
