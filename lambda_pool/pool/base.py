@@ -56,14 +56,20 @@ CHECKOUT_ATTEMPTS = 2
 # Reinitialised in a forked child: a thread of the parent may have held it at fork time.
 _fork_lock = threading.Lock()
 
+# Forks this process descends from, counted in the child.  A pool remembers the count
+# it last saw: while it is unchanged the pool cannot be in a forked child, so checkout
+# and return skip ``os.getpid()`` (a system call each time).
+_forks = 0
 
-def _reinit_fork_lock() -> None:
-    global _fork_lock
+
+def _after_fork_in_child() -> None:
+    global _fork_lock, _forks
     _fork_lock = threading.Lock()
+    _forks += 1
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_fork_lock)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ class _EchoLogger:
         name = "lambda_pool.pool" + (f".{logging_name}" if logging_name else "")
         self.logger = logging.getLogger(name)
         self.level = logging.DEBUG if echo == "debug" else self._LEVELS.get(echo, logging.INFO)
+        # echo="debug" logs DEBUG whatever the logger's level (see log()).
+        self.debug_forced = self.level == logging.DEBUG
         if echo and not self.logger.handlers:
             # What echo=True promises: output without configuring logging first.
             handler = logging.StreamHandler(sys.stdout)
@@ -119,7 +127,8 @@ class _EchoLogger:
             self.logger.handle(record)
 
     def debug(self, msg: str, *args: Any) -> None:
-        self.log(logging.DEBUG, msg, *args)
+        if self.debug_forced or self.logger.isEnabledFor(logging.DEBUG):
+            self.log(logging.DEBUG, msg, *args)
 
     def info(self, msg: str, *args: Any) -> None:
         self.log(logging.INFO, msg, *args)
@@ -256,7 +265,8 @@ class PoolProxiedConnection:
             raise InvalidRequestError(
                 "This connection belongs to an async pool: use 'await proxy.aclose()'"
             )
-        if self._release_nested():
+        self._nested -= 1  # _release_nested(), inline: this is every return's path
+        if self._nested > 0:
             return
         self._pool._run_sync(self._pool._g_checkin(self, transaction_was_reset))
 
@@ -446,15 +456,24 @@ class Pool(abc.ABC):
         self._invalidate_time = 0.0
         self._first_connect_done = False
         self._pid = os.getpid()
+        self._forks_seen = _forks
         self._epoch = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._sync_waiters = 0  # threads in self._cond.wait(): nobody to notify when 0
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._background: set[asyncio.Task[None]] = set()
         # Every record this pool made that is still referenced (by the slots or by a
         # checked-out proxy): what _close_all_for_shutdown() walks without the lock.
         self._records: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
         self._slots: core.Slots[ConnectionPoolEntry] = self._make_slots()
+        # Whether the slot policy acts on ready(): when it does not (QueuePool, NullPool…),
+        # a checkout takes the lock once, not twice.  A waiter woken with nothing changed
+        # would only wait again, so skipping that notify changes nothing.
+        self._slots_ready = type(self._slots).ready is not core.Slots.ready
+        # StaticPool's slots (returns of a connection others still use skip the reset),
+        # found once here rather than by an isinstance() check at every return.
+        self._static_slots = self._slots if isinstance(self._slots, core.StaticSlots) else None
 
     # --- subclass hooks -----------------------------------------------------------------
 
@@ -608,6 +627,16 @@ class Pool(abc.ABC):
     # --- events -------------------------------------------------------------------------
 
     def _listeners(self, name: str) -> list[Any]:
+        """The listeners of event ``name`` for this pool, in firing order (often empty:
+        callers test that before building the event's arguments)."""
+        # Read straight from the module: this runs several times per checkout and return.
+        if event._generation == self._listener_generation:
+            found = self._listener_cache.get(name)
+            if found is not None:
+                return found
+        return self._merge_listeners(name)
+
+    def _merge_listeners(self, name: str) -> list[Any]:
         generation = event.generation()
         if generation != self._listener_generation:
             self._listener_cache = {}
@@ -638,13 +667,19 @@ class Pool(abc.ABC):
 
     def _perform_sync(self, step: Step) -> Any:
         op, arg = step
+        if op is Op.ROLLBACK:  # the step of every return: first
+            return self._dialect.do_rollback(arg)
         if op is Op.CONNECT:
             return self._creator()
         if op is Op.WAIT:
             version, seconds = arg
             with self._cond:
                 if self._slots.version == version:
-                    self._cond.wait(seconds)
+                    self._sync_waiters += 1
+                    try:
+                        self._cond.wait(seconds)
+                    finally:
+                        self._sync_waiters -= 1
             return None
         return self._dialect_call(op, arg)
 
@@ -738,7 +773,10 @@ class Pool(abc.ABC):
 
     def _notify_locked(self) -> None:
         """Wake every waiter (threads and tasks); each re-checks the slots. Hold the lock."""
-        self._cond.notify_all()
+        if self._sync_waiters:
+            self._cond.notify_all()
+        if not self._async_waiters:
+            return
         waiters, self._async_waiters = self._async_waiters, []
         for loop, future in waiters:
             # A closed loop raises RuntimeError: nobody is waiting on it any more.
@@ -749,8 +787,10 @@ class Pool(abc.ABC):
 
     def _check_fork(self) -> None:
         """In a forked child, forget the parent's connections without touching their sockets."""
+        forks = _forks
         pid = os.getpid()
         if pid == self._pid:
+            self._forks_seen = forks
             return
         with _fork_lock:
             if pid == self._pid:
@@ -758,10 +798,12 @@ class Pool(abc.ABC):
             # The parent's lock may have been held by a thread that does not exist here.
             self._lock = threading.Lock()
             self._cond = threading.Condition(self._lock)
+            self._sync_waiters = 0
             self._async_waiters = []
             dropped = self._slots.forget_all()
             self._epoch += 1
             self._pid = pid
+            self._forks_seen = forks
         for record in dropped:
             # Dropped, never closed: closing would end the parent's session (psycopg sends
             # Terminate on the shared socket); the drivers skip that when collected here.
@@ -776,8 +818,10 @@ class Pool(abc.ABC):
         return record
 
     def _g_checkout(self) -> Proc[PoolProxiedConnection]:
-        self._check_fork()
-        deadline = core.Deadline(time.monotonic(), self._timeout)
+        if _forks != self._forks_seen:
+            self._check_fork()
+        started = time.monotonic()
+        deadline: core.Deadline | None = None  # made when the checkout has to wait
         key = threading.get_ident()
         while True:
             with self._lock:
@@ -785,6 +829,8 @@ class Pool(abc.ABC):
                 version = self._slots.version
             if kind is not Acquire.WAIT:
                 break
+            if deadline is None:
+                deadline = core.Deadline(started, self._timeout)
             if deadline.expired(time.monotonic()):
                 raise PoolTimeoutError(self._timeout_message())
             yield Op.WAIT, (version, deadline.remaining(time.monotonic()))
@@ -808,7 +854,7 @@ class Pool(abc.ABC):
                 self._slots.ready(record)
                 self._notify_locked()
             raise
-        if kind is not Acquire.SHARED:
+        if kind is not Acquire.SHARED and self._slots_ready:
             with self._lock:
                 self._slots.ready(record)
                 self._notify_locked()
@@ -953,11 +999,13 @@ class Pool(abc.ABC):
         if record is None:
             yield from self._g_close_detached(proxy, transaction_was_reset)
             return
-        self._check_fork()
+        if _forks != self._forks_seen:
+            self._check_fork()
         if record._epoch != self._epoch:
             record.dbapi_connection = None  # the parent's: drop it (see _check_fork)
             return
-        shared = isinstance(self._slots, core.StaticSlots) and self._slots.users > 1
+        static = self._static_slots
+        shared = static is not None and static.users > 1
         dbapi = record.dbapi_connection
         if dbapi is not None and not shared:
             yield from self._g_reset(dbapi, record, transaction_was_reset, terminate_only)
@@ -977,13 +1025,16 @@ class Pool(abc.ABC):
         transaction_was_reset: bool,
         terminate_only: bool,
     ) -> Proc[None]:
-        state = PoolResetState(
-            transaction_was_reset=transaction_was_reset,
-            terminate_only=terminate_only,
-            asyncio_safe=not terminate_only,
-        )
         try:
-            self._fire("reset", dbapi, record, state)
+            listeners = self._listeners("reset")
+            if listeners:
+                state = PoolResetState(
+                    transaction_was_reset=transaction_was_reset,
+                    terminate_only=terminate_only,
+                    asyncio_safe=not terminate_only,
+                )
+                for listener in listeners:
+                    listener(dbapi, record, state)
             if terminate_only or transaction_was_reset:
                 return
             if self._reset_on_return == core.RESET_ROLLBACK:
