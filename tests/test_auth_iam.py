@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from support import FakeClock
 
 from lambda_pool.auth import (
     IAMCredentials,
@@ -28,19 +29,6 @@ from lambda_pool.exc import ArgumentError, CredentialsError
 
 REGION = "eu-west-1"
 HOST = "mydb.cluster-abc123.eu-west-1.rds.amazonaws.com"
-
-
-class FakeClock:
-    """A wall clock the test moves by hand (it starts at the real time)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class CountingClient:

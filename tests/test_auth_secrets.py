@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import FakeClock
 
 from lambda_pool.auth import (
     SecretsManagerCredentials,
@@ -22,19 +22,6 @@ from lambda_pool.auth import (
     provider_from_url,
 )
 from lambda_pool.exc import ArgumentError, CredentialsError
-
-
-class FakeClock:
-    """A wall clock the test moves by hand (it starts at the real time)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from support import in_forked_child
 
 from lambda_pool import exc
 from lambda_pool.pool import QueuePool
@@ -389,24 +390,14 @@ def test_forked_child_never_gets_the_parents_connection(
     pool = QueuePool(creator_for(embedded_postgres, unique_application_name), 2, 0)
     with pool.connect() as proxy:
         parent_pid = proxy.pgconn.backend_pid
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        status = 1
-        try:
-            with pool.connect() as proxy:
-                child_backend = proxy.pgconn.backend_pid
-            pool.dispose()
-            os.write(write, str(child_backend).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write)
-    _, status = os.waitpid(child, 0)
-    child_backend = int(os.read(read, 64) or b"0")
-    os.close(read)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert child_backend not in (0, parent_pid)
+
+    def in_child() -> int:
+        with pool.connect() as proxy:
+            pid = int(proxy.pgconn.backend_pid)
+        pool.dispose()
+        return pid
+
+    assert in_forked_child(in_child) not in (0, parent_pid)
     # the parent's session was not closed by the child
     with pool.connect() as proxy:
         assert proxy.pgconn.backend_pid == parent_pid

@@ -4,7 +4,6 @@ credentials (RDS IAM tokens under moto) and registration for shutdown."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -17,6 +16,7 @@ sqlalchemy = pytest.importorskip("sqlalchemy")
 
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.pool import NullPool, QueuePool, StaticPool  # noqa: E402
+from support import FakeClock, in_forked_child, require_tls  # noqa: E402
 
 from lambda_pool import lifecycle  # noqa: E402
 from lambda_pool.exc import ArgumentError  # noqa: E402
@@ -29,19 +29,6 @@ from lambda_pool.sqlalchemy import (  # noqa: E402
 from lambda_pool.testing.postgres import PostgresServer  # noqa: E402
 
 REGION = "us-east-1"
-
-
-class FakeClock:
-    """A wall clock the test moves by hand (it starts at the real time)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def _url(pg: PostgresServer, app: str) -> str:
@@ -182,24 +169,14 @@ def test_forked_child_never_uses_the_parents_connection(
     engine = make_engine(warm=True)
     with engine.connect() as conn:
         parent_pid = _backend_pid(conn)
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            os.close(read_fd)
-            with engine.connect() as conn:
-                os.write(write_fd, str(_backend_pid(conn)).encode())
-            engine.dispose()
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        reported = pipe.read()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert reported and int(reported) != parent_pid
+
+    def in_child() -> int:
+        with engine.connect() as conn:
+            pid = _backend_pid(conn)
+        engine.dispose()
+        return pid
+
+    assert in_forked_child(in_child) != parent_pid
     # The parent's session survived the child replacing (and closing) its copy.
     with engine.connect() as conn:
         assert _backend_pid(conn) == parent_pid
@@ -356,11 +333,7 @@ def test_iam_tokens_recycle_at_expiry_through_a_real_sqlalchemy_engine(
     from lambda_pool.auth import IAMCredentials
 
     pg = embedded_postgres
-    if not pg.ssl_enabled:
-        pytest.skip(
-            "the test PostgreSQL has no TLS, which IAM authentication requires; install "
-            "TLS-capable binaries (apt-get install postgresql) or set LAMBDA_POOL_TEST_DSN"
-        )
+    require_tls(pg)
     clock = FakeClock()
     factory = TokenIssuingFactory(pg, iam_role)
     provider = IAMCredentials(

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from support import FakeClock, in_forked_child
 
 from lambda_pool import event, lifecycle
 from lambda_pool.dialects.psycopg import PsycopgDialect
@@ -35,19 +35,6 @@ from lambda_pool.warm import (
 )
 
 psycopg = pytest.importorskip("psycopg")
-
-
-class FakeClock:
-    """A wall clock the test moves by hand (it starts at the real time)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -201,24 +188,14 @@ def test_forked_child_never_uses_the_parents_connection(
     pool = make_pool()
     with pool.connect() as conn:
         parent_backend = _backend_pid(conn)
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            os.close(read_fd)
-            with pool.connect() as conn:
-                os.write(write_fd, str(_backend_pid(conn)).encode())
-            pool.dispose()
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        reported = pipe.read()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert reported and int(reported) != parent_backend
+
+    def in_child() -> int:
+        with pool.connect() as conn:
+            pid = _backend_pid(conn)
+        pool.dispose()
+        return pid
+
+    assert in_forked_child(in_child) != parent_backend
     # The child dropped (and at exit closed) only its own copy: the parent's session lives.
     with pool.connect() as conn:
         assert _backend_pid(conn) == parent_backend

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from support import FakeClock
 
 from lambda_pool.asyncio import AsyncConnection, AsyncEngine
 from lambda_pool.auth import Credentials
@@ -27,19 +27,6 @@ from lambda_pool.warm import (
 )
 
 DRIVERS = ["psycopg", "asyncpg"]
-
-
-class FakeClock:
-    """A wall clock the test moves by hand (it starts at the real time)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def _with_driver(url: str, driver: str) -> str:

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import FakeClock, in_forked_child, require_tls
 
 import lambda_pool
 from lambda_pool import lifecycle
@@ -18,19 +17,6 @@ from lambda_pool.auth import Credentials
 from lambda_pool.exc import ArgumentError
 from lambda_pool.testing.postgres import PostgresServer
 from lambda_pool.warm import WarmPool, cached_engines, warm_engine
-
-
-class FakeClock:
-    """A wall clock the test moves by hand (it starts at the real time)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -106,23 +92,12 @@ def test_forked_child_gets_its_own_backend_and_the_parent_keeps_its_own(url: str
     engine = warm_engine(url)
     with engine.connect() as conn:
         parent_backend = _backend_pid(conn)
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            os.close(read_fd)
-            with warm_engine(url).connect() as conn:
-                os.write(write_fd, str(_backend_pid(conn)).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        reported = pipe.read()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert reported and int(reported) != parent_backend
+
+    def in_child() -> int:
+        with warm_engine(url).connect() as conn:
+            return _backend_pid(conn)
+
+    assert in_forked_child(in_child) != parent_backend
     with engine.connect() as conn:
         assert _backend_pid(conn) == parent_backend
 
@@ -236,11 +211,7 @@ def test_iam_token_connection_kept_until_expiry_then_replaced_with_a_fresh_token
     from lambda_pool.auth import IAMCredentials
 
     pg = embedded_postgres
-    if not pg.ssl_enabled:
-        pytest.skip(
-            "the test PostgreSQL has no TLS, which IAM authentication requires; install "
-            "TLS-capable binaries (apt-get install postgresql) or set LAMBDA_POOL_TEST_DSN"
-        )
+    require_tls(pg)
     issued: list[str] = []
 
     def client_factory(region: str) -> Any:
