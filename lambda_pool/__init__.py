@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     "warm_engine": "lambda_pool.warm",
     "warm_async_engine": "lambda_pool.warm",
     "with_connection": "lambda_pool.handler",
+    "deadline": "lambda_pool.deadlines",
     "install_shutdown_hooks": "lambda_pool.lifecycle",
     "dispose_all": "lambda_pool.lifecycle",
     "StaticCredentials": "lambda_pool.auth",
@@ -56,6 +57,7 @@ __all__ = [
     "StaticPool",
     "__version__",
     "create_engine",
+    "deadline",
     "dispose_all",
     "event",
     "exc",
@@ -69,6 +71,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lambda_pool.auth import IAMCredentials, SecretsManagerCredentials, StaticCredentials
+    from lambda_pool.deadlines import deadline
     from lambda_pool.engine import Connection, Engine, create_engine
     from lambda_pool.handler import with_connection
     from lambda_pool.lifecycle import dispose_all, install_shutdown_hooks

@@ -46,3 +46,16 @@ class CredentialsError(LambdaPoolError):
 
 class StatementTimeoutError(LambdaPoolError, builtins.TimeoutError):
     """A statement was cancelled because the Lambda invocation was about to time out."""
+
+
+class DeadlineExceededError(LambdaPoolError, builtins.TimeoutError):
+    """A blocking step (connect, pre-ping, statement, commit, reset) did not end before
+    the invocation's deadline; its connection was discarded.
+
+    ``step`` names the step, ``remaining_ms`` the time it had left when it started.
+    """
+
+    def __init__(self, message: str, *, step: str = "", remaining_ms: int = 0) -> None:
+        super().__init__(message)
+        self.step = step
+        self.remaining_ms = remaining_ms

@@ -1,0 +1,122 @@
+"""The invocation deadline: how long blocking database work may still take.
+
+A :class:`Deadline` is a point on the monotonic clock.  The current one lives in a
+:class:`contextvars.ContextVar`, so the thread doing an invocation's work, and every
+asyncio task it starts, sees it without it being passed down through the pool, the
+engine and the dialect.  :func:`lambda_pool.with_connection` sets it for each invocation
+(the context's remaining time minus the margin); code outside the decorator bounds its
+own work with ``with lambda_pool.deadline(seconds): ...``.
+
+Each blocking step (connect, pre-ping, statement, commit, reset on return, backoff
+between connect retries) asks :func:`current` how long it may block, and when the time
+runs out it ends with :class:`~lambda_pool.exc.DeadlineExceededError` naming the step
+and the time it had left when it started.  Nothing here starts a thread or a timer: a
+deadline is only read by the steps, so a frozen Lambda sandbox has nothing armed.
+
+This module is I/O-free and imports nothing heavy: it is read on every statement.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from lambda_pool.exc import ArgumentError, DeadlineExceededError
+
+__all__ = ["Deadline", "current", "deadline", "remaining", "use"]
+
+
+class Deadline:
+    """A moment (``time.monotonic()`` seconds) by which blocking work must have ended.
+
+    ``margin_ms`` is the time already kept free before the real end (Lambda's own
+    deadline), reported in errors; ``source`` says in words where the bound came from.
+    """
+
+    __slots__ = ("expires_at", "margin_ms", "source")
+
+    def __init__(self, expires_at: float, *, margin_ms: int = 0, source: str = "deadline") -> None:
+        self.expires_at = expires_at
+        self.margin_ms = margin_ms
+        self.source = source
+
+    @classmethod
+    def after(cls, seconds: float, *, margin_ms: int = 0, source: str = "deadline") -> Deadline:
+        """A deadline ``seconds`` from now."""
+        return cls(time.monotonic() + seconds, margin_ms=margin_ms, source=source)
+
+    def remaining(self) -> float:
+        """Seconds left (zero or negative once it has passed)."""
+        return self.expires_at - time.monotonic()
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.expires_at
+
+    def exceeded(self, step: str, started_with: float, cause: str = "") -> DeadlineExceededError:
+        """The error for ``step``, which started with ``started_with`` seconds left."""
+        left_ms = max(0, int(started_with * 1000))
+        margin = f" (after the margin of {self.margin_ms} ms)" if self.margin_ms else ""
+        detail = f": {cause}" if cause else ""
+        message = (
+            f"the {step} did not finish before the {self.source}{detail}; it started with "
+            f"{left_ms} ms left{margin}. The connection was discarded and the next one is "
+            "opened afresh; if the server or network is slow, raise the function's timeout "
+            "or make the work smaller"
+        )
+        return DeadlineExceededError(message, step=step, remaining_ms=left_ms)
+
+    def __repr__(self) -> str:
+        return f"<Deadline {self.remaining() * 1000:.0f} ms left ({self.source})>"
+
+
+_current: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
+    "lambda_pool.deadline", default=None
+)
+
+
+def current() -> Deadline | None:
+    """The deadline of the work running in this thread or task, or ``None``."""
+    return _current.get()
+
+
+def remaining() -> float | None:
+    """Seconds left before the current deadline, or ``None`` without one."""
+    found = _current.get()
+    return None if found is None else found.remaining()
+
+
+@contextmanager
+def use(bound: Deadline | None) -> Iterator[Deadline | None]:
+    """Make ``bound`` the current deadline inside the block (the earlier one wins when
+    an outer deadline ends sooner); ``None`` keeps the outer one."""
+    outer = _current.get()
+    chosen = bound
+    if outer is not None and (chosen is None or outer.expires_at <= chosen.expires_at):
+        chosen = outer
+    token = _current.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _current.reset(token)
+
+
+@contextmanager
+def deadline(seconds: float, *, source: str = "deadline") -> Iterator[Deadline | None]:
+    """Bound every blocking database step inside the block by ``seconds`` from now.
+
+    ::
+
+        with lambda_pool.deadline(2.5):
+            with engine.connect() as conn:
+                conn.execute("SELECT ...")
+
+    A step still blocked when the time is up ends with
+    :class:`~lambda_pool.exc.DeadlineExceededError`; its connection is discarded.
+    Nested blocks keep the earlier of the two deadlines.
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds:
+        raise ArgumentError(f"deadline(seconds={seconds!r}): give a number of seconds")
+    with use(Deadline.after(float(seconds), source=source)) as bound:
+        yield bound
