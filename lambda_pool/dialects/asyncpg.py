@@ -49,6 +49,9 @@ __all__ = [
 log = logging.getLogger("lambda_pool.dialects.asyncpg")
 
 _DISCONNECT_SQLSTATES = {"57P01", "57P02", "57P03"}
+# 25006 read_only_sql_transaction (ReadOnlySQLTransactionError): the server is a reader
+# now, e.g. the old writer after a failover; see the psycopg dialect's _FAILOVER_SQLSTATES.
+_FAILOVER_SQLSTATES = {"25006"}
 _AUTH_SQLSTATES = {"28P01", "28000"}
 # asyncpg.connect() keywords that may come from the URL query, with their types.
 _TYPED_KEYS: dict[str, type] = {
@@ -59,6 +62,21 @@ _TYPED_KEYS: dict[str, type] = {
     "target_session_attrs": str,
 }
 _CLOSE_TIMEOUT = 5.0
+
+
+_CONNECTION_LOST_NOTE = (
+    "lambda-pool: the database connection was lost (asyncpg's protocol state no longer "
+    "matches the server, e.g. the backend was terminated mid-query); it was discarded and "
+    "the next checkout opens a new one"
+)
+
+
+def _note_connection_lost(exc: BaseException) -> None:
+    """Say on the driver's own exception (same object, same type) that the connection is
+    gone: asyncpg's message names only its internal states."""
+    # Exception notes (PEP 678) exist from Python 3.11; 3.10 would not print them.
+    if sys.version_info >= (3, 11) and _CONNECTION_LOST_NOTE not in getattr(exc, "__notes__", ()):
+        exc.add_note(_CONNECTION_LOST_NOTE)
 
 
 def _server_settings_from_options(options: str) -> dict[str, str]:
@@ -321,10 +339,18 @@ class AsyncpgDialect(AsyncDialect):
             return False
         if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
             return True
+        if isinstance(exc, asyncpg.exceptions.InternalClientError):
+            # asyncpg's protocol state machine is out of step with the socket, e.g.
+            # "cannot switch to state 11; another operation (2) is in progress" when the
+            # backend was killed mid-query: nothing more can be sent on it.
+            _note_connection_lost(exc)
+            return True
         if isinstance(exc, asyncpg.exceptions.InterfaceError):
             return "connection is closed" in str(exc) or "connection was closed" in str(exc)
         state = getattr(exc, "sqlstate", None)
-        return isinstance(state, str) and (state.startswith("08") or state in _DISCONNECT_SQLSTATES)
+        return isinstance(state, str) and (
+            state.startswith("08") or state in _DISCONNECT_SQLSTATES or state in _FAILOVER_SQLSTATES
+        )
 
     def is_auth_failure(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) in _AUTH_SQLSTATES

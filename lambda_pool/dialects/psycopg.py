@@ -39,6 +39,12 @@ __all__ = [
 # SQLSTATEs meaning the session is gone: class 08 (connection exception) plus the
 # server shutting the backend down (pg_terminate_backend, crash, startup).
 _DISCONNECT_SQLSTATES = {"57P01", "57P02", "57P03"}
+# 25006 read_only_sql_transaction: a write reached a read-only server.  After a failover
+# a warm connection still talks to the old writer, now a reader (the endpoint's DNS was
+# resolved when it connected); only a new connection resolves the name again, so the
+# session is as good as lost for a writer.  Discarding a session that a user made
+# read-only on purpose costs one reconnect, never data.
+_FAILOVER_SQLSTATES = {"25006"}
 # 28P01 invalid_password, 28000 invalid_authorization_specification (no pg_hba
 # entry, IAM "PAM authentication failed").
 _AUTH_SQLSTATES = {"28P01", "28000"}
@@ -93,9 +99,11 @@ def psycopg_is_disconnect(exc: BaseException, dbapi_conn: Any) -> bool:
     psycopg = sys.modules.get("psycopg")
     if psycopg is None:  # psycopg never loaded, so it cannot have raised
         return False
+    state = _sqlstate(exc)
+    if state in _FAILOVER_SQLSTATES and isinstance(exc, psycopg.Error):
+        return True  # ReadOnlySqlTransaction is an InternalError, not an OperationalError
     if not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return False
-    state = _sqlstate(exc)
     if state is not None:
         # Query cancellation, deadlocks and serialization failures are
         # OperationalErrors too, but the session survives them.
