@@ -330,20 +330,21 @@ class AsyncpgDialect(AsyncDialect):
         return ExecResult(keys, [tuple(record) for record in records], rowcount, True)
 
     def is_disconnect(self, exc: BaseException, dbapi_conn: Any) -> bool:
+        asyncpg = sys.modules.get("asyncpg")
+        if asyncpg is not None and isinstance(exc, asyncpg.exceptions.InternalClientError):
+            # asyncpg's protocol state machine is out of step with the socket, e.g.
+            # "cannot switch to state 11; another operation (2) is in progress" when the
+            # backend was killed mid-query: nothing more can be sent on it.  Checked
+            # first so the note is added whether or not asyncpg saw the socket close.
+            _note_connection_lost(exc)
+            return True
         if dbapi_conn is not None and dbapi_conn.is_closed():
             return True
         if isinstance(exc, (ConnectionError, EOFError)):
             return True
-        asyncpg = sys.modules.get("asyncpg")
         if asyncpg is None:
             return False
         if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
-            return True
-        if isinstance(exc, asyncpg.exceptions.InternalClientError):
-            # asyncpg's protocol state machine is out of step with the socket, e.g.
-            # "cannot switch to state 11; another operation (2) is in progress" when the
-            # backend was killed mid-query: nothing more can be sent on it.
-            _note_connection_lost(exc)
             return True
         if isinstance(exc, asyncpg.exceptions.InterfaceError):
             return "connection is closed" in str(exc) or "connection was closed" in str(exc)
