@@ -36,7 +36,11 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, Pool, QueuePool
 
 from lambda_pool import lifecycle
-from lambda_pool.dialects.psycopg import PsycopgDialect, psycopg_is_auth_failure
+from lambda_pool.dialects.psycopg import (
+    PsycopgDialect,
+    psycopg_is_auth_failure,
+    psycopg_is_disconnect,
+)
 from lambda_pool.exc import ArgumentError
 from lambda_pool.warm import (
     CREDENTIALS_EXPIRE_AT,
@@ -364,6 +368,20 @@ def _install_credentials(
 # -- engine construction ----------------------------------------------------------------
 
 
+def _install_disconnect_rules(engine: Engine) -> None:
+    """Count what lambda-pool's psycopg dialect counts as a lost session as a disconnect.
+
+    SQLAlchemy's psycopg dialect does not treat SQLSTATE 25006 (a write on a read-only
+    server: the old writer after a failover) as one, so a warm connection would stay on
+    the reader for good; marked a disconnect, SQLAlchemy drops it and reconnects.
+    """
+
+    @event.listens_for(engine, "handle_error")
+    def _lambda_pool_disconnects(context: Any) -> None:
+        if not context.is_disconnect and psycopg_is_disconnect(context.original_exception, None):
+            context.is_disconnect = True
+
+
 def _normalise_url(url: str | URL) -> URL:
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
@@ -435,6 +453,8 @@ def create_engine(
             sized = any(name in kwargs for name in _QUEUE_POOL_ARGS)
             kwargs["poolclass"] = QueuePool if sized else NullPool
     engine = sqlalchemy.create_engine(parsed, **kwargs)
+    if is_psycopg:
+        _install_disconnect_rules(engine)
     if credentials is not None:
         _install_credentials(
             engine,
