@@ -1,8 +1,13 @@
-"""``IAMCredentials``: RDS IAM authentication tokens signed with boto3, cached until near expiry.
+"""``IAMCredentials``: RDS IAM authentication tokens signed locally, cached until near expiry.
 
 A token is a SigV4-presigned URL (``host:port/?Action=connect&DBUser=...&X-Amz-Date=...&
-X-Amz-Expires=900&...``) signed locally by ``rds.generate_db_auth_token``; it is checked
-only when a connection is opened, and only over TLS.  One token is reused for every
+X-Amz-Expires=900&...``); RDS checks it only when a connection is opened, and only over
+TLS.  It is signed by :mod:`lambda_pool.auth.sigv4` with the standard library from the
+credentials Lambda puts in the environment, so the first connect imports neither boto3
+nor botocore (0.3-0.6 s of a cold start); botocore's credential chain is consulted only
+when the environment has no credentials.  Given ``session=`` or ``client_factory=``,
+the token comes from that boto3 client's ``generate_db_auth_token`` instead (the same
+string for the same credentials and second).  One token is reused for every
 connection until ``issued_at + lifetime - margin`` — both read from the token itself — and
 ``Credentials.expires_at`` is that moment, so the engine retires connections opened with
 it at their next checkout after it (bounding how long a revoked permission keeps a session).
@@ -23,6 +28,7 @@ from lambda_pool.auth._errors import describe_aws_error
 from lambda_pool.auth._quiet import SIGNING_LOGGERS, hide_sdk_debug
 from lambda_pool.auth.base import Credentials
 from lambda_pool.auth.registry import register_provider
+from lambda_pool.auth.sigv4 import find_aws_credentials, presign_rds_auth_token
 from lambda_pool.exc import ArgumentError, CredentialsError
 
 __all__ = [
@@ -95,8 +101,10 @@ class IAMCredentials:
 
     ``margin`` seconds are taken off each token's life so no connect races its expiry.
     ``clock`` is the wall clock ``expires_at`` is expressed in (inject a fake in tests).
-    The rds client comes from ``client_factory(region)`` if given, else from ``session``
-    (a ``boto3.Session``), else from a new default boto3 session; it is created on first use.
+    Without ``client_factory``/``session`` the token is signed in-process from the
+    environment's AWS credentials (else botocore's credential chain's), read anew for each
+    token.  With them, an rds client from ``client_factory(region)`` or ``session`` (a
+    ``boto3.Session``) signs it; the client is created on first use.
     ``connect_args`` carry ``sslmode`` (``require`` unless a stricter TLS mode is given).
     """
 
@@ -187,19 +195,29 @@ class IAMCredentials:
             if self._client_factory is not None:
                 self._client = self._client_factory(self.region)
             else:
-                session = self._session
-                if session is None:
-                    try:
-                        import boto3
-                    except ImportError:
-                        raise CredentialsError(
-                            "IAMCredentials needs boto3: pip install 'lambda-pool[iam]'"
-                        ) from None
-                    session = boto3.session.Session()
-                self._client = session.client("rds", region_name=self.region)
+                self._client = self._session.client("rds", region_name=self.region)
         return self._client
 
     def _sign(self) -> str:
+        if self._client_factory is None and self._session is None:
+            return self._sign_in_process()
+        return self._sign_with_boto3()
+
+    def _sign_in_process(self) -> str:
+        reason: str | None = None
+        try:
+            with hide_sdk_debug(SIGNING_LOGGERS):  # only reached via botocore's chain
+                credentials = find_aws_credentials()
+        except CredentialsError as exc:
+            reason = str(exc)
+        else:
+            return presign_rds_auth_token(self.host, self.port, self.user, self.region, credentials)
+        raise CredentialsError(
+            f"could not sign an RDS IAM token for {self.user!r} at {self.host}:{self.port} "
+            f"in {self.region}: {reason}"
+        )
+
+    def _sign_with_boto3(self) -> str:
         reason: str | None = None
         try:
             with hide_sdk_debug(SIGNING_LOGGERS):
