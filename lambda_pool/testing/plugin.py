@@ -1,5 +1,10 @@
 """The pytest plugin (entry point ``pytest11: lambda_pool``): fixtures for a real PostgreSQL,
-PgBouncer, moto-backed AWS and Lambda contexts.
+PgBouncer, moto-backed AWS, Lambda contexts and fault injection.
+
+The plugin is active in every project that installs the ``testing`` extra, so every
+fixture is named ``lp_*``: a project's own ``aws`` or ``postgresql`` fixture (as moto's
+and pytest-postgresql's documentation write them) never collides with ours, and our
+fixtures depend only on each other, never on a name a project can override.
 
 It is loaded into every pytest run where lambda-pool is installed, so it imports nothing
 heavy at module level: servers, moto and boto3 are imported inside the fixtures that use them.
@@ -17,43 +22,135 @@ import pytest
 
 if TYPE_CHECKING:
     from lambda_pool.testing.context import LambdaContext
+    from lambda_pool.testing.faults import FaultProxy
     from lambda_pool.testing.pgbouncer import PgBouncer
     from lambda_pool.testing.postgres import PostgresServer
 
 AWS_REGION = "us-east-1"
 
+_TLS_CHOICES = ("auto", "on", "off")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--lp-postgres-*`` options (and ini keys of the same names with ``_``) that choose
+    the session's server; the ``LAMBDA_POOL_TEST_DSN`` / ``LAMBDA_POOL_PG_BINDIR``
+    environment variables still work and the command line wins over both."""
+    group = parser.getgroup("lambda-pool", "lambda-pool's PostgreSQL for tests")
+    group.addoption(
+        "--lp-postgres-dsn",
+        default=None,
+        help="use this existing server instead of starting one (as LAMBDA_POOL_TEST_DSN)",
+    )
+    group.addoption(
+        "--lp-postgres-bindir",
+        default=None,
+        help="PostgreSQL binaries to start the throw-away server with (as LAMBDA_POOL_PG_BINDIR)",
+    )
+    group.addoption(
+        "--lp-postgres-tls",
+        default=None,
+        choices=_TLS_CHOICES,
+        help="TLS on the throw-away server: on (fail without a TLS build), off, auto (default)",
+    )
+    parser.addini("lp_postgres_dsn", "default for --lp-postgres-dsn", default=None)
+    parser.addini("lp_postgres_bindir", "default for --lp-postgres-bindir", default=None)
+    parser.addini("lp_postgres_tls", "default for --lp-postgres-tls (auto|on|off)", default=None)
+
+
+def _option(config: pytest.Config, name: str) -> str | None:
+    value = config.getoption(f"--{name.replace('_', '-')}", default=None)
+    if value is None:
+        value = config.getini(name) or None
+    return None if value is None else str(value)
+
+
+def _server_from_options(config: pytest.Config) -> PostgresServer:
+    import os
+
+    from lambda_pool.testing.postgres import (
+        ENV_BINDIR,
+        EmbeddedPostgres,
+        ExternalPostgres,
+        from_env,
+    )
+
+    dsn = _option(config, "lp_postgres_dsn")
+    if dsn:
+        return ExternalPostgres(dsn)
+    tls = _option(config, "lp_postgres_tls") or "auto"
+    if tls not in _TLS_CHOICES:
+        raise pytest.UsageError(f"lp_postgres_tls = {tls!r}: use one of {', '.join(_TLS_CHOICES)}")
+    bindir = _option(config, "lp_postgres_bindir")
+    if bindir:
+        # The server reads the binaries' place from the environment; set it for this
+        # session only (the variable is restored when the fixture ends).
+        os.environ[ENV_BINDIR] = bindir
+    ssl = {"on": True, "off": False}.get(tls)
+    return from_env() if ssl is None else EmbeddedPostgres(ssl=ssl)
+
 
 @pytest.fixture(scope="session")
-def embedded_postgres() -> Iterator[PostgresServer]:
-    """The session's PostgreSQL: the server of ``LAMBDA_POOL_TEST_DSN`` or a throw-away one.
+def lp_postgres(pytestconfig: pytest.Config) -> Iterator[PostgresServer]:
+    """The session's PostgreSQL: the server of ``--lp-postgres-dsn`` /
+    ``LAMBDA_POOL_TEST_DSN``, or a throw-away one started on first use and stopped at the
+    end of the session (and at interpreter exit)."""
+    import os
 
-    Started on first use and stopped at the end of the session (and at interpreter exit).
-    """
-    from lambda_pool.testing.postgres import from_env
+    from lambda_pool.testing.postgres import ENV_BINDIR
 
-    server = from_env()
-    server.start()
+    saved_bindir = os.environ.get(ENV_BINDIR)
+    server = _server_from_options(pytestconfig)
     try:
-        yield server
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        if saved_bindir is None:
+            os.environ.pop(ENV_BINDIR, None)
+        else:
+            os.environ[ENV_BINDIR] = saved_bindir
 
 
 @pytest.fixture
-def postgres_url(embedded_postgres: PostgresServer) -> str:
+def lp_postgres_url(lp_postgres: PostgresServer) -> str:
     """The application URL ``postgresql://lambda_pool:PW@127.0.0.1:PORT/lambda_pool_test``."""
-    return embedded_postgres.dsn
+    return lp_postgres.dsn
 
 
 @pytest.fixture
-def unique_application_name(request: pytest.FixtureRequest) -> str:
+def lp_database(lp_postgres: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty database for this test, owned by the application user; yields its
+    URL. Dropped at teardown, ending any session still connected to it."""
+    from psycopg import sql
+
+    stem = re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower())[:30]
+    name = f"lpt_{stem}_{uuid.uuid4().hex[:10]}"
+    with lp_postgres.admin_connect() as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(name), sql.Identifier(lp_postgres.user)
+            )
+        )
+    try:
+        yield lp_postgres.dsn_for(lp_postgres.user, lp_postgres.password, dbname=name)
+    finally:
+        with lp_postgres.admin_connect() as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture
+def lp_application_name(request: pytest.FixtureRequest) -> str:
     """A fresh ``application_name`` (under PostgreSQL's 63 bytes) to count a test's backends."""
     stem = re.sub(r"[^A-Za-z0-9_]+", "_", request.node.name)[:40]
     return f"lpt_{stem}_{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def lp_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Fake credentials, region ``us-east-1`` and moto's ``mock_aws`` for the test; yields
     the region. Skips when moto is not installed."""
     try:
@@ -80,7 +177,7 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 @pytest.fixture
-def db_secret(aws: str, embedded_postgres: PostgresServer) -> str:
+def lp_db_secret(lp_aws: str, lp_postgres: PostgresServer) -> str:
     """A moto Secrets Manager secret with the app credentials; yields its ARN.
 
     The value is the JSON RDS writes: ``{"username", "password", "host", "port", "dbname",
@@ -88,13 +185,13 @@ def db_secret(aws: str, embedded_postgres: PostgresServer) -> str:
     """
     import boto3
 
-    client = boto3.client("secretsmanager", region_name=aws)
+    client = boto3.client("secretsmanager", region_name=lp_aws)
     value = {
-        "username": embedded_postgres.user,
-        "password": embedded_postgres.password,
-        "host": embedded_postgres.host,
-        "port": embedded_postgres.port,
-        "dbname": embedded_postgres.dbname,
+        "username": lp_postgres.user,
+        "password": lp_postgres.password,
+        "host": lp_postgres.host,
+        "port": lp_postgres.port,
+        "dbname": lp_postgres.dbname,
         "engine": "postgres",
     }
     created = client.create_secret(
@@ -104,8 +201,8 @@ def db_secret(aws: str, embedded_postgres: PostgresServer) -> str:
 
 
 @pytest.fixture
-def lambda_context() -> Callable[..., LambdaContext]:
-    """Factory: ``lambda_context(remaining_ms=3000, **attrs)`` -> a fresh `LambdaContext`
+def lp_lambda_context() -> Callable[..., LambdaContext]:
+    """Factory: ``lp_lambda_context(remaining_ms=3000, **attrs)`` -> a fresh `LambdaContext`
     (new ``aws_request_id`` per call) whose remaining time counts down from creation."""
     from lambda_pool.testing.context import LambdaContext
 
@@ -116,7 +213,7 @@ def lambda_context() -> Callable[..., LambdaContext]:
 
 
 @pytest.fixture(scope="session")
-def pgbouncer(embedded_postgres: PostgresServer) -> Iterator[PgBouncer]:
+def lp_pgbouncer(lp_postgres: PostgresServer) -> Iterator[PgBouncer]:
     """A real PgBouncer (transaction mode) in front of the session's PostgreSQL.
 
     Skips when the binary is missing. Connect with ``prepare_threshold=None``.
@@ -125,7 +222,7 @@ def pgbouncer(embedded_postgres: PostgresServer) -> Iterator[PgBouncer]:
 
     if find_pgbouncer() is None:
         pytest.skip("pgbouncer not installed: apt-get install pgbouncer")
-    bouncer = PgBouncer(embedded_postgres)
+    bouncer = PgBouncer(lp_postgres)
     bouncer.start()
     try:
         yield bouncer
@@ -133,18 +230,34 @@ def pgbouncer(embedded_postgres: PostgresServer) -> Iterator[PgBouncer]:
         bouncer.stop()
 
 
+@pytest.fixture
+def lp_fault_proxy(lp_postgres: PostgresServer) -> Iterator[FaultProxy]:
+    """A started fault-injecting TCP proxy (`lambda_pool.testing.faults.FaultProxy`) on
+    127.0.0.1 in front of the session's PostgreSQL, in pass-through mode.
+
+    ``lp_fault_proxy.url_for(postgres_url)`` routes a DSN through it; switch faults with
+    ``black_hole()``, ``latency(ms)``, ``reset()``, ``half_close()``,
+    ``black_hole_mid_reply(n)`` and ``pass_through()``.  Closed (every flow ended, every
+    thread joined) at the end of the test.
+    """
+    from lambda_pool.testing.faults import FaultProxy
+
+    with FaultProxy(lp_postgres.host, lp_postgres.port) as proxy:
+        yield proxy
+
+
 # --------------------------------------------------------------------------- invoking handlers
-# (lambda_invoker: cold and warm in-process invocations, lambda_pool.testing.invoke)
+# (lp_lambda_invoker: cold and warm in-process invocations, lambda_pool.testing.invoke)
 
 if TYPE_CHECKING:
     from lambda_pool.testing.invoke import LambdaInvoker
 
 
 @pytest.fixture
-def lambda_invoker(
+def lp_lambda_invoker(
     request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., LambdaInvoker]]:
-    """Factory: ``lambda_invoker("app.py", env={...})`` -> a `LambdaInvoker`.
+    """Factory: ``lp_lambda_invoker("app.py", env={...})`` -> a `LambdaInvoker`.
 
     ``invoker.cold(event)`` imports the handler afresh (a new container: engines disposed,
     warm cache empty), ``invoker.warm(event)`` calls it again; both return the handler's
