@@ -299,3 +299,37 @@ def test_asyncpg_backend_killed_mid_query_is_always_a_lost_connection(
     assert sum(seen.values()) > 0, "no kill landed mid-query"
     for notes in internal_notes:
         assert any("connection was lost" in note for note in notes)
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_target_session_attrs_read_write_refuses_a_read_only_server_at_connect(
+    failover_server: EmbeddedPostgres, url: str, read_only: Callable[[bool], None], driver: str
+) -> None:
+    """What docs/deploy.md recommends for writer endpoints: the connect itself refuses the
+    demoted writer, before the handler did any work."""
+    pytest.importorskip(driver)
+    from lambda_pool.asyncio import create_async_engine
+
+    writer_url = url.replace("postgresql://", f"postgresql+{driver}://", 1)
+    engine = create_async_engine(writer_url + "&target_session_attrs=read-write")
+
+    async def select_one() -> Any:
+        async with engine.connect() as conn:
+            return (await conn.execute("SELECT 1")).fetchone()
+
+    async def scenario() -> tuple[Any, BaseException | None]:
+        writable = await select_one()
+        await asyncio.to_thread(read_only, True)
+        try:
+            await select_one()
+        except Exception as exc:
+            return writable, exc
+        finally:
+            await engine.dispose()
+        return writable, None
+
+    writable, refused = asyncio.run(scenario())
+    assert writable == (1,)
+    assert refused is not None
+    assert type(refused).__name__ in ("OperationalError", "TargetServerAttributeNotMatched")
+    assert "read-only" in str(refused) or "read-write" in str(refused)
