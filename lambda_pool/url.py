@@ -1,10 +1,30 @@
-"""Database URLs: parsing, validation and password-safe rendering.
+"""Database URLs: parsing, validation and secret-safe rendering.
 
 ``URL`` mirrors SQLAlchemy's ``sqlalchemy.engine.URL`` (immutable; ``set()``,
 ``update_query_dict()``, ``render_as_string()``, ``get_backend_name()``,
-``get_driver_name()``) so code written against it keeps working.  ``str()`` and
-``repr()`` always mask the password as ``***``: URLs end up in logs and
-exception messages, and a Lambda's logs are widely readable.
+``get_driver_name()``) so code written against it keeps working.
+
+:func:`make_url` accepts what SQLAlchemy accepts, plus what libpq (and so psycopg)
+accepts for PostgreSQL:
+
+* ``postgres://`` as a spelling of ``postgresql://``;
+* several hosts in the host part, ``postgresql://u@h1:5432,h2:5433/db``: they become
+  libpq's lists, the query's ``host`` and ``port`` tuples (SQLAlchemy's own multi-host
+  spelling, ``?host=h1&host=h2``), which the dialects pass on as libpq and asyncpg take
+  them;
+* a percent-encoded host (``postgresql://%2Ftmp/db`` is the socket directory ``/tmp``);
+* key=value connection strings, ``host=db port=5432 dbname=app user=app``
+  (:mod:`lambda_pool.conninfo` says why they are parsed here and not by psycopg).
+
+A PostgreSQL URL's parameter values are checked when the URL is built
+(:func:`lambda_pool.conninfo.check_params`): a bad ``sslmode`` or ``connect_timeout``
+fails at Init, not at the first invocation.
+
+``str()`` and ``repr()`` mask every secret: the password as ``***``, and the value of
+any query parameter named like one (libpq's ``?password=`` and ``?sslpassword=``,
+``token``, ...): URLs end up in logs and exception messages, and a Lambda's logs are
+widely readable.  Parse errors say which part is malformed and never repeat it: in a
+mistyped URL that part can be the password.
 """
 
 from __future__ import annotations
@@ -15,6 +35,14 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, unquote
 
+from lambda_pool.conninfo import (
+    check_params,
+    check_port_text,
+    is_secret_key,
+    looks_like_conninfo,
+    parse_conninfo,
+    split_host_list,
+)
 from lambda_pool.dialects import DEFAULT_DRIVERS, check_drivername
 from lambda_pool.exc import ArgumentError
 
@@ -23,7 +51,9 @@ __all__ = ["URL", "make_url"]
 QueryValue = str | tuple[str, ...]
 
 # SQLAlchemy's URL grammar, so every URL a SQLAlchemy user already has parses the
-# same way: a password may hold ':' or '/', but '@' must be percent-encoded.
+# same way: a password may hold ':' or '/', but '@' must be percent-encoded.  The host
+# part is read as a whole and split by libpq's rules (several comma-separated hosts,
+# each with an optional port; IPv6 addresses in brackets).
 _URL_RE = re.compile(
     r"""
         (?P<name>[\w+]+)://
@@ -31,18 +61,15 @@ _URL_RE = re.compile(
             (?P<username>[^:/]*)
             (?::(?P<password>[^@]*))?
         @)?
-        (?:
-            (?:
-                \[(?P<ipv6host>[^/?]+)\] |
-                (?P<ipv4host>[^/:?]+)
-            )?
-            (?::(?P<port>[^/?]*))?
-        )?
+        (?P<hostlist>[^/?]*)
         (?:/(?P<database>[^?]*))?
         (?:\?(?P<query>.*))?
     """,
     re.X | re.S,
 )
+
+# libpq's URI prefixes; ``postgres://`` means the same as ``postgresql://``.
+_BACKEND_ALIASES = {"postgres": "postgresql"}
 
 _UNSET: Any = object()
 
@@ -120,6 +147,10 @@ class URL:
         setter(self, "port", _check_port(port))
         setter(self, "database", database)
         setter(self, "query", _freeze_query(query))
+        if drivername.partition("+")[0] == "postgresql":
+            # At Init, so a value the driver would refuse fails the deployment, not the
+            # first invocation.
+            check_params(self.query, self.get_driver_name())
 
     @classmethod
     def create(
@@ -196,7 +227,8 @@ class URL:
         return driver if sep else DEFAULT_DRIVERS[backend]
 
     def render_as_string(self, hide_password: bool = True) -> str:
-        """The URL as a string; the password shows as ``***`` unless ``hide_password=False``."""
+        """The URL as a string; the password (and the value of every query parameter named
+        like a secret, such as ``?password=``) shows as ``***`` unless ``hide_password=False``."""
         out = self.drivername + "://"
         if self.username is not None:
             out += quote(self.username, safe=" +")
@@ -204,7 +236,12 @@ class URL:
                 out += ":" + ("***" if hide_password else quote(self.password, safe=" +"))
             out += "@"
         if self.host is not None:
-            out += f"[{self.host}]" if ":" in self.host else self.host
+            # Percent-encoded as libpq decodes it: a socket directory (/tmp) or an IPv6
+            # zone (%eth0) must not read as a path or an escape.
+            if ":" in self.host:
+                out += "[" + quote(self.host, safe=":") + "]"
+            else:
+                out += quote(self.host, safe="")
         if self.port is not None:
             out += f":{self.port}"
         if self.database is not None:
@@ -215,7 +252,8 @@ class URL:
             for key in sorted(self.query):
                 value = self.query[key]
                 for element in (value,) if isinstance(value, str) else value:
-                    pairs.append(f"{quote_plus(key)}={quote_plus(element)}")
+                    shown = "***" if hide_password and is_secret_key(key) else element
+                    pairs.append(f"{quote_plus(key)}={quote_plus(shown, safe='*')}")
             out += "?" + "&".join(pairs)
         return out
 
@@ -268,38 +306,123 @@ class URL:
         )
 
 
+_MALFORMED_HINT = (
+    "expected e.g. postgresql://user:password@host:5432/dbname, "
+    "host=HOST port=5432 dbname=DB user=USER, or sqlite:///path/to/file.db"
+)
+
+
+# With no '@', "user:password" reads as "host:port": say so without showing the text.
+_NO_AT_HINT = (
+    "; the URL has no '@': if the text after ':' is a password, write "
+    "postgresql://USER:PASSWORD@HOST/DB and percent-encode '@', '/', '?' and '#' "
+    "inside the password (%40, %2F, %3F, %23)"
+)
+
+
+def _query_from(text: str) -> dict[str, str | list[str]]:
+    query: dict[str, str | list[str]] = {}
+    for key, value in parse_qsl(text, keep_blank_values=True):
+        if key in query:
+            existing = query[key]
+            query[key] = [*([existing] if isinstance(existing, str) else existing), value]
+        else:
+            query[key] = value
+    return query
+
+
+def _hosts_into_query(
+    hosts: list[str], ports: list[str], query: dict[str, str | list[str]]
+) -> None:
+    """A host list goes where SQLAlchemy and the dialects read libpq's lists: the query."""
+    if "host" in query or "port" in query:
+        raise ArgumentError(
+            "the URL names several hosts both in its host part and in ?host=/?port=: "
+            "keep one of them"
+        )
+    query["host"] = hosts
+    if any(ports):
+        query["port"] = ports
+
+
+def _from_conninfo(text: str) -> URL:
+    params = parse_conninfo(text)
+    query: dict[str, str | list[str]] = {}
+    host = params.pop("host", None)
+    port_text = params.pop("port", None)
+    port: int | None = None
+    if host is not None and "," in host:
+        _hosts_into_query(host.split(","), (port_text or "").split(","), query)
+        host = None
+    elif port_text:
+        port = check_port_text(port_text, "the connection string's port")
+    for key, value in params.items():
+        if key not in ("user", "password", "dbname"):
+            query[key] = value
+    return URL(
+        "postgresql",
+        username=params.get("user"),
+        password=params.get("password"),
+        host=host or None,
+        port=port,
+        database=params.get("dbname"),
+        query=query,
+    )
+
+
 def _parse(text: str) -> URL:
+    if looks_like_conninfo(text):
+        return _from_conninfo(text)
     match = _URL_RE.match(text)
     if match is None or match.end() != len(text):
         scheme = text.partition("://")[0] if "://" in text else ""
         if scheme and not re.fullmatch(r"[\w+]+", scheme):
             raise ArgumentError("could not parse the database URL: the scheme is malformed")
-        raise ArgumentError(
-            "could not parse the database URL; expected e.g. "
-            "postgresql://user:password@host:5432/dbname or sqlite:///path/to/file.db"
-        )
+        raise ArgumentError(f"could not parse the database URL; {_MALFORMED_HINT}")
     parts = match.groupdict()
-    query: dict[str, str | list[str]] = {}
-    if parts["query"]:
-        for key, value in parse_qsl(parts["query"], keep_blank_values=True):
-            if key in query:
-                existing = query[key]
-                query[key] = [*([existing] if isinstance(existing, str) else existing), value]
-            else:
-                query[key] = value
-    port_text = parts["port"]
+    backend, plus, driver = parts["name"].partition("+")
+    drivername = _BACKEND_ALIASES.get(backend, backend) + plus + driver
+    hostlist: str = parts["hostlist"]
+    database_text: str | None = parts["database"]
+    has_userinfo = parts["username"] is not None
+    if drivername.startswith("postgresql") and (
+        "@" in hostlist
+        or "@" in (database_text or "")
+        or (has_userinfo and "@" in (parts["query"] or ""))
+    ):
+        # libpq and SQLAlchemy both end the password at the first '@': what follows a
+        # second one would be shown as host, database or query, and is the password's tail.
+        raise ArgumentError(
+            "the database URL has an '@' after its user:password part: percent-encode "
+            "'@' as %40 in the password (and in the database name and query values)"
+        )
+    query = _query_from(parts["query"]) if parts["query"] else {}
+    specs = split_host_list(hostlist) if hostlist else []
+    if len(specs) > 1 and not drivername.startswith("postgresql"):
+        raise ArgumentError("only postgresql:// URLs may name several hosts")
+    host: str | None = None
     port: int | None = None
-    if port_text:
-        if not port_text.isdigit():
-            raise ArgumentError(f"URL port must be an integer, got {port_text!r}")
-        port = int(port_text)
+    if len(specs) == 1:
+        host_text, port_text = specs[0]
+        host = unquote(host_text) or None
+        if port_text:
+            port = check_port_text(port_text, "the URL's port", "" if has_userinfo else _NO_AT_HINT)
+    elif specs:
+        for _, port_text in specs:
+            if port_text:
+                check_port_text(port_text, "a port in the URL's host list")
+        _hosts_into_query(
+            [unquote(host_text) for host_text, _ in specs],
+            [port_text for _, port_text in specs],
+            query,
+        )
     return URL(
-        parts["name"],
-        username=unquote(parts["username"]) if parts["username"] is not None else None,
+        drivername,
+        username=unquote(parts["username"]) if has_userinfo else None,
         password=unquote(parts["password"]) if parts["password"] is not None else None,
-        host=parts["ipv4host"] or parts["ipv6host"],
+        host=host,
         port=port,
-        database=unquote(parts["database"]) if parts["database"] else None,
+        database=unquote(database_text) if database_text else None,
         query=query,
     )
 
@@ -307,9 +430,11 @@ def _parse(text: str) -> URL:
 def make_url(name_or_url: str | URL) -> URL:
     """Return ``name_or_url`` as a :class:`URL`, parsing it when it is a string.
 
-    Raises :class:`~lambda_pool.exc.ArgumentError` for text that is not a URL or
-    names a backend or driver lambda-pool does not support; the message lists what is
-    supported and never repeats the password.
+    Besides SQLAlchemy's URLs, takes libpq's forms (``postgres://``, several hosts,
+    key=value connection strings; see the module docstring).  Raises
+    :class:`~lambda_pool.exc.ArgumentError` for text that is not a URL, names a backend
+    or driver lambda-pool does not support, or holds a parameter value the driver would
+    refuse; the message names the part and never repeats the password.
     """
     if isinstance(name_or_url, URL):
         return name_or_url

@@ -242,10 +242,21 @@ class AsyncpgDialect(AsyncDialect):
     def create_connect_args(self, url: URL) -> dict[str, Any]:
         cparams = url_connect_params(url, database_key="database")
         for key, value in url.query.items():
-            if isinstance(value, tuple):
-                if key != "host":
-                    raise ArgumentError(f"URL query parameter {key!r} is given more than once")
-                cparams["host"] = list(value)
+            if key in ("host", "port"):
+                # libpq's host lists (several ?host=, or "h1,h2"); an empty port is
+                # libpq's default one.  The URL has checked every port is a number.
+                items = [
+                    v
+                    for part in ((value,) if isinstance(value, str) else value)
+                    for v in part.split(",")
+                ]
+                if key == "host":
+                    cparams["host"] = items if len(items) > 1 else items[0]
+                else:
+                    ports = [int(p) if p.strip() else 5432 for p in items]
+                    cparams["port"] = ports if len(ports) > 1 else ports[0]
+            elif isinstance(value, tuple):
+                raise ArgumentError(f"URL query parameter {key!r} is given more than once")
             else:
                 _libpq_to_asyncpg(cparams, key, value)
         return cparams
