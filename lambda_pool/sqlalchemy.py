@@ -411,11 +411,45 @@ def create_engine(
     goes to ``sqlalchemy.create_engine`` unchanged.
     """
     parsed = _normalise_url(url)
-    kwargs = dict(sqlalchemy_kwargs)
-    is_psycopg = parsed.drivername == "postgresql+psycopg"
     if clock is None:
         clock = getattr(credentials, "clock", None)
     effective_clock: Callable[[], float] = clock or _wall_clock
+    kwargs = dict(sqlalchemy_kwargs)
+    is_psycopg = parsed.drivername == "postgresql+psycopg"
+    _choose_pool(
+        kwargs,
+        warm=warm,
+        is_psycopg=is_psycopg,
+        pre_ping_idle_seconds=pre_ping_idle_seconds,
+        recycle_on_credentials_expiry=recycle_on_credentials_expiry,
+        transaction_pooling=transaction_pooling,
+        clock=effective_clock,
+    )
+    engine = sqlalchemy.create_engine(parsed, **kwargs)
+    _equip_engine(
+        engine,
+        is_psycopg=is_psycopg,
+        credentials=credentials,
+        recycle_on_credentials_expiry=recycle_on_credentials_expiry,
+        clock=effective_clock,
+        warm=warm,
+    )
+    return engine
+
+
+def _choose_pool(
+    kwargs: dict[str, Any],
+    *,
+    warm: bool,
+    is_psycopg: bool,
+    pre_ping_idle_seconds: float | None,
+    recycle_on_credentials_expiry: bool,
+    transaction_pooling: bool,
+    clock: Callable[[], float],
+) -> None:
+    """Set the pool keywords of ``sqlalchemy.create_engine`` in ``kwargs`` (in place):
+    the warm pool, or NullPool unless the caller chose or sized a pool.  Shared by
+    :func:`create_engine` and the ``lambda_pool`` SQLAlchemy plugin."""
     if warm:
         if "poolclass" in kwargs or "pool" in kwargs:
             raise ArgumentError(
@@ -431,7 +465,7 @@ def create_engine(
         kwargs["pre_ping_idle_seconds"] = pre_ping_idle_seconds
         kwargs["recycle_on_credentials_expiry"] = recycle_on_credentials_expiry
         kwargs["transaction_pooling"] = transaction_pooling
-        kwargs["warm_clock"] = effective_clock
+        kwargs["warm_clock"] = clock
         if is_psycopg:
             connect_args = dict(kwargs.get("connect_args") or {})
             # See lambda_pool.warm.reset_session: keeps psycopg's prepared-statement
@@ -442,17 +476,29 @@ def create_engine(
             else:
                 connect_args.setdefault("prepare_threshold", None)
             kwargs["connect_args"] = connect_args
-    else:
-        if pre_ping_idle_seconds is not None or transaction_pooling:
-            raise ArgumentError(
-                "pre_ping_idle_seconds and transaction_pooling apply to warm=True engines; "
-                "for other pools use pool_pre_ping=True and connect_args="
-                '{"prepare_threshold": None}'
-            )
-        if "poolclass" not in kwargs and "pool" not in kwargs:
-            sized = any(name in kwargs for name in _QUEUE_POOL_ARGS)
-            kwargs["poolclass"] = QueuePool if sized else NullPool
-    engine = sqlalchemy.create_engine(parsed, **kwargs)
+        return
+    if pre_ping_idle_seconds is not None or transaction_pooling:
+        raise ArgumentError(
+            "pre_ping_idle_seconds and transaction_pooling apply to warm=True engines; "
+            "for other pools use pool_pre_ping=True and connect_args="
+            '{"prepare_threshold": None}'
+        )
+    if "poolclass" not in kwargs and "pool" not in kwargs:
+        sized = any(name in kwargs for name in _QUEUE_POOL_ARGS)
+        kwargs["poolclass"] = QueuePool if sized else NullPool
+
+
+def _equip_engine(
+    engine: Engine,
+    *,
+    is_psycopg: bool,
+    credentials: Any,
+    recycle_on_credentials_expiry: bool,
+    clock: Callable[[], float],
+    warm: bool,
+) -> None:
+    """What a new engine gets after ``sqlalchemy.create_engine``: lambda-pool's disconnect
+    rules, the credentials, and registration with the shutdown hooks."""
     if is_psycopg:
         _install_disconnect_rules(engine)
     if credentials is not None:
@@ -460,11 +506,10 @@ def create_engine(
             engine,
             credentials,
             recycle_on_credentials_expiry=recycle_on_credentials_expiry,
-            clock=effective_clock,
+            clock=clock,
             warm=warm,
         )
     _register_for_shutdown(engine)
-    return engine
 
 
 class _ShutdownHandle:
