@@ -1,4 +1,5 @@
-"""The ``lambda-pool`` command: ``demo`` (the local demo) and ``doctor URL`` (connection checks).
+"""The ``lambda-pool`` command: ``demo`` (the local demo), ``doctor URL`` (connection checks)
+and ``fleet`` (many containers against one database, :mod:`lambda_pool.fleet`).
 
 Subcommands import their modules only when chosen, so ``lambda-pool --help`` stays instant.
 """
@@ -38,6 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--timeout", type=float, default=5.0, help="seconds allowed per step (default 5)"
     )
+    fleet = commands.add_parser(
+        "fleet",
+        help="run a fleet of Lambda-like containers against a database and report",
+        description=(
+            "Start N container processes, drive a burst, a sustained phase and a freeze/thaw "
+            "against an embedded PostgreSQL, PgBouncer in front of it, or --database-url; "
+            "report invocations, errors, latency, connects and server backends "
+            "(docs/scale.md)."
+        ),
+    )
+    from lambda_pool.fleet.cli import add_arguments as add_fleet_arguments
+
+    add_fleet_arguments(fleet)
     return parser
 
 
@@ -49,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = doctor.run(args.url, timeout=args.timeout)
         doctor.print_report(report, sys.stdout)
         return 0 if report.ok else 1
+    if args.command == "fleet":
+        from lambda_pool.fleet import cli as fleet_cli
+
+        return fleet_cli.main(args)
     from lambda_pool import demo
 
     return int(demo.main(invocations=args.invocations))
