@@ -49,7 +49,7 @@ import weakref
 from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from lambda_pool.exc import ArgumentError, InvalidRequestError
+from lambda_pool.exc import ArgumentError, DeadlineExceededError, InvalidRequestError
 from lambda_pool.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 from lambda_pool.pool import core as pool_core
 from lambda_pool.pool.base import running_loop
@@ -395,8 +395,9 @@ class WarmConnectionInfo:
 
 
 def _is_psycopg(conn: Any) -> bool:
-    # Checked by module name so that this module never imports the driver.
-    return type(conn).__module__.startswith("psycopg")
+    # Checked by module name so that this module never imports the driver; along the
+    # MRO, so a subclass of psycopg's connection defined elsewhere counts too.
+    return any(cls.__module__.startswith("psycopg") for cls in type(conn).__mro__)
 
 
 def _is_asyncpg(conn: Any) -> bool:
@@ -501,6 +502,13 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> DriverStep:
     return (DRIVER_CALL, functools.partial(fn, *args, **kwargs))
 
 
+def _asyncpg_reset_statement(conn: Any, statement: str) -> Any:
+    """``conn.execute(statement)`` ending by the current deadline (a coroutine)."""
+    from lambda_pool.dialects.asyncpg import asyncpg_bounded
+
+    return asyncpg_bounded(conn, conn.execute(statement), "reset on return")
+
+
 def g_reset_session(conn: Any, *, discard: bool = True) -> Generator[DriverStep, Any, None]:
     """The steps of :func:`reset_session` (sync or async driver), for a runner to perform."""
     if _is_psycopg(conn):
@@ -523,11 +531,13 @@ def g_reset_session(conn: Any, *, discard: bool = True) -> Generator[DriverStep,
     if _is_asyncpg(conn):
         # Conn.execute() without arguments is the simple query protocol: no statement is
         # prepared for these two.
+        # Bounded by the deadline here: asyncpg has no wait of its own to bound (psycopg's
+        # connection class bounds its waits itself).
         if conn.is_in_transaction():
-            yield _call(conn.execute, "ROLLBACK")
+            yield _call(_asyncpg_reset_statement, conn, "ROLLBACK")
         if not discard:
             return
-        yield _call(conn.execute, "DISCARD ALL")
+        yield _call(_asyncpg_reset_statement, conn, "DISCARD ALL")
         _clear_asyncpg_statement_cache(conn)
         return
     # Generic DB-API connection: a rollback is all a driver-neutral reset can do.
@@ -809,7 +819,8 @@ def identity_key(url: Any, credentials: Any, options: Mapping[str, Any]) -> tupl
         url.username,
         url.database,
         id(credentials) if credentials is not None else None,
-        _digest((url.password, _freeze(others))),
+        # The unmasked rendering too: a ?password= or ?sslpassword= is masked above.
+        _digest((url.password, url.render_as_string(hide_password=False), _freeze(others))),
     )
 
 
@@ -1086,6 +1097,13 @@ class WarmPool(Pool):
         if isinstance(decision, Ping):
             try:
                 ok = bool((yield Op.PING, dbapi))
+            except DeadlineExceededError:
+                # The invocation's time ran out in the ping; the driver has closed the
+                # connection and there is no time to open another: the caller hears
+                # why (the failed checkout drops the record).
+                self.stats.record_pre_ping(False, decision.idle_seconds)
+                self.stats.record_replaced(ReplaceReason.PRE_PING_FAILED)
+                raise
             except Exception:
                 # Any failure: this connection is not one to hand out; the caller gets
                 # a new one and never sees the error.
