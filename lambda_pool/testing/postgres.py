@@ -322,17 +322,26 @@ def _reachable_copy(binaries: PostgresBinaries, run_as: tuple[int, int]) -> Post
     if _runs(binaries.postgres, run_as) == "":
         return binaries
     prefix = binaries.bindir.parent
-    source = Path(os.path.realpath(binaries.postgres))
-    info = source.stat()
+    copies = {Path(prefix.name): prefix}
+    # A wheel repaired by auditwheel (pgserver) finds its shared libraries in
+    # <site-packages>/<package>.libs through an rpath relative to the binary
+    # ($ORIGIN/../../../pgserver.libs): copy that too, keeping the layout.
+    package = prefix.parent
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        copies = {Path(package.name) / prefix.name: prefix, Path(libs.name): libs}
+    info = Path(os.path.realpath(binaries.postgres)).stat()
     key = hashlib.sha256(
         f"{os.path.realpath(prefix)}\0{info.st_size}\0{info.st_mtime_ns}".encode()
     ).hexdigest()[:16]
-    root = _shared_cache(
-        "copy",
-        key,
-        lambda into: shutil.copytree(prefix, into / "prefix", symlinks=True),
-    )
-    copy = PostgresBinaries(root / "prefix" / binaries.bindir.name, binaries.openssl)
+
+    def populate(into: Path) -> None:
+        for relative, source in copies.items():
+            shutil.copytree(source, into / relative, symlinks=True)
+
+    root = _shared_cache("copy", key, populate)
+    bindir = root / next(iter(copies)) / binaries.bindir.name
+    copy = PostgresBinaries(bindir, binaries.openssl)
     problem = _runs(copy.postgres, run_as)
     if problem:
         raise PostgresStartError(
