@@ -9,13 +9,28 @@ times with *full-jitter exponential backoff* (a random sleep between 0 and
 ``min(cap, base * 2**retry)``): jitter spreads a thundering herd of containers instead
 of having them all retry in lock-step.  Only errors the dialect classifies as capacity
 errors (``dialect.is_capacity_error(exc)``) are retried; authentication failures and
-everything else propagate at once.  After the last attempt the driver's own error
-propagates unchanged (its message names the host and user, never the password).
+everything else propagate at once.
+
+How long to keep trying depends on whether the work has a deadline
+(:mod:`lambda_pool.deadlines`; ``with_connection`` sets one per invocation):
+
+* **With a deadline** the budget is the time left, not a retry count: a storm that clears
+  before the deadline costs no failure.  A retry is started only if one more connect
+  attempt (as long as the slowest one so far) still fits before the deadline, and the
+  sleep is shortened to leave room for it.  When it does not fit, lambda-pool gives up
+  *before* the deadline with :class:`~lambda_pool.exc.CapacityExhaustedError` (how many
+  attempts, how long, the server's last refusal as ``__cause__``) rather than have the
+  invocation killed mid-connect.  ``connect_retries=0`` still turns retrying off.
+* **Without one** (plain scripts, ``create_engine`` outside the decorator) the count
+  rules: ``connect_retries`` retries (default 3), never past :data:`MAX_TOTAL_SECONDS`,
+  and after the last attempt the driver's own error propagates unchanged (its message
+  names the host and user, never the password).
 
 The policy (:class:`ConnectRetryPolicy`) is I/O-free: it turns "which retry, how long so
-far, a random draw" into "sleep this long" or "give up".  :func:`retry_connect_sync` and
-:func:`retry_connect_async` are the thin shells that sleep, so the blocking and asyncio
-engines share one rule; the random source, the sleep and the clock are injectable.
+far, how much time is left, a random draw" into "sleep this long" or "give up".
+:func:`retry_connect_sync` and :func:`retry_connect_async` are the thin shells that
+sleep, so the blocking and asyncio engines share one rule; the random source, the sleep
+and the clock are injectable.
 """
 
 from __future__ import annotations
@@ -27,7 +42,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from lambda_pool.exc import ArgumentError
+from lambda_pool import deadlines
+from lambda_pool.exc import ArgumentError, CapacityExhaustedError
 
 __all__ = [
     "DEFAULT_CONNECT_RETRIES",
@@ -86,9 +102,28 @@ class ConnectRetryPolicy:
         remaining = self.max_total - elapsed
         if remaining <= 0:
             return None
+        return min(max(0.0, draw) * self._ceiling(retry), remaining)
+
+    def delay_within(
+        self, retry: int, draw: float, remaining: float, attempt_seconds: float
+    ) -> float | None:
+        """With a deadline: seconds to sleep before retry ``retry`` (0-based), or ``None``.
+
+        ``remaining``: seconds left before the deadline; ``attempt_seconds``: how long one
+        connect attempt takes (the slowest so far).  The retry count does not apply (the
+        deadline bounds the work), except that ``retries=0`` still means no retry; the
+        sleep is shortened so one more attempt fits, and when it cannot: ``None``.
+        """
+        if self.retries == 0:
+            return None
+        budget = remaining - attempt_seconds
+        if budget <= 0:
+            return None
+        return min(max(0.0, draw) * self._ceiling(retry), budget)
+
+    def _ceiling(self, retry: int) -> float:
         # min() before the power would overflow for absurd retry counts.
-        ceiling = min(self.max_backoff, self.backoff * (2.0 ** min(retry, 62)))
-        return min(max(0.0, draw) * ceiling, remaining)
+        return min(self.max_backoff, self.backoff * (2.0 ** min(retry, 62)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,27 +191,78 @@ def connect_retry_from_kwargs(kw: Mapping[str, Any], *, is_async: bool) -> Conne
     return ConnectRetry(ConnectRetryPolicy(retries=retries, backoff=float(backoff)), **options)
 
 
-def _give_up_or_wait(
-    retry: ConnectRetry, attempt: int, started: float, exc: BaseException
-) -> float | None:
-    delay = retry.policy.delay(attempt, retry.clock() - started, retry.random())
-    if delay is None:
-        log.warning(
-            "connect refused for lack of connection slots after %d attempt(s); giving up: %s",
-            attempt + 1,
-            type(exc).__name__,
-        )
-        return None
-    # The exception type only: the driver's message is the caller's to show, and logs
-    # must never carry more than the error that reaches the caller anyway.
-    log.info(
-        "connect refused for lack of connection slots (%s); retry %d of %d in %.3f s",
-        type(exc).__name__,
-        attempt + 1,
-        retry.policy.retries,
-        delay,
+def _exhausted(
+    attempts: int, elapsed: float, remaining: float, slowest: float
+) -> CapacityExhaustedError:
+    bound = deadlines.current()
+    source = bound.source if bound is not None else "deadline"
+    elapsed_ms = int(elapsed * 1000)
+    remaining_ms = max(0, int(remaining * 1000))
+    message = (
+        f"no database connection slot came free before the {source}: the server refused "
+        f"all {attempts} connect attempt(s) over {elapsed_ms} ms for lack of connection "
+        f"slots (capacity exhausted), and the {remaining_ms} ms left are less than one more "
+        f"attempt takes (about {int(slowest * 1000)} ms). The server's last refusal is the "
+        "cause. Put RDS Proxy or PgBouncer in front of the database, raise its "
+        "max_connections, or cap the function's concurrency (ReservedConcurrentExecutions)"
     )
-    return delay
+    return CapacityExhaustedError(
+        message, attempts=attempts, elapsed_ms=elapsed_ms, remaining_ms=remaining_ms
+    )
+
+
+class _Attempts:
+    """The state of one retried connect, shared by the blocking and asyncio shells."""
+
+    __slots__ = ("count", "retry", "slowest", "started")
+
+    def __init__(self, retry: ConnectRetry) -> None:
+        self.retry = retry
+        self.started = retry.clock()
+        self.count = 0
+        self.slowest = 0.0
+
+    def refused(self, began: float, exc: BaseException) -> float:
+        """After a capacity refusal: the sleep before the next attempt.
+
+        Raises :class:`CapacityExhaustedError` (from ``exc``) when a deadline leaves no
+        room for another attempt; re-raises ``exc`` when the count-based policy ends.
+        """
+        retry = self.retry
+        now = retry.clock()
+        self.count += 1
+        self.slowest = max(self.slowest, now - began)
+        elapsed = now - self.started
+        remaining = deadlines.remaining()
+        if remaining is None:
+            delay = retry.policy.delay(self.count - 1, elapsed, retry.random())
+        else:
+            delay = retry.policy.delay_within(
+                self.count - 1, retry.random(), remaining, self.slowest
+            )
+        if delay is None:
+            log.warning(
+                "connect refused for lack of connection slots after %d attempt(s) in %.0f ms; "
+                "giving up: %s",
+                self.count,
+                elapsed * 1000,
+                type(exc).__name__,
+            )
+            if remaining is not None and retry.policy.retries > 0:
+                raise _exhausted(self.count, elapsed, remaining, self.slowest) from exc
+            raise exc
+        # The exception type only: the driver's message is the caller's to show, and logs
+        # must never carry more than the error that reaches the caller anyway.
+        log.info(
+            "connect refused for lack of connection slots (%s); retry %d in %.3f s (%s)",
+            type(exc).__name__,
+            self.count,
+            delay,
+            f"{remaining * 1000:.0f} ms left before the deadline"
+            if remaining is not None
+            else f"of {retry.policy.retries}",
+        )
+        return delay
 
 
 def retry_connect_sync(
@@ -185,19 +271,16 @@ def retry_connect_sync(
     retry: ConnectRetry,
 ) -> Any:
     """Call ``connect()``; on a capacity error sleep as the policy says and call it again."""
-    started = retry.clock()
-    attempt = 0
+    attempts = _Attempts(retry)
     while True:
+        began = retry.clock()
         try:
             return connect()
         except Exception as exc:
             if not is_capacity_error(exc):
                 raise
-            delay = _give_up_or_wait(retry, attempt, started, exc)
-            if delay is None:
-                raise
+            delay = attempts.refused(began, exc)
         retry.sleep(delay)
-        attempt += 1
 
 
 async def retry_connect_async(
@@ -206,21 +289,18 @@ async def retry_connect_async(
     retry: ConnectRetry,
 ) -> Any:
     """:func:`retry_connect_sync` for asyncio: the sleep is awaited."""
-    started = retry.clock()
-    attempt = 0
+    attempts = _Attempts(retry)
     while True:
+        began = retry.clock()
         try:
             return await connect()
         except Exception as exc:
             if not is_capacity_error(exc):
                 raise
-            delay = _give_up_or_wait(retry, attempt, started, exc)
-            if delay is None:
-                raise
+            delay = attempts.refused(began, exc)
         if retry.async_sleep is None:
             import asyncio
 
             await asyncio.sleep(delay)
         else:
             await retry.async_sleep(delay)
-        attempt += 1

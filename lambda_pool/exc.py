@@ -59,3 +59,21 @@ class DeadlineExceededError(LambdaPoolError, builtins.TimeoutError):
         super().__init__(message)
         self.step = step
         self.remaining_ms = remaining_ms
+
+
+class CapacityExhaustedError(LambdaPoolError):
+    """No connection slot came free within the invocation's deadline: every connect was
+    refused for lack of connection slots (the last refusal is ``__cause__``).
+
+    ``attempts``: connects tried; ``elapsed_ms``: time spent on them and the backoff
+    between them; ``remaining_ms``: time left when lambda-pool gave up (less than one
+    more connect attempt would take).
+    """
+
+    def __init__(
+        self, message: str, *, attempts: int = 0, elapsed_ms: int = 0, remaining_ms: int = 0
+    ) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.elapsed_ms = elapsed_ms
+        self.remaining_ms = remaining_ms
