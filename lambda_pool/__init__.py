@@ -28,6 +28,7 @@ _LAZY: dict[str, str] = {
     "StaticPool": "lambda_pool.pool",
     "SingletonThreadPool": "lambda_pool.pool",
     "AsyncAdaptedQueuePool": "lambda_pool.pool",
+    "AssertionPool": "lambda_pool.pool",
     "PoolResetState": "lambda_pool.pool",
     "warm_engine": "lambda_pool.warm",
     "warm_async_engine": "lambda_pool.warm",
@@ -43,6 +44,7 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "URL",
+    "AssertionPool",
     "AsyncAdaptedQueuePool",
     "Connection",
     "Engine",
@@ -77,6 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lambda_pool.lifecycle import dispose_all, install_shutdown_hooks
     from lambda_pool.observability import instrument
     from lambda_pool.pool import (
+        AssertionPool,
         AsyncAdaptedQueuePool,
         NullPool,
         Pool,

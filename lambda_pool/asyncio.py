@@ -206,10 +206,11 @@ class AsyncEngine(EngineBase[AsyncDialect]):
             yield connection
 
     async def dispose(self, close: bool = True) -> None:
-        """Close idle connections and start over with a fresh pool (same arguments)."""
+        """Close idle connections and start over with a fresh pool (same arguments);
+        connections checked out now are closed when returned."""
         old = self.pool
         if close:
-            await old.adispose()
+            await old._aretire()
         self.pool = old.recreate()
 
 

@@ -193,12 +193,13 @@ class Engine(EngineBase[SyncDialect]):
     def dispose(self, close: bool = True) -> None:
         """Close idle connections (``close=True``) and start over with a fresh pool.
 
-        Connections checked out now are closed when returned.  ``close=False`` leaves
-        the old pool's connections alone (e.g. in a forked child: the parent owns them).
+        Connections checked out now are closed when returned (and at shutdown, by
+        ``dispose_for_shutdown``).  ``close=False`` leaves the old pool's connections
+        alone (e.g. in a forked child: the parent owns them).
         """
         old = self.pool
         if close:
-            old.dispose()
+            old._retire()
         self.pool = old.recreate()
 
 

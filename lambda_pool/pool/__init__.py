@@ -18,6 +18,7 @@ from lambda_pool.pool.base import (
 )
 from lambda_pool.pool.dialect import AsyncDefaultDialect, DefaultDialect, Dialect
 from lambda_pool.pool.impl import (
+    AssertionPool,
     AsyncAdaptedQueuePool,
     NullPool,
     QueuePool,
@@ -26,6 +27,7 @@ from lambda_pool.pool.impl import (
 )
 
 __all__ = [
+    "AssertionPool",
     "AsyncAdaptedQueuePool",
     "AsyncDefaultDialect",
     "ConnectionPoolEntry",

@@ -359,6 +359,16 @@ def _wake(future: asyncio.Future[None]) -> None:
 SHUTDOWN_CANCEL_TIMEOUT_S = 0.2
 
 
+def _copied(items: weakref.WeakSet[Any]) -> list[Any]:
+    """A list copy of a weak set another thread (or a collection) may change meanwhile."""
+    for _ in range(5):
+        try:
+            return list(items)
+        except RuntimeError:
+            continue
+    return []
+
+
 def _cancel_for_shutdown(
     do_cancel: Callable[[Any, float], bool | None], connections: list[Any], timeout: float
 ) -> int:
@@ -455,6 +465,10 @@ class Pool(abc.ABC):
         self._timeout: float | None = None
         self._invalidate_time = 0.0
         self._first_connect_done = False
+        self._first_connect_lock = threading.Lock()
+        # Pools this one replaced (engine.dispose() -> recreate()), kept weakly: their
+        # checked-out connections are closed with this pool's at shutdown.
+        self._predecessors: weakref.WeakSet[Pool] = weakref.WeakSet()
         self._pid = os.getpid()
         self._forks_seen = _forks
         self._epoch = 0
@@ -511,6 +525,15 @@ class Pool(abc.ABC):
     async def adispose(self) -> None:
         await self._run_any(self._g_dispose())
 
+    def _retire(self) -> None:
+        """``dispose()`` for a pool being replaced (``engine.dispose()``): idle connections
+        are closed now and checked-out ones when they come back, instead of staying idle
+        in a pool nobody checks out from until it is garbage-collected."""
+        self._run_here(self._g_dispose(retire=True))
+
+    async def _aretire(self) -> None:
+        await self._run_any(self._g_dispose(retire=True))
+
     def _close_all_for_shutdown(self) -> int:
         """Close every connection of this pool, idle **and** checked out; return how many.
 
@@ -534,32 +557,37 @@ class Pool(abc.ABC):
         """
         if os.getpid() != self._pid:
             return 0
-        records: list[ConnectionPoolEntry] = []
-        for _ in range(5):
-            try:
-                # Another thread may add a record while we copy the set.
-                records = list(self._records)
-                break
-            except RuntimeError:
-                continue
-        do_cancel = getattr(self._dialect, "do_cancel", None)
-        busy: list[Any] = []
+        # This pool's connections, then those still out of the pools it replaced
+        # (engine.dispose() while connections were checked out).
+        pools: list[Pool] = [self, *_copied(self._predecessors)]
+        busy: list[tuple[Pool, Any]] = []
         closed = 0
-        for record in records:
-            dbapi = record.dbapi_connection
-            if dbapi is None or record._epoch != self._epoch:
-                continue
-            record.dbapi_connection = None
-            closed += 1
-            if callable(do_cancel) and self._is_executing(dbapi):
-                busy.append(dbapi)
-            else:
-                self._terminate_for_shutdown(dbapi)
+        for pool in pools:
+            do_cancel = getattr(pool._dialect, "do_cancel", None)
+            for record in _copied(pool._records):
+                dbapi = record.dbapi_connection
+                if dbapi is None or record._epoch != pool._epoch:
+                    continue
+                record.dbapi_connection = None
+                closed += 1
+                if callable(do_cancel) and pool._is_executing(dbapi):
+                    busy.append((pool, dbapi))
+                else:
+                    pool._terminate_for_shutdown(dbapi)
         if busy:
-            assert do_cancel is not None
-            cancelled = _cancel_for_shutdown(do_cancel, busy, SHUTDOWN_CANCEL_TIMEOUT_S)
-            for dbapi in busy:
-                self._terminate_for_shutdown(dbapi)
+            by_connection = {id(dbapi): pool for pool, dbapi in busy}
+
+            def do_cancel_any(dbapi: Any, timeout: float) -> bool | None:
+                cancel: Callable[[Any, float], bool | None] = by_connection[
+                    id(dbapi)
+                ]._dialect.do_cancel
+                return cancel(dbapi, timeout)
+
+            cancelled = _cancel_for_shutdown(
+                do_cancel_any, [dbapi for _, dbapi in busy], SHUTDOWN_CANCEL_TIMEOUT_S
+            )
+            for pool, dbapi in busy:
+                pool._terminate_for_shutdown(dbapi)
             self._logger.info(
                 "Cancelled %d of %d running statement(s) at shutdown", cancelled, len(busy)
             )
@@ -597,6 +625,9 @@ class Pool(abc.ABC):
         self._logger.info("Pool recreating")
         new = type(self)(self._creator, events=self._engine_events, **self._kwargs)
         new._instance_events = self._instance_events.copy()
+        # Weakly: a replaced pool lives only while a connection of it is still out.
+        new._predecessors.update(_copied(self._predecessors))
+        new._predecessors.add(self)
         return new
 
     def size(self) -> int:
@@ -692,6 +723,8 @@ class Pool(abc.ABC):
             return self._dialect.do_commit(dbapi)
         if op is Op.CLOSE:
             return self._dialect.do_close(dbapi)
+        if op is Op.TERMINATE:
+            return self._terminate(dbapi)
         raise AssertionError(op)  # pragma: no cover - every Op is handled
 
     async def _run_async(self, proc: Proc[T]) -> T:
@@ -724,6 +757,8 @@ class Pool(abc.ABC):
                     if (loop, future) in self._async_waiters:
                         self._async_waiters.remove((loop, future))
             return None
+        if op is Op.TERMINATE:  # nothing awaited: the task may be cancelled already
+            return self._terminate(arg)
         result = self._dialect_call(op, arg)
         if self._dialect_async:
             result = await result
@@ -746,6 +781,9 @@ class Pool(abc.ABC):
 
     def _perform_nowait(self, step: Step) -> None:
         op, arg = step
+        if op is Op.TERMINATE:
+            self._terminate(arg)
+            return
         if op is not Op.CLOSE:
             raise InvalidRequestError(
                 f"An async pool cannot {op.value} without awaiting: use the 'a…' method"
@@ -839,21 +877,31 @@ class Pool(abc.ABC):
         try:
             if kind is not Acquire.SHARED:
                 yield from self._g_prepare(record, proxy)
+            else:
+                # A second user of StaticPool's one connection: SQLAlchemy fires
+                # ``checkout`` for it too (no staleness check or ping: it is in use).
+                self._fire("checkout", record.dbapi_connection, record, proxy)
         except BaseException as exc:
             proxy._closed = True
-            if record.dbapi_connection is not None:
-                try:
+            try:
+                if record.dbapi_connection is not None:
                     yield from self._g_invalidate(record, exc)
-                except Exception:
-                    self._logger.error("Exception invalidating after a failed checkout")
-            with self._lock:
-                if kind is Acquire.NEW:
-                    self._slots.discard(record)
-                else:
-                    self._slots.release(record)
-                self._slots.ready(record)
-                self._notify_locked()
+            except Exception:
+                self._logger.error("Exception invalidating after a failed checkout")
+            finally:
+                # Whatever interrupted the clean-up, the slot comes back.
+                with self._lock:
+                    if kind is Acquire.NEW:
+                        self._slots.discard(record)
+                    else:
+                        self._slots.release(record)
+                    self._slots.ready(record)
+                    self._notify_locked()
             raise
+        static = self._static_slots
+        if static is not None:
+            # The newest proxy is the one whose garbage collection returns the record.
+            static.checked_out_by(id(proxy))
         if kind is not Acquire.SHARED and self._slots_ready:
             with self._lock:
                 self._slots.ready(record)
@@ -929,34 +977,57 @@ class Pool(abc.ABC):
         self._logger.debug("Created new connection %r", dbapi)
         try:
             if not self._first_connect_done:
-                self._fire("first_connect", dbapi, record)
-                self._first_connect_done = True
+                self._fire_first_connect(dbapi, record)
             self._fire("connect", dbapi, record)
         except BaseException:
             # A failing connect listener: the connection must not leak.
             record.dbapi_connection = None
-            try:
-                yield Op.CLOSE, dbapi
-            except Exception:
-                self._logger.error("Exception closing connection %r", dbapi, exc_info=True)
+            yield from self._g_close_dbapi(dbapi)
             raise
 
-    def _g_close_connection(self, record: ConnectionPoolEntry) -> Proc[None]:
+    def _fire_first_connect(self, dbapi: Any, record: ConnectionPoolEntry) -> None:
+        """``first_connect`` exactly once per pool: threads connecting at the same time
+        wait until it has run (SQLAlchemy's rule); a listener that raises lets the
+        next connect try again."""
+        with self._first_connect_lock:
+            if self._first_connect_done:
+                return
+            self._fire("first_connect", dbapi, record)
+            self._first_connect_done = True
+
+    def _g_close_dbapi(self, dbapi: Any, op: Op = Op.CLOSE, verb: str = "closing") -> Proc[None]:
+        """Close ``dbapi``: an ``Exception`` is logged and swallowed; an interruption
+        (``KeyboardInterrupt``, cancellation) is logged and propagates (SQLAlchemy's rule)."""
+        try:
+            yield op, dbapi
+        except Exception:
+            self._logger.error("Exception %s connection %r", verb, dbapi, exc_info=True)
+        except BaseException:
+            self._logger.error("Exception %s connection %r", verb, dbapi, exc_info=True)
+            raise
+
+    def _g_close_connection(
+        self, record: ConnectionPoolEntry, op: Op = Op.CLOSE, verb: str = "closing"
+    ) -> Proc[None]:
         dbapi = record.dbapi_connection
         if dbapi is None:
             return
+        # Forgotten first: a close that is interrupted is not retried, and the
+        # connection is never handed out again.
         record.dbapi_connection = None
         self._logger.debug("Closing connection %r", dbapi)
         try:
             self._fire("close", dbapi, record)
         finally:
-            try:
-                yield Op.CLOSE, dbapi
-            except Exception:
-                self._logger.error("Exception closing connection %r", dbapi, exc_info=True)
+            yield from self._g_close_dbapi(dbapi, op, verb)
 
     def _g_invalidate(
-        self, record: ConnectionPoolEntry, exc: BaseException | None, soft: bool = False
+        self,
+        record: ConnectionPoolEntry,
+        exc: BaseException | None,
+        soft: bool = False,
+        *,
+        interrupted: bool = False,
     ) -> Proc[None]:
         dbapi = record.dbapi_connection
         if dbapi is None:
@@ -969,8 +1040,16 @@ class Pool(abc.ABC):
         self._logger.info("Invalidate connection %r (reason: %r)", dbapi, exc)
         try:
             self._fire("invalidate", dbapi, record, exc)
-        finally:
-            yield from self._g_close_connection(record)
+        except BaseException:
+            # The listener interrupted the invalidation before the close (SQLAlchemy's
+            # order): the connection stays in its slot and is replaced at its next
+            # checkout, never handed out again as it is.
+            record.soft_invalidate_time = max(time.time(), record.starttime + 1e-6)
+            raise
+        # After an interruption nothing may be awaited: terminate (no I/O wait).
+        yield from self._g_close_connection(
+            record, Op.TERMINATE if interrupted else Op.CLOSE, "terminating"
+        )
 
     def _g_invalidate_proxy(
         self, proxy: PoolProxiedConnection, exc: BaseException | None, soft: bool
@@ -980,19 +1059,26 @@ class Pool(abc.ABC):
             if not soft and proxy._detached is not None:
                 dbapi, proxy._detached = proxy._detached, None
                 proxy._closed = True
-                yield Op.CLOSE, dbapi
+                yield from self._g_close_dbapi(dbapi, Op.CLOSE, "terminating")
             return
-        yield from self._g_invalidate(record, exc, soft)
-        if not soft:
+        if soft:
+            yield from self._g_invalidate(record, exc, soft)
+            return
+        try:
+            yield from self._g_invalidate(record, exc)
+        finally:
+            # Even when a listener or the close raised: the slot comes back, with no
+            # reset (the connection is gone, or marked for replacement).
             proxy._nested = 1
-            yield from self._g_checkin(proxy, False)
+            yield from self._g_checkin(proxy, False, reset=False)
 
     def _g_checkin(
         self,
         proxy: PoolProxiedConnection,
         transaction_was_reset: bool,
         *,
-        terminate_only: bool = False,
+        reset: bool = True,
+        collected: bool = False,
     ) -> Proc[None]:
         proxy._closed = True
         record = proxy._record
@@ -1004,13 +1090,45 @@ class Pool(abc.ABC):
         if record._epoch != self._epoch:
             record.dbapi_connection = None  # the parent's: drop it (see _check_fork)
             return
+        fire_checkin = True
         static = self._static_slots
-        shared = static is not None and static.users > 1
+        if static is not None:
+            # StaticPool: ``checkin`` fires once per use of its one record, as the
+            # record's, not per proxy (see StaticSlots.end_use).
+            reset, fire_checkin = static.end_use(id(proxy), collected, reset)
         dbapi = record.dbapi_connection
-        if dbapi is not None and not shared:
-            yield from self._g_reset(dbapi, record, transaction_was_reset, terminate_only)
+        if dbapi is not None and reset:
+            try:
+                yield from self._g_reset(dbapi, record, transaction_was_reset, False)
+            except BaseException as exc:
+                # The caller is done with this connection: a broken one is replaced, not
+                # reported; an interruption (KeyboardInterrupt, a cancelled task) still
+                # propagates, but only after the slot came back.
+                self._logger.error("Exception during reset or similar", exc_info=True)
+                interrupted = not isinstance(exc, Exception)
+                try:
+                    yield from self._g_invalidate(record, exc, interrupted=interrupted)
+                finally:
+                    yield from self._g_release(record, fire_checkin)
+                if interrupted:
+                    raise
+                return
+        # _g_release, inline: this is every return's path.
         try:
-            self._fire("checkin", record.dbapi_connection, record)
+            if fire_checkin:
+                self._fire("checkin", record.dbapi_connection, record)
+        finally:
+            with self._lock:
+                keep = self._slots.release(record)
+                self._notify_locked()
+            if not keep:
+                yield from self._g_close_connection(record)
+
+    def _g_release(self, record: ConnectionPoolEntry, fire_checkin: bool = True) -> Proc[None]:
+        """``checkin`` event, then the slot back to the pool (or closed if not kept)."""
+        try:
+            if fire_checkin:
+                self._fire("checkin", record.dbapi_connection, record)
         finally:
             with self._lock:
                 keep = self._slots.release(record)
@@ -1025,31 +1143,26 @@ class Pool(abc.ABC):
         transaction_was_reset: bool,
         terminate_only: bool,
     ) -> Proc[None]:
-        try:
-            listeners = self._listeners("reset")
-            if listeners:
-                state = PoolResetState(
-                    transaction_was_reset=transaction_was_reset,
-                    terminate_only=terminate_only,
-                    asyncio_safe=not terminate_only,
-                )
-                for listener in listeners:
-                    listener(dbapi, record, state)
-            if terminate_only or transaction_was_reset:
-                return
-            if self._reset_on_return == core.RESET_ROLLBACK:
+        """The ``reset`` event, then rollback or commit; raises what they raise (the
+        caller decides: invalidate a pooled connection, close a detached one)."""
+        listeners = self._listeners("reset")
+        if listeners:
+            state = PoolResetState(
+                transaction_was_reset=transaction_was_reset,
+                terminate_only=terminate_only,
+                asyncio_safe=True,
+            )
+            for listener in listeners:
+                listener(dbapi, record, state)
+        # SQLAlchemy's rules: a rollback is skipped when the caller already ended the
+        # transaction; a commit is not.
+        if self._reset_on_return == core.RESET_ROLLBACK:
+            if not transaction_was_reset:
                 self._logger.debug("Connection %r being returned to pool; rollback", dbapi)
                 yield Op.ROLLBACK, dbapi
-            elif self._reset_on_return == core.RESET_COMMIT:
-                self._logger.debug("Connection %r being returned to pool; commit", dbapi)
-                yield Op.COMMIT, dbapi
-        except Exception as exc:
-            # The caller is done with this connection; a broken one is replaced, not reported.
-            self._logger.error("Exception during reset or similar", exc_info=True)
-            if record is not None:
-                yield from self._g_invalidate(record, exc)
-            else:
-                raise
+        elif self._reset_on_return == core.RESET_COMMIT:
+            self._logger.debug("Connection %r being returned to pool; commit", dbapi)
+            yield Op.COMMIT, dbapi
 
     def _g_close_detached(
         self, proxy: PoolProxiedConnection, transaction_was_reset: bool
@@ -1057,15 +1170,23 @@ class Pool(abc.ABC):
         dbapi, proxy._detached = proxy._detached, None
         if dbapi is None:
             return
+        interrupted = False
         try:
-            yield from self._g_reset(dbapi, None, transaction_was_reset, False)
+            # A detached connection is being dropped: terminate_only=True (SQLAlchemy's).
+            yield from self._g_reset(dbapi, None, transaction_was_reset, True)
         except Exception:
             self._logger.error("Exception resetting a detached connection", exc_info=True)
-        try:
-            yield Op.CLOSE, dbapi
-        except Exception:
-            self._logger.error("Exception closing connection %r", dbapi, exc_info=True)
-        self._fire("close_detached", dbapi)
+        except BaseException:
+            self._logger.error("Exception resetting a detached connection", exc_info=True)
+            interrupted = True
+            raise
+        finally:
+            # Closed even when the reset was interrupted: a detached connection has no
+            # slot to come back to, so nothing else would ever close it.
+            try:
+                self._fire("close_detached", dbapi)
+            finally:
+                yield from self._g_close_dbapi(dbapi, Op.TERMINATE if interrupted else Op.CLOSE)
 
     def _detach(self, proxy: PoolProxiedConnection) -> None:
         record = proxy._record
@@ -1075,15 +1196,19 @@ class Pool(abc.ABC):
         proxy._detached_info = dict(record.info)
         proxy._record = None
         record.dbapi_connection = None
+        if self._static_slots is not None:
+            self._static_slots.end_use(id(proxy), False, False)
         with self._lock:
             # The emptied slot goes back to the pool at once (SQLAlchemy's order).
             self._slots.release(record)
             self._notify_locked()
         self._fire("detach", dbapi, record)
 
-    def _g_dispose(self) -> Proc[None]:
+    def _g_dispose(self, *, retire: bool = False) -> Proc[None]:
         self._check_fork()
         with self._lock:
+            if retire:
+                self._slots.retire()
             idle = self._slots.drain_idle()
             self._notify_locked()
         for record in idle:
@@ -1092,19 +1217,37 @@ class Pool(abc.ABC):
 
     def _collect(self, proxy: PoolProxiedConnection) -> None:
         """A proxy was garbage-collected without being closed."""
-        if self._is_async:
-            warnings.warn(
-                "An async pooled connection was garbage-collected without 'await "
-                "proxy.aclose()'; it is dropped, not returned. Close connections explicitly.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            record = proxy._record
-            if record is not None:
-                dbapi = record.dbapi_connection
-                if dbapi is not None:
-                    self._fire("reset", dbapi, record, PoolResetState(False, True, False))
-                    self._run_nowait(self._g_close_connection(record))
-            self._run_nowait(self._g_checkin(proxy, False, terminate_only=True))
-        else:
-            self._run_sync(self._g_checkin(proxy, False))
+        if not self._is_async:
+            self._run_sync(self._g_checkin(proxy, False, collected=True))
+            return
+        warnings.warn(
+            "An async pooled connection was garbage-collected without 'await "
+            "proxy.aclose()'; it is detached and terminated, not returned. "
+            "Close connections explicitly.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        proxy._closed = True
+        record = proxy._record
+        if record is None:  # detached and never closed: nothing to reset
+            dbapi, proxy._detached = proxy._detached, None
+            if dbapi is not None:
+                self._close_soon(dbapi)
+            return
+        dbapi = record.dbapi_connection
+        if dbapi is None:  # invalidated already: only the slot to give back
+            self._run_nowait(self._g_checkin(proxy, False, reset=False, collected=True))
+            return
+        # SQLAlchemy's order without an event loop: reset (no rollback: nothing may be
+        # awaited), detach (the slot comes back), close_detached, terminate.
+        try:
+            self._fire("reset", dbapi, record, PoolResetState(False, True, False))
+        finally:
+            try:
+                self._detach(proxy)
+            finally:
+                proxy._detached = None
+                try:
+                    self._fire("close_detached", dbapi)
+                finally:
+                    self._close_soon(dbapi)

@@ -159,6 +159,7 @@ class Op(enum.Enum):
     ROLLBACK = "rollback"
     COMMIT = "commit"
     CLOSE = "close"
+    TERMINATE = "terminate"  # close without awaiting anything (after an interruption)
     WAIT = "wait"  # arg (version, seconds or None) -> None, returns when woken or timed out
 
 
@@ -221,6 +222,11 @@ class Slots(abc.ABC, Generic[R]):
     def __init__(self) -> None:
         self.version = 0
         self.out = 0
+        self.retired = False
+
+    def retire(self) -> None:
+        """The pool was replaced (``engine.dispose()``): records coming back are closed."""
+        self.retired = True
 
     @abc.abstractmethod
     def acquire(self, make: Callable[[], R], key: Hashable = None) -> tuple[Acquire, R | None]:
@@ -282,6 +288,12 @@ class QueueSlots(Slots[R]):
         self.use_lifo = use_lifo
         self.idle: deque[R] = deque()
         self.total = 0  # records counted in the pool: idle + checked out
+        # How many idle records a return may leave (pool_size=0: no limit; 0 once retired).
+        self.keep_limit: float = pool_size if pool_size else float("inf")
+
+    def retire(self) -> None:
+        super().retire()
+        self.keep_limit = 0
 
     def _unbounded(self) -> bool:
         return self.pool_size == 0 or self.max_overflow < 0
@@ -300,7 +312,7 @@ class QueueSlots(Slots[R]):
     def release(self, record: R) -> bool:
         self.out -= 1
         self._bump()
-        if self.pool_size == 0 or len(self.idle) < self.pool_size:
+        if len(self.idle) < self.keep_limit:
             self.idle.append(record)
             return True
         self.total -= 1
@@ -376,6 +388,27 @@ class StaticSlots(Slots[R]):
         self.record: R | None = None
         self.users = 0
         self.busy = False
+        # SQLAlchemy's record state: in use since the last checkout (``checkin`` fires
+        # once, at the first return after it), and the newest checkout's proxy (only
+        # its garbage collection returns the record).
+        self.in_use = False
+        self.current: int | None = None
+
+    def checked_out_by(self, proxy_id: int) -> None:
+        self.in_use = True
+        self.current = proxy_id
+
+    def end_use(self, proxy_id: int, collected: bool, reset: bool) -> tuple[bool, bool]:
+        """A proxy returns: (reset it?, fire ``checkin``?).  Closing any proxy resets the
+        connection and ends the record's use; collecting one that a newer checkout
+        superseded does nothing (SQLAlchemy's rules)."""
+        if collected and proxy_id != self.current:
+            return False, False
+        fire = self.in_use
+        self.in_use = False
+        if proxy_id == self.current:
+            self.current = None
+        return reset, fire
 
     def acquire(self, make: Callable[[], R], key: Hashable = None) -> tuple[Acquire, R | None]:
         if self.busy:
@@ -401,6 +434,9 @@ class StaticSlots(Slots[R]):
         self._bump()
         if record is self.record:
             self.users -= 1
+            if self.retired and self.users <= 0:
+                self.record = None
+                return False
             return True
         # A record replaced by dispose() is closed by its last user only.
         return False
@@ -471,6 +507,9 @@ class ThreadSlots(Slots[R]):
         key = self._key_of(record)
         if key is None and record not in self.by_key.values():
             return False  # dropped by dispose() while in use
+        if self.retired:
+            self.by_key.pop(key, None)
+            return False
         if len(self.by_key) > self.pool_size:
             # More threads than pool_size: the returning one makes room.
             self.by_key.pop(key, None)
@@ -505,3 +544,53 @@ class ThreadSlots(Slots[R]):
 
     def checkedout(self) -> int:
         return len(self.in_use)
+
+
+class AssertionSlots(Slots[R]):
+    """AssertionPool: one record, at most one checkout at a time (a second one is a bug).
+
+    ``dispose()`` closes the connection even while it is checked out and forgets the
+    checkout (SQLAlchemy's rule); the record reconnects at its next checkout.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record: R | None = None
+        self.checked_out = False
+
+    def acquire(self, make: Callable[[], R], key: Hashable = None) -> tuple[Acquire, R | None]:
+        if self.checked_out:
+            raise AssertionError("connection is already checked out")
+        self.checked_out = True
+        self.out = 1
+        if self.record is None:
+            self.record = make()
+            return Acquire.NEW, self.record
+        return Acquire.TAKE, self.record
+
+    def release(self, record: R) -> bool:
+        if not self.checked_out:
+            raise AssertionError("connection is not checked out")
+        self.checked_out = False
+        self.out = 0
+        self._bump()
+        return record is self.record and not self.retired
+
+    def discard(self, record: R) -> None:
+        self.checked_out = False
+        self.out = 0
+        if record is self.record:
+            self.record = None
+        self._bump()
+
+    def drain_idle(self) -> list[R]:
+        self.checked_out = False
+        self.out = 0
+        self._bump()
+        return [] if self.record is None else [self.record]
+
+    def size(self) -> int:
+        return 1
+
+    def checkedin(self) -> int:
+        return 1 if self.record is not None and not self.checked_out else 0

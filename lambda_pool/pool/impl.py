@@ -1,4 +1,5 @@
-"""The pool classes: QueuePool, NullPool, StaticPool, SingletonThreadPool, AsyncAdaptedQueuePool.
+"""The pool classes: QueuePool, NullPool, StaticPool, SingletonThreadPool, AssertionPool,
+AsyncAdaptedQueuePool.
 
 Each class only chooses its arguments and its slot policy from :mod:`lambda_pool.pool.core`;
 checkout, return and events are the shared procedures of :class:`~lambda_pool.pool.base.Pool`.
@@ -8,6 +9,7 @@ Constructor signatures are SQLAlchemy's (creator first, then keywords, same defa
 from __future__ import annotations
 
 import threading
+import traceback
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -144,3 +146,73 @@ class SingletonThreadPool(Pool):
 
     async def aconnect(self) -> PoolProxiedConnection:
         return self._nested() or self._remember(await super().aconnect())
+
+
+class AssertionPool(Pool):
+    """At most one connection checked out at any time: a second checkout raises
+    ``AssertionError`` (for finding code that uses more connections than it should).
+
+    ``store_traceback=True`` (the default) adds where the connection was checked out to
+    that error.  A failed connect raises the driver's error and leaves the pool free.
+    ``dispose()`` closes the connection, even one that is checked out.
+    """
+
+    def __init__(
+        self,
+        creator: Callable[[], Any],
+        *,
+        store_traceback: bool = True,
+        recycle: float = -1,
+        echo: bool | str | None = False,
+        logging_name: str | None = None,
+        reset_on_return: bool | str | None = True,
+        events: event.EventRegistry | None = None,
+        dialect: Any = None,
+        pre_ping: bool = False,
+    ) -> None:
+        super().__init__(
+            creator,
+            recycle=recycle,
+            echo=echo,
+            logging_name=logging_name,
+            reset_on_return=reset_on_return,
+            events=events,
+            dialect=dialect,
+            pre_ping=pre_ping,
+        )
+        self._store_traceback = bool(store_traceback)
+        self._checkout_traceback: list[str] | None = None
+        self._kwargs.update(store_traceback=store_traceback)
+
+    def _make_slots(self) -> core.Slots[ConnectionPoolEntry]:
+        return core.AssertionSlots()
+
+    def status(self) -> str:
+        return "AssertionPool"  # SQLAlchemy's
+
+    def _second_checkout(self, error: AssertionError) -> AssertionError:
+        where = self._checkout_traceback
+        if not where:
+            return error
+        return AssertionError(f"{error} at:\n{''.join(where)}")
+
+    def connect(self) -> PoolProxiedConnection:
+        try:
+            proxy = super().connect()
+        except AssertionError as error:
+            raise self._second_checkout(error) from None
+        self._remember_checkout()
+        return proxy
+
+    async def aconnect(self) -> PoolProxiedConnection:
+        try:
+            proxy = await super().aconnect()
+        except AssertionError as error:
+            raise self._second_checkout(error) from None
+        self._remember_checkout()
+        return proxy
+
+    def _remember_checkout(self) -> None:
+        if self._store_traceback:
+            # Without the pool's own frames: the caller's code is what matters.
+            self._checkout_traceback = traceback.format_stack()[:-2]
