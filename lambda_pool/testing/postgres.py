@@ -457,7 +457,17 @@ def has_openssl(bindir: Path) -> bool:
 
 
 def find_binaries() -> PostgresBinaries:
-    """The first candidate built with OpenSSL, else the first candidate (TLS then off)."""
+    """``$LAMBDA_POOL_PG_BINDIR`` when set (a chosen build is used as it is); else the
+    first candidate built with OpenSSL, else the first candidate (TLS then off)."""
+    chosen = os.environ.get(ENV_BINDIR)
+    if chosen:
+        bindir = Path(chosen)
+        if not ((bindir / "postgres").is_file() and (bindir / "initdb").is_file()):
+            raise PostgresNotFoundError(
+                f"{ENV_BINDIR}={chosen} holds no postgres and initdb: point it at a "
+                "PostgreSQL bin directory, e.g. /usr/lib/postgresql/15/bin, or unset it"
+            )
+        return PostgresBinaries(bindir, openssl=has_openssl(bindir))
     candidates = candidate_bindirs()
     if not candidates:
         passed_over = "".join(f"\n  {where}: {why}" for where, why in _passed_over.items())
