@@ -32,6 +32,7 @@ __all__ = [
     "LAMBDA_POOL_QUERY_KEYS",
     "check_params",
     "is_secret_key",
+    "is_secret_query_key",
     "mask_params",
     "parse_conninfo",
     "split_host_list",
@@ -99,7 +100,13 @@ _INT_MAX = 2**31 - 1
 
 def is_secret_key(name: str) -> bool:
     """Whether a connection parameter named ``name`` carries a secret (masked when shown)."""
-    return name not in LAMBDA_POOL_QUERY_KEYS and _SECRET_NAME.search(name) is not None
+    return _SECRET_NAME.search(name) is not None
+
+
+def is_secret_query_key(name: str) -> bool:
+    """Whether a URL query key carries a secret: named like one, and not one of
+    lambda-pool's own keys (``secret=`` names a secret, ``token_margin=`` is seconds)."""
+    return name not in LAMBDA_POOL_QUERY_KEYS and is_secret_key(name)
 
 
 def mask_params(params: Mapping[str, object]) -> dict[str, object]:
@@ -312,7 +319,7 @@ def check_params(params: Mapping[str, QueryValue], driver: str, source: str = "U
     left to the driver: libpq's list grows with each release.
     """
     for key, raw in params.items():
-        if is_secret_key(key):
+        if is_secret_query_key(key):
             if not isinstance(raw, str):
                 raise ArgumentError(f"{source} {key} is given more than once; give it once")
             continue

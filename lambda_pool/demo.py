@@ -178,9 +178,23 @@ def _mask(url: str) -> str:
 
 
 def _own_schema(admin: Any, database: str, role: str) -> None:
-    """Give ``role`` a schema of its own, first on its search_path (its ``visits`` table)."""
-    admin.execute(f'CREATE SCHEMA IF NOT EXISTS "{role}" AUTHORIZATION "{role}"')
-    admin.execute(f'ALTER ROLE "{role}" IN DATABASE "{database}" SET search_path = "{role}"')
+    """Give ``role`` a schema of its own, first on its search_path (its ``visits`` table).
+
+    Names are quoted by psycopg (``sql.Identifier``), never formatted into the SQL: the
+    database name can come from a user's URL, and these statements run as the admin.
+    """
+    from psycopg import sql
+
+    admin.execute(
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
+            sql.Identifier(role), sql.Identifier(role)
+        )
+    )
+    admin.execute(
+        sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path = {}").format(
+            sql.Identifier(role), sql.Identifier(database), sql.Identifier(role)
+        )
+    )
 
 
 def _prepare_iam_role(server: PostgresServer) -> bool:

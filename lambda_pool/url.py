@@ -38,7 +38,7 @@ from urllib.parse import parse_qsl, quote, quote_plus, unquote
 from lambda_pool.conninfo import (
     check_params,
     check_port_text,
-    is_secret_key,
+    is_secret_query_key,
     looks_like_conninfo,
     parse_conninfo,
     split_host_list,
@@ -252,7 +252,7 @@ class URL:
             for key in sorted(self.query):
                 value = self.query[key]
                 for element in (value,) if isinstance(value, str) else value:
-                    shown = "***" if hide_password and is_secret_key(key) else element
+                    shown = "***" if hide_password and is_secret_query_key(key) else element
                     pairs.append(f"{quote_plus(key)}={quote_plus(shown, safe='*')}")
             out += "?" + "&".join(pairs)
         return out

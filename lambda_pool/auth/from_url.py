@@ -8,10 +8,11 @@ the rest of the query goes to the driver)::
         sslmode=disable/allow/prefer is refused). Optional: token_margin=<seconds>.
     postgresql+psycopg://db.example.com/app?secret=arn:aws:secretsmanager:...:secret:db
         user and password from the Secrets Manager secret (region from the ARN, else
-        region=..., else AWS_REGION). Optional: secret_max_age=<seconds>.
+        region=..., else AWS_REGION). Optional: secret_max_age=<seconds> (default: Powertools'
+        POWERTOOLS_PARAMETERS_MAX_AGE, else 300).
     postgresql+psycopg:///?secret=prod/db
         no host in the URL: host, port and dbname are taken from the secret as well.
-    auth=password (or no auth/secret key)
+    auth=password, or auth=static (LAMBDA_POOL_AUTH's spelling), or no auth/secret key
         no provider: the URL's own user and password are used.
 
 ``auth=secret&secret=...`` is accepted as a longer spelling of ``secret=...``.
@@ -57,10 +58,10 @@ def strip_auth_query(query: QueryLike) -> dict[str, str]:
     return {k: v for k, v in _single_values(query).items() if k not in AUTH_QUERY_KEYS}
 
 
-def _seconds(query: Mapping[str, str], key: str, default: int) -> int:
+def _seconds(query: Mapping[str, str], key: str) -> int | None:
     raw = query.get(key)
     if raw is None:
-        return default
+        return None
     try:
         return int(raw)
     except ValueError:
@@ -86,9 +87,11 @@ def provider_from_url(
     secret_id = query.get("secret")
     region = query.get("region") or None
 
+    if auth == "static":
+        auth = "password"  # LAMBDA_POOL_AUTH's name for the same choice
     if auth not in ("", "password", "iam", "secret"):
         raise ArgumentError(
-            f"unknown auth={auth!r} in the URL: use auth=iam, auth=password, "
+            f"unknown auth={auth!r} in the URL: use auth=iam, auth=password (or static), "
             "or secret=<secret name or ARN>"
         )
     if auth == "iam":
@@ -101,25 +104,27 @@ def provider_from_url(
                 "auth=iam needs the database user and host in the URL "
                 "(postgresql+psycopg://USER@HOST:PORT/DB?auth=iam)"
             )
+        margin = _seconds(query, "token_margin")
         return IAMCredentials(
             host,
             port or 5432,
             user,
             region=region,
-            margin=_seconds(query, "token_margin", 60),
+            margin=60 if margin is None else margin,
             clock=clock,
             sslmode=check_tls_sslmode(query.get("sslmode")),
         )
     if secret_id is not None or auth == "secret":
         if auth == "password":
             raise ArgumentError(
-                "the URL asks for both auth=password and secret=...: choose one way to authenticate"
+                "the URL asks for both auth=password (static) and secret=...: choose one way "
+                "to authenticate"
             )
         if not secret_id:
             raise ArgumentError("auth=secret needs secret=<secret name or ARN> in the URL")
         return SecretsManagerCredentials(
             secret_id,
-            max_age=_seconds(query, "secret_max_age", 300),
+            max_age=_seconds(query, "secret_max_age"),
             region=region,
             clock=clock,
             include_location=not host,
