@@ -307,6 +307,11 @@ def _check_handler(fn: Callable[..., Any]) -> None:
         )
 
 
+# PostgreSQL keeps statement_timeout in an int of milliseconds; a larger value is refused
+# by SET at every invocation (InvalidParameterValue), so it is refused here, at Init.
+_MAX_STATEMENT_TIMEOUT_MS = 2_147_483_647
+
+
 def _check_options(statement_timeout: Any, timeout_margin_ms: Any) -> None:
     if (
         statement_timeout is not None
@@ -314,12 +319,13 @@ def _check_options(statement_timeout: Any, timeout_margin_ms: Any) -> None:
         and (
             isinstance(statement_timeout, bool)
             or not isinstance(statement_timeout, int)
-            or statement_timeout <= 0
+            or not 0 < statement_timeout <= _MAX_STATEMENT_TIMEOUT_MS
         )
     ):
         raise ArgumentError(
             f"statement_timeout={statement_timeout!r}: use 'deadline' (the invocation's "
-            "remaining time minus the margin), a number of milliseconds > 0, or None"
+            "remaining time minus the margin), a number of milliseconds from 1 to "
+            f"{_MAX_STATEMENT_TIMEOUT_MS} (PostgreSQL's limit), or None"
         )
     if timeout_margin_ms is not None and (
         isinstance(timeout_margin_ms, bool)
