@@ -7,10 +7,10 @@ exception class, which is enough to act on ("AccessDeniedException", "no credent
 
 from __future__ import annotations
 
-__all__ = ["describe_aws_error"]
+__all__ = ["HINTS", "describe_aws_error"]
 
 # botocore exception classes whose meaning we can state with a remedy.
-_HINTS = {
+HINTS = {
     "NoCredentialsError": "no AWS credentials were found (set them in the environment or "
     "give the function an execution role)",
     "PartialCredentialsError": "the AWS credentials in the environment are incomplete",
@@ -36,7 +36,7 @@ def describe_aws_error(exc: BaseException) -> str:
             code = response.get("Error", {}).get("Code")
             if isinstance(code, str) and code:
                 return f"AWS error {code}"
-        hint = _HINTS.get(type(err).__name__)
+        hint = HINTS.get(type(err).__name__)
         if hint is not None:
             return hint
     return f"{type(exc).__name__} (details withheld: they may contain secret material)"
