@@ -26,7 +26,7 @@ def test_quick_start_is_exactly_two_commands_demo_then_tests() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     script = (ROOT / ".ci" / "run").read_text()
-    assert re.search(r"^make test\b", script, flags=re.MULTILINE)
+    assert re.search(r"^\s*make test\b", script, flags=re.MULTILINE)
 
 
 def test_every_python_block_parses_and_imports_only_what_lambda_pool_exports() -> None:
