@@ -7,16 +7,16 @@ JSON document on stdout per invocation, which CloudWatch turns into metrics).
 
 Credentials: with ``LAMBDA_POOL_AUTH=secret`` the user and password come from the
 Secrets Manager secret ``LAMBDA_POOL_SECRET_ARN``, read through Powertools Parameters
-(``parameters.get_secret(..., transform="json", max_age=...)``; lambda-pool's
-``SecretsManagerCredentials`` calls it), so it shares Powertools' cache with any other
-``get_secret`` call in the function, costs one API call per ``max_age`` seconds, and is
-read again bypassing the cache once when the database rejects the password (rotation).
+(``parameters.get_secret(..., transform="json")``; lambda-pool's
+``SecretsManagerCredentials(..., reader="powertools")`` calls it), so it costs one API call
+per ``POWERTOOLS_PARAMETERS_MAX_AGE`` seconds (Powertools' default: 300) and is read again
+bypassing the cache once when the database rejects the password (rotation).
 With ``LAMBDA_POOL_AUTH=iam`` the decorator signs RDS IAM tokens instead.
 
 Environment (template.yaml sets it): ``POWERTOOLS_SERVICE_NAME``,
 ``POWERTOOLS_METRICS_NAMESPACE``, ``LAMBDA_POOL_DATABASE_URL``, ``LAMBDA_POOL_AUTH``,
-``LAMBDA_POOL_SECRET_ARN``.  Locally, ``POWERTOOLS_TRACE_DISABLED=true`` keeps the
-tracer from looking for an X-Ray daemon.
+``LAMBDA_POOL_SECRET_ARN``, optionally ``POWERTOOLS_PARAMETERS_MAX_AGE``.  Locally,
+``POWERTOOLS_TRACE_DISABLED=true`` keeps the tracer from looking for an X-Ray daemon.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ from lambda_pool import with_connection
 from lambda_pool.auth import SecretsManagerCredentials
 
 SOURCE = "powertools"
-# How long a secret read stays cached (Powertools' own default is 5 s): the password
-# changes only on rotation, and a rotation is caught by the retry on the auth failure.
-SECRET_MAX_AGE_SECONDS = int(os.environ.get("SECRET_MAX_AGE_SECONDS", "300"))
 
 logger = Logger()  # service name: POWERTOOLS_SERVICE_NAME
 metrics = Metrics()  # namespace: POWERTOOLS_METRICS_NAMESPACE
@@ -47,9 +44,10 @@ def _credentials() -> SecretsManagerCredentials | None:
     """
     if os.environ.get("LAMBDA_POOL_AUTH", "").lower() != "secret":
         return None
-    return SecretsManagerCredentials(
-        os.environ["LAMBDA_POOL_SECRET_ARN"], max_age=SECRET_MAX_AGE_SECONDS
-    )
+    # No max_age: Powertools' own resolution applies (POWERTOOLS_PARAMETERS_MAX_AGE, else
+    # 300 s). A long cache is safe: the password changes only on rotation, and a rotation
+    # is caught by the re-read after the authentication failure.
+    return SecretsManagerCredentials(os.environ["LAMBDA_POOL_SECRET_ARN"], reader="powertools")
 
 
 _schema_ready = False
