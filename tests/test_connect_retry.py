@@ -19,11 +19,12 @@ from typing import Any
 import psycopg
 import pytest
 
+import lambda_pool
 from lambda_pool import create_engine
 from lambda_pool.asyncio import create_async_engine
 from lambda_pool.connect_retry import ConnectRetryPolicy
 from lambda_pool.dialects import load_dialect
-from lambda_pool.exc import ArgumentError
+from lambda_pool.exc import ArgumentError, CapacityExhaustedError
 from lambda_pool.testing.postgres import PostgresServer
 from lambda_pool.warm import warm_engine
 
@@ -102,6 +103,17 @@ def test_policy_never_sleeps_past_the_total_budget() -> None:
 
 def test_zero_retries_means_one_attempt() -> None:
     assert ConnectRetryPolicy(retries=0).delay(0, 0.0, 0.5) is None
+
+
+def test_policy_with_a_deadline_counts_time_not_retries_and_keeps_one_attempt_free() -> None:
+    policy = ConnectRetryPolicy(retries=3, backoff=0.1, max_backoff=2.0)
+    # Far past the retry count: the deadline is the budget.
+    assert policy.delay_within(40, 1.0, remaining=5.0, attempt_seconds=0.1) == pytest.approx(2.0)
+    # The sleep is shortened so one more attempt (as long as the slowest) still fits.
+    assert policy.delay_within(3, 1.0, remaining=0.5, attempt_seconds=0.2) == pytest.approx(0.3)
+    assert policy.delay_within(3, 1.0, remaining=0.2, attempt_seconds=0.2) is None
+    assert policy.delay_within(0, 0.5, remaining=-0.1, attempt_seconds=0.0) is None
+    assert ConnectRetryPolicy(retries=0).delay_within(0, 0.5, 5.0, 0.0) is None
 
 
 @pytest.mark.parametrize(
@@ -252,6 +264,82 @@ def test_zero_retries_turns_retrying_off(role_dsn: str, held: Any) -> None:
     with pytest.raises(psycopg.OperationalError, match="too many connections"):
         engine.connect()
     assert len(attempts) == 1
+
+
+def test_with_a_deadline_a_slot_freed_after_the_retry_count_is_still_taken(
+    role_dsn: str, embedded_postgres: PostgresServer, limited_role: str
+) -> None:
+    """Freed after more attempts than connect_retries allows: counted retries would have
+    given up, the deadline's time budget waits for the slot."""
+    holder = psycopg.connect(role_dsn)
+    engine = create_engine(role_dsn, connect_retries=1, connect_retry_backoff=0.02)
+    attempts = count_attempts(engine)
+
+    def release_after_attempts() -> None:
+        while len(attempts) < 3:
+            time.sleep(0.01)
+        holder.close()
+
+    releaser = threading.Thread(target=release_after_attempts)
+    releaser.start()
+    try:
+        with lambda_pool.deadline(20.0), engine.connect() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        releaser.join()
+        engine.dispose()
+    assert len(attempts) >= 3  # connect_retries=1 alone stops after 2
+
+
+def test_with_a_deadline_capacity_exhaustion_fails_before_it_naming_attempts_and_time(
+    role_dsn: str, held: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = create_engine(role_dsn, connect_retry_backoff=0.05)
+    attempts = count_attempts(engine)
+    with (
+        caplog.at_level(logging.INFO, "lambda_pool.engine"),
+        pytest.raises(CapacityExhaustedError) as exhausted,
+        lambda_pool.deadline(1.0) as bound,
+    ):
+        engine.connect()
+    assert bound is not None and not bound.expired()  # gave up before the deadline
+    error = exhausted.value
+    assert error.attempts == len(attempts) >= 2
+    assert 0 < error.elapsed_ms <= 1000 and error.remaining_ms >= 0
+    assert f"all {error.attempts} connect attempt(s)" in str(error)
+    assert "capacity exhausted" in str(error)
+    assert isinstance(error.__cause__, psycopg.OperationalError)
+    assert "too many connections for role" in str(error.__cause__)
+    texts = [str(error), *(record.getMessage() for record in caplog.records)]
+    assert all(PASSWORD not in text for text in texts)
+
+
+def test_async_engine_with_a_deadline_fails_with_capacity_exhausted(
+    role_dsn: str, held: Any
+) -> None:
+    import asyncio
+
+    async def connect(driver: str) -> BaseException:
+        engine = create_async_engine(
+            role_dsn.replace("postgresql://", f"postgresql+{driver}://", 1),
+            connect_retry_backoff=0.05,
+        )
+        try:
+            with lambda_pool.deadline(0.8):
+                async with engine.connect():
+                    pass
+        except CapacityExhaustedError as exc:
+            return exc
+        finally:
+            await engine.dispose()
+        raise AssertionError("the connect should have been refused")
+
+    for driver in ("psycopg", "asyncpg"):
+        error = asyncio.run(connect(driver))
+        assert isinstance(error, CapacityExhaustedError)
+        assert error.attempts >= 2, driver
+        assert error.__cause__ is not None
+        assert "too many connections" in str(error.__cause__), driver
 
 
 def test_authentication_failures_are_not_retried(
