@@ -60,7 +60,11 @@ SAMPLES = {
     "SqlAlchemyFunction": "samples/sqlalchemy_orm/",
     "AsyncFunction": "samples/async_handler/",
     "PowertoolsFunction": "samples/powertools_handler/",
+    "PowertoolsLayerFunction": "samples/powertools_handler/",
 }
+# The functions one deployment creates: the Powertools sample is one of two functions.
+DEPLOYED_BY_DEFAULT = set(SAMPLES) - {"PowertoolsLayerFunction"}
+DEPLOYED_WITH_LAYER = set(SAMPLES) - {"PowertoolsFunction"}
 
 EXPECTED_ENV = {
     "LAMBDA_POOL_DATABASE_URL",
@@ -97,8 +101,11 @@ _NO_VALUE = object()
 class Rendered:
     """The transformed template resolved for one set of parameter values."""
 
-    def __init__(self, template: dict[str, Any], parameters: dict[str, str]) -> None:
+    def __init__(
+        self, template: dict[str, Any], parameters: dict[str, str], region: str = REGION
+    ) -> None:
         self.template = template
+        self.region = region
         self.params: dict[str, Any] = {}
         for name, spec in template.get("Parameters", {}).items():
             value = parameters.get(name, spec.get("Default"))
@@ -138,6 +145,9 @@ class Rendered:
             return all(self.truth(x) for x in arg)
         if fn == "Fn::Or":
             return any(self.truth(x) for x in arg)
+        if fn == "Fn::Contains":
+            items, value = (self.resolve(x) for x in arg)
+            return str(value) in [str(i) for i in items]
         if fn == "Condition":
             return self.condition(arg)
         raise AssertionError(f"not a condition function: {fn}")
@@ -168,7 +178,7 @@ class Rendered:
 
     def ref(self, name: str) -> Any:
         pseudo = {
-            "AWS::Region": REGION,
+            "AWS::Region": self.region,
             "AWS::AccountId": ACCOUNT,
             "AWS::Partition": "aws",
             "AWS::StackName": "lp",
@@ -225,6 +235,9 @@ class Rendered:
             if fn == "Fn::Split":
                 separator, text = arg
                 return str(self.resolve(text)).split(separator)
+            if fn == "Fn::FindInMap":
+                table, first, second = (str(self.resolve(x)) for x in arg)
+                return self.template["Mappings"][table][first][second]
             if fn == "Fn::Select":
                 index, items = arg
                 return self.resolve(items)[int(self.resolve(index))]
@@ -271,8 +284,8 @@ def transformed(sam_template: dict[str, Any]) -> dict[str, Any]:
         return transform(template, {}, _OfflinePolicies())
 
 
-def render(transformed: dict[str, Any], **parameters: str) -> Rendered:
-    return Rendered(transformed, {**NETWORK, **parameters})
+def render(transformed: dict[str, Any], region: str = REGION, **parameters: str) -> Rendered:
+    return Rendered(transformed, {**NETWORK, **parameters}, region=region)
 
 
 # --- cfn-lint ------------------------------------------------------------------------
@@ -284,6 +297,22 @@ def test_template_passes_cfn_lint_including_informational_checks() -> None:
         ManualArgs(regions=["us-east-1", "eu-west-1", "ap-southeast-2"], include_checks=["I"]),
     )
     assert [f"{m.rule.id} line {m.linenumber}: {m.message}" for m in matches] == []
+
+
+def test_template_passes_cfn_lint_in_every_region() -> None:
+    # RDS Proxy is missing in some Regions: the UseRdsProxy condition keeps it out there.
+    matches = lint_file(TEMPLATE, ManualArgs(regions=["ALL_REGIONS"]))
+    assert [f"{m.rule.id} line {m.linenumber}: {m.message}" for m in matches] == []
+
+
+def test_cfn_lint_in_every_region_catches_an_unguarded_proxy(tmp_path: Path) -> None:
+    # What the previous test means: without the Region test the proxy fails somewhere.
+    unguarded = tmp_path / "template.yaml"
+    unguarded.write_text(
+        TEMPLATE.read_text().replace("    - !Not [!Equals [!Ref AWS::Region, ap-east-2]]\n", "", 1)
+    )
+    ids = {m.rule.id for m in lint_file(unguarded, ManualArgs(regions=["ALL_REGIONS"]))}
+    assert "E3006" in ids
 
 
 def test_cfn_lint_rejects_an_invalid_proxy_auth_setting(tmp_path: Path) -> None:
@@ -301,14 +330,16 @@ def test_transform_makes_four_vpc_functions_with_versions_and_live_alias(
     transformed: dict[str, Any],
 ) -> None:
     counts = Counter(r["Type"] for r in transformed["Resources"].values())
-    assert counts["AWS::Lambda::Function"] == 4
-    assert counts["AWS::Lambda::Version"] == 4
-    assert counts["AWS::Lambda::Alias"] == 4
+    # Five in the template: the Powertools sample with and without the layer.
+    assert counts["AWS::Lambda::Function"] == 5
+    assert counts["AWS::Lambda::Version"] == 5
+    assert counts["AWS::Lambda::Alias"] == 5
     assert not any(t.startswith("AWS::Serverless::") for t in counts)
 
     stack = render(transformed)
     functions = stack.functions()
-    assert set(functions) == set(SAMPLES)
+    assert set(functions) == DEPLOYED_BY_DEFAULT
+    assert set(render(transformed, UsePowertoolsLayer="true").functions()) == DEPLOYED_WITH_LAYER
     for props in functions.values():
         assert props["Runtime"] == "python3.12"  # 3.12+: awslambdaric lets signal handlers run
         assert props["Handler"] == "app.handler"
@@ -538,16 +569,183 @@ def test_snapstart_reserved_concurrency_and_architecture_follow_parameters(
         assert props["Architectures"] == ["arm64"]
 
 
-def test_powertools_layer_matches_region_runtime_and_architecture(
+def test_powertools_layer_comes_from_the_public_ssm_parameter_and_replaces_the_bundled_copy(
     transformed: dict[str, Any],
 ) -> None:
-    assert "Layers" not in render(transformed).functions()["PowertoolsFunction"]
+    bundled = render(transformed)
+    assert "PowertoolsLayerFunction" not in bundled.resources
+    assert all("Layers" not in props for props in bundled.functions().values())
+
     stack = render(transformed, UsePowertoolsLayer="true", Architecture="arm64")
     functions = stack.functions()
-    assert functions["PowertoolsFunction"]["Layers"] == [
-        f"arn:aws:lambda:{REGION}:017000801446:layer:AWSLambdaPowertoolsPythonV3-python312-arm64:27"
+    # The function built without Powertools (samples/powertools_handler/Makefile) is the
+    # one deployed, so no copy in /var/task shadows the layer's.
+    assert "PowertoolsFunction" not in functions
+    assert functions["PowertoolsLayerFunction"]["Layers"] == [
+        "{{resolve:ssm:/aws/service/powertools/python/arm64/python3.12/latest}}"
     ]
-    assert all("Layers" not in functions[name] for name in SAMPLES if name != "PowertoolsFunction")
+    assert functions["PowertoolsLayerFunction"]["Runtime"] == "python3.12"
+    assert all("Layers" not in p for n, p in functions.items() if n != "PowertoolsLayerFunction")
+    pinned = render(transformed, UsePowertoolsLayer="true", PowertoolsVersion="3.8.0")
+    assert pinned.functions()["PowertoolsLayerFunction"]["Layers"] == [
+        "{{resolve:ssm:/aws/service/powertools/python/x86_64/python3.12/3.8.0}}"
+    ]
+    # Whichever is deployed, the output names its alias.
+    assert bundled.outputs["PowertoolsFunctionArn"] == "<ref:PowertoolsFunctionAliaslive>"
+    assert stack.outputs["PowertoolsFunctionArn"] == "<ref:PowertoolsLayerFunctionAliaslive>"
+
+
+def test_outputs_give_the_live_alias_arns(transformed: dict[str, Any]) -> None:
+    stack = render(transformed)
+    aliases = stack.of_type("AWS::Lambda::Alias")
+    for name in ("Psycopg", "SqlAlchemy", "Async", "Powertools"):
+        alias = f"{name}FunctionAliaslive"
+        assert stack.outputs[f"{name}FunctionArn"] == f"<ref:{alias}>"
+        assert aliases[alias]["Properties"]["Name"] == "live"
+        assert aliases[alias]["Properties"]["FunctionName"] == f"<ref:{name}Function>"
+
+
+@pytest.mark.parametrize("extra", ["", "sg-0cccccccccccccccc,sg-0dddddddddddddddd"])
+def test_extra_security_groups_are_optional(transformed: dict[str, Any], extra: str) -> None:
+    stack = render(transformed, SecurityGroupIds=extra, UseRdsProxy="true")
+    given = [g for g in extra.split(",") if g]
+    for props in stack.functions().values():
+        groups = props["VpcConfig"]["SecurityGroupIds"]
+        assert groups == ["<ref:FunctionSecurityGroup>", *given]
+        assert "" not in groups
+    proxy_groups = stack.resources["Proxy"]["Properties"]["VpcSecurityGroupIds"]
+    assert proxy_groups == ["<ref:ProxySecurityGroup>", *given]
+
+
+def test_sam_validate_parameter_types_accept_no_extra_security_groups(
+    sam_template: dict[str, Any],
+) -> None:
+    spec = sam_template["Parameters"]["SecurityGroupIds"]
+    # List<AWS::EC2::SecurityGroup::Id> refuses an empty value; this one has a default.
+    assert spec["Type"] == "CommaDelimitedList"
+    assert spec["Default"] == ""
+    assert re.fullmatch(spec["AllowedPattern"], "")
+    assert re.fullmatch(spec["AllowedPattern"], "sg-0123456789abcdef0")
+
+
+def test_proxy_borrow_timeout_is_below_every_allowed_function_timeout(
+    transformed: dict[str, Any], sam_template: dict[str, Any]
+) -> None:
+    allowed = sam_template["Parameters"]["FunctionTimeout"]["AllowedValues"]
+    assert 30 in allowed and 900 in allowed
+    for timeout in allowed:
+        stack = render(transformed, UseRdsProxy="true", FunctionTimeout=str(timeout))
+        pool = stack.resources["ProxyTargetGroup"]["Properties"]["ConnectionPoolConfigurationInfo"]
+        borrow = pool["ConnectionBorrowTimeout"]
+        assert 1 <= borrow < timeout, (timeout, borrow)
+        assert {p["Timeout"] for p in stack.functions().values()} == {str(timeout)}
+
+
+def _egress(stack: Rendered) -> list[tuple[Any, Any, Any]]:
+    """(port, destination, protocol) of every egress rule of the functions' group."""
+    rules = [
+        (r["FromPort"], r.get("CidrIp") or r.get("DestinationSecurityGroupId"), r["IpProtocol"])
+        for r in stack.resources["FunctionSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    ]
+    for res in stack.of_type("AWS::EC2::SecurityGroupEgress").values():
+        props = res["Properties"]
+        if props["GroupId"] == "<ref:FunctionSecurityGroup>":
+            assert props["FromPort"] == props["ToPort"]
+            destination = props.get("CidrIp") or props.get("DestinationSecurityGroupId")
+            rules.append((props["FromPort"], destination, props["IpProtocol"]))
+    return sorted(rules, key=str)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "database_rule"),
+    [
+        ({}, (5432, "<ref:DatabaseSecurityGroup>", "tcp")),
+        ({"UseRdsProxy": "true"}, (5432, "<ref:ProxySecurityGroup>", "tcp")),
+        ({**EXISTING_INSTANCE, "DatabasePort": "6543"}, ("6543", "0.0.0.0/0", "tcp")),
+    ],
+)
+def test_function_egress_is_the_database_port_and_https_only(
+    transformed: dict[str, Any], parameters: dict[str, str], database_rule: tuple[Any, ...]
+) -> None:
+    stack = render(transformed, **parameters)
+    assert _egress(stack) == sorted([(443, "0.0.0.0/0", "tcp"), database_rule], key=str)
+    for group in stack.of_type("AWS::EC2::SecurityGroup").values():
+        for rule in group["Properties"].get("SecurityGroupEgress", []):
+            assert rule["IpProtocol"] == "tcp", group
+
+
+def test_each_function_logs_to_its_own_log_group_with_retention_and_level(
+    transformed: dict[str, Any],
+) -> None:
+    stack = render(transformed, LogLevel="DEBUG", LogRetentionDays="14")
+    groups = stack.of_type("AWS::Logs::LogGroup")
+    seen = set()
+    for name, props in stack.functions().items():
+        logging = props["LoggingConfig"]
+        group_ref = logging["LogGroup"]
+        group = groups[group_ref.removeprefix("<ref:").removesuffix(">")]["Properties"]
+        assert group["RetentionInDays"] == "14"
+        assert group["LogGroupName"] == f"/aws/lambda/lp/{name}"
+        assert logging["LogFormat"] == "JSON"  # levels need JSON logs
+        assert logging["ApplicationLogLevel"] == "DEBUG"
+        seen.add(group_ref)
+    assert len(seen) == len(stack.functions()) == len(groups)
+
+
+def test_a_customer_managed_key_gets_kms_decrypt_for_the_functions(
+    transformed: dict[str, Any],
+) -> None:
+    key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    stack = render(transformed, AuthMode="secret", SecretKmsKeyArn=key)
+    decrypt = [s for s in stack.function_statements() if s["Action"] == "kms:Decrypt"]
+    assert len(decrypt) == 1
+    assert decrypt[0]["Resource"] == key
+    assert decrypt[0]["Condition"] == {
+        "StringEquals": {"kms:ViaService": f"secretsmanager.{REGION}.amazonaws.com"}
+    }
+    assert stack.resources["AppUserSecret"]["Properties"]["KmsKeyId"] == key
+    # Without a key (aws/secretsmanager), or in IAM mode, the functions get no kms:Decrypt.
+    for other in (render(transformed, AuthMode="secret"), render(transformed, SecretKmsKeyArn=key)):
+        assert not [s for s in other.function_statements() if s["Action"] == "kms:Decrypt"]
+    assert (
+        "KmsKeyId"
+        not in render(transformed, AuthMode="secret").resources["AppUserSecret"]["Properties"]
+    )
+
+
+def test_rotation_is_optional_and_rotates_the_generated_secret(
+    transformed: dict[str, Any],
+) -> None:
+    assert "SecretRotation" not in render(transformed, AuthMode="secret").resources
+    stack = render(transformed, AuthMode="secret", RotationDays="30")
+    rotation = stack.resources["SecretRotation"]["Properties"]
+    assert rotation["SecretId"] == "<ref:AppUserSecret>"
+    assert rotation["RotationRules"] == {"ScheduleExpression": "rate(30 days)"}
+    assert rotation["RotateImmediatelyOnUpdate"] is False
+    hosted = rotation["HostedRotationLambda"]
+    assert hosted["RotationType"] == "PostgreSQLSingleUser"
+    assert hosted["VpcSubnetIds"] == NETWORK["SubnetIds"]
+    assert hosted["VpcSecurityGroupIds"] == "<ref:RotationSecurityGroup>"
+    # The rotation function logs in to the database (not the proxy): host and port.
+    secret = json.loads(
+        stack.resources["AppUserSecret"]["Properties"]["GenerateSecretString"][
+            "SecretStringTemplate"
+        ]
+    )
+    assert (secret["host"], secret["port"]) == (CLUSTER_HOST, 5432)
+    ingress = stack.resources["DatabaseIngressFromRotation"]["Properties"]
+    assert ingress["SourceSecurityGroupId"] == "<ref:RotationSecurityGroup>"
+    assert stack.rule_failures() == []
+    # IAM mode without a proxy has no secret to rotate: the rule says so.
+    failures = render(transformed, RotationDays="30").rule_failures()
+    assert len(failures) == 1 and "RotationDays" in failures[0]
+
+
+def test_rds_proxy_is_refused_where_the_region_has_none(transformed: dict[str, Any]) -> None:
+    there = render(transformed, region="ap-east-2", UseRdsProxy="true")
+    assert "Proxy" not in there.resources
+    assert any("RDS Proxy is not offered" in f for f in there.rule_failures())
+    assert render(transformed, UseRdsProxy="true").rule_failures() == []
 
 
 @pytest.mark.parametrize(
@@ -572,27 +770,40 @@ def test_rules_refuse_an_existing_database_without_what_it_needs(
 # --- the samples the template deploys ----------------------------------------------------
 
 
-def test_functions_deploy_the_four_sample_folders(sam_template: dict[str, Any]) -> None:
-    code = {
-        name: res["Properties"]["CodeUri"]
+def test_functions_deploy_the_sample_folders_built_by_their_makefiles(
+    sam_template: dict[str, Any],
+) -> None:
+    functions = {
+        name: res
         for name, res in sam_template["Resources"].items()
         if res["Type"] == "AWS::Serverless::Function"
     }
-    assert code == SAMPLES
+    assert {name: res["Properties"]["CodeUri"] for name, res in functions.items()} == SAMPLES
     assert sam_template["Globals"]["Function"]["Handler"] == "app.handler"
+    for name, res in functions.items():
+        assert res["Metadata"] == {"BuildMethod": "makefile"}, name
+        makefile = (ROOT / res["Properties"]["CodeUri"] / "Makefile").read_text()
+        assert re.search(rf"^build-{name}:$", makefile, re.MULTILINE), name
 
 
-@pytest.mark.parametrize("folder", sorted(SAMPLES.values()))
-def test_sample_folder_has_the_handler_and_requirements_the_template_names(folder: str) -> None:
+@pytest.mark.parametrize("folder", sorted(set(SAMPLES.values())))
+def test_sample_folder_has_the_handler_and_names_no_package_index(folder: str) -> None:
     path = ROOT / folder
-    if not path.is_dir():
-        pytest.skip(f"{folder} is not written yet (owned by the samples' author)")
     source = (path / "app.py").read_text()
     assert re.search(r"^(async )?def handler\(|^handler\s*=", source, re.MULTILINE), (
         f"{folder}app.py defines no module-level 'handler'"
     )
-    requirements = (path / "requirements.txt").read_text()
-    assert "lambda-pool" in requirements
+    # lambda-pool comes from the checkout (samples/function.mk), never by name from an
+    # index: whoever claimed the name there would be installed into the functions.
+    assert not (path / "requirements.txt").exists()
+
+
+def test_build_recipe_targets_the_template_runtime(sam_template: dict[str, Any]) -> None:
+    runtime = sam_template["Globals"]["Function"]["Runtime"]
+    recipe = (ROOT / "samples" / "function.mk").read_text()
+    version = re.search(r"^LAMBDA_PYTHON \?= (\S+)$", recipe, re.MULTILINE)
+    assert version is not None and runtime == f"python{version.group(1)}"
+    assert "--invalidation-mode checked-hash" in recipe
 
 
 # --- infra/database.sql and infra/iam-policy.json ------------------------------------------
