@@ -3,7 +3,8 @@
 Options: ``--quick`` (few iterations, for the smoke test), ``--json PATH``,
 ``--database-url URL`` (else ``$DATABASE_URL``, else a throw-away embedded
 PostgreSQL on loopback), ``--only SECTION`` (repeatable: ``import``, ``checkout``,
-``invocation``, ``async``; ``async`` is the asyncio checkout and invocation tables).
+``invocation``, ``async``, ``coldstart``; ``async`` is the asyncio checkout and invocation
+tables; ``coldstart`` runs its own embedded server and moto server).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import Any
 
 from benchmarks.async_pools import measure_async
 from benchmarks.checkout import measure_checkout
+from benchmarks.coldstart import measure_coldstart
 from benchmarks.imports import measure_imports
 from benchmarks.invocation import measure_invocation
 from benchmarks.report import Section, format_sections, write_json
 from benchmarks.server import database
 
-SECTIONS = ("import", "checkout", "invocation", "async")
+SECTIONS = ("import", "checkout", "invocation", "async", "coldstart")
 #: Sections that need the PostgreSQL server.
 DATABASE_SECTIONS = ("checkout", "invocation", "async")
 
@@ -43,6 +45,7 @@ class Settings:
     invocation_rounds: int
     invocation_ops: int
     invocation_warmup: int
+    coldstart_repeats: int = 9
 
 
 FULL = Settings(
@@ -62,6 +65,7 @@ QUICK = Settings(
     invocation_rounds=3,
     invocation_ops=2,
     invocation_warmup=1,
+    coldstart_repeats=1,
 )
 
 
@@ -155,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     invocation_ops=settings.invocation_ops,
                     invocation_warmup=settings.invocation_warmup,
                 )
+    if "coldstart" in wanted:
+        sections.append(measure_coldstart(settings.coldstart_repeats))
     meta["elapsed_seconds"] = round(time.perf_counter() - started, 2)
 
     server = meta.get("server")
