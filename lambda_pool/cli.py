@@ -1,4 +1,6 @@
-"""The ``lambda-pool`` command: ``demo`` (the local demo), ``doctor URL`` (connection checks)
+"""The ``lambda-pool`` command (also ``python -m lambda_pool``): ``demo`` (the local demo),
+``doctor [URL]`` (connection checks; ``--json``; the URL defaults to
+``LAMBDA_POOL_DATABASE_URL``)
 and ``fleet`` (many containers against one database, :mod:`lambda_pool.fleet`).
 
 Subcommands import their modules only when chosen, so ``lambda-pool --help`` stays instant.
@@ -7,8 +9,32 @@ Subcommands import their modules only when chosen, so ``lambda-pool --help`` sta
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Sequence
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lambda-pool")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``: seconds above 0 and at most 3600, or a usage error (never a traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds above 0 and at most 3600 (e.g. 5)"
+        )
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="lambda-pool",
         description="PostgreSQL connections from AWS Lambda: demo and diagnostics.",
     )
+    parser.add_argument("--version", action="version", version=f"lambda-pool {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -34,11 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser(
         "doctor",
         help="check a database URL: DNS, TCP, TLS, authentication, latency, capacity",
+        description=(
+            "Check a database URL step by step and give advice for the step that fails. "
+            "Exit status 0 when every step passed, 1 otherwise."
+        ),
     )
-    doctor.add_argument("url", help="postgresql://USER[:PASSWORD]@HOST[:PORT]/DB[?auth=iam]")
     doctor.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds allowed per step (default 5)"
+        "url",
+        nargs="?",
+        help="postgresql://USER[:PASSWORD]@HOST[:PORT]/DB[?auth=iam] or a libpq key=value "
+        "string (default: $LAMBDA_POOL_DATABASE_URL)",
     )
+    doctor.add_argument(
+        "--timeout", type=_seconds, default=5.0, help="seconds allowed per step (default 5)"
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     fleet = commands.add_parser(
         "fleet",
         help="run a fleet of Lambda-like containers against a database and report",
@@ -56,12 +93,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "doctor":
         from lambda_pool import doctor
 
-        report = doctor.run(args.url, timeout=args.timeout)
-        doctor.print_report(report, sys.stdout)
+        url = args.url or os.environ.get("LAMBDA_POOL_DATABASE_URL", "").strip()
+        if not url:
+            parser.error("doctor needs a URL: give one, or set LAMBDA_POOL_DATABASE_URL")
+        report = doctor.run(url, timeout=args.timeout)
+        if args.json:
+            doctor.print_json(report, sys.stdout)
+        else:
+            doctor.print_report(report, sys.stdout)
         return 0 if report.ok else 1
     if args.command == "fleet":
         from lambda_pool.fleet import cli as fleet_cli
