@@ -105,6 +105,9 @@ class ConnectionCore(Generic[E]):
         self._closed = False
         self._invalidated = False
         self._transaction: TransactionCore | None = None
+        # A transaction is open on the driver (a statement ran, or begin()) and no
+        # commit or rollback ended it yet: close() rolls it back first (SQLAlchemy's).
+        self._begun = False
 
     # --- state -------------------------------------------------------------------------
 
@@ -144,6 +147,7 @@ class ConnectionCore(Generic[E]):
         created = transaction(self)
         assert isinstance(created, TransactionCore)
         self._transaction = created
+        self._begun = True
         return created
 
     # --- procedures --------------------------------------------------------------------
@@ -172,6 +176,7 @@ class ConnectionCore(Generic[E]):
         proxy = yield from self._g_live()
         dbapi = proxy.dbapi_connection
         self._engine._log_statement(statement)
+        self._begun = True
         outcome = yield from self._g_guarded(ConnOp.EXECUTE, (dbapi, statement, parameters), dbapi)
         return Result(
             outcome.keys, outcome.rows, outcome.rowcount, returns_rows=outcome.returns_rows
@@ -181,6 +186,7 @@ class ConnectionCore(Generic[E]):
         proxy = yield from self._g_live()
         dbapi = proxy.dbapi_connection
         self._transaction = None
+        self._begun = False
         yield from self._g_guarded(ConnOp.COMMIT if commit else ConnOp.ROLLBACK, dbapi, dbapi)
 
     def _g_rollback(self) -> Proc[None]:
@@ -204,6 +210,7 @@ class ConnectionCore(Generic[E]):
         proxy, self._proxy = self._proxy, None
         self._invalidated = True
         self._transaction = None
+        self._begun = False
         if proxy is not None:
             yield ConnOp.INVALIDATE, (proxy, exc)
 
@@ -217,8 +224,19 @@ class ConnectionCore(Generic[E]):
             return
         self._closed = True
         self._transaction = None
+        begun, self._begun = self._begun, False
         proxy, self._proxy = self._proxy, None
-        if proxy is not None:
+        if proxy is None:
+            return
+        try:
+            if begun:
+                # SQLAlchemy's order: roll back, then the pool's reset is told the
+                # transaction was reset (a failed rollback leaves it to the pool).
+                yield ConnOp.ROLLBACK, proxy.dbapi_connection
+                proxy._transaction_reset = True
+        except Exception:
+            pass
+        finally:
             yield ConnOp.CLOSE, proxy
 
     def __repr__(self) -> str:
@@ -236,6 +254,8 @@ class EngineBase(Generic[D]):
 
     #: Whether the dialect's I/O methods are coroutines (which factory builds it).
     _is_async: ClassVar[bool]
+    #: ``event.listen(Engine, ...)`` on the class reaches every pool (SQLAlchemy's rule).
+    _pool_events_reach_every_pool: ClassVar[bool] = True
     #: The name ``repr`` shows.
     _kind: ClassVar[str]
 

@@ -32,6 +32,8 @@ Targets and where a listener is stored:
 * a pool **class** (``QueuePool``, ``Pool``…): a registry per class; a pool fires the
   registries of every class in its MRO, so ``Pool`` reaches every pool.  Class-level
   listeners run before the others.
+* the **engine class** (``lambda_pool.Engine``, ``lambda_pool.asyncio.AsyncEngine``):
+  the same as ``Pool`` (SQLAlchemy's rule): every pool, of every engine or none.
 * a pool **instance**: the pool's own registry; ``pool.recreate()`` copies it.
 * an **engine**: an engine owns one :class:`EventRegistry` and passes it to every pool
   it creates (``PoolClass(creator, events=engine.pool_events)``).  ``listen`` finds it
@@ -41,8 +43,9 @@ Targets and where a listener is stored:
   that pool instance (whose listeners ``recreate()`` carries over), and an async engine
   wrapper is followed through ``.sync_engine``.
 
-Order when an event fires: class-level, then engine-level, then instance-level; within
-each, ``insert=True`` listeners first (latest inserted first), then registration order.
+Order when an event fires (SQLAlchemy's): class-level listeners first, then the
+engine's and the pool instance's together; within each of the two groups,
+``insert=True`` listeners first (latest inserted first), then registration order.
 ``once=True`` fires a listener at most once.  ``named=True`` passes keyword arguments.
 """
 
@@ -226,6 +229,8 @@ def _registry_for(target: Any) -> EventRegistry:
     from lambda_pool.pool.base import Pool  # the pool imports this module: import late
 
     if isinstance(target, type):
+        if getattr(target, "_pool_events_reach_every_pool", False):
+            target = Pool  # an engine class: every pool (SQLAlchemy's rule)
         if issubclass(target, Pool):
             registry = class_registry(target, create=True)
             assert registry is not None
@@ -274,6 +279,11 @@ def _engine_event_target(target: Any, identifier: str) -> Any:
             raise ArgumentError(
                 f"{identifier!r} is an engine event: listen on the engine "
                 "(event.listen(engine, ...)), not on a pool"
+            )
+        if isinstance(target, type):
+            raise ArgumentError(
+                f"{identifier!r} is an engine event: listen on an engine instance "
+                "(event.listen(engine, ...)), not on a class"
             )
     return target
 

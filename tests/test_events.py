@@ -327,10 +327,233 @@ def test_engine_listeners_survive_dispose_recreating_the_pool(engine: Any) -> No
     assert event.contains(engine, "connect", on_connect)
 
 
-def test_engine_and_instance_listeners_order_after_class_level() -> None:
-    order: list[str] = []
-    eng = FakeEngine()
-    event.listen(eng.pool, "checkout", lambda *a: order.append("pool"))
-    event.listen(eng, "checkout", lambda *a: order.append("engine"))
-    eng.pool.connect().close()
-    assert order == ["engine", "pool"]
+# --------------------------------------------------------------------------- side by side
+# The same scenario through SQLAlchemy 2.1 and through lambda-pool, public API only; the
+# test asserts lambda-pool observes what SQLAlchemy observes, at test time.
+
+
+def reference_and_ours() -> dict[str, tuple[Any, Any, Any]]:
+    """name -> (pool module, event module, create_engine) for both implementations."""
+    import sqlalchemy
+    import sqlalchemy.event
+    import sqlalchemy.pool
+
+    import lambda_pool
+    import lambda_pool.pool
+
+    return {
+        "sqlalchemy": (sqlalchemy.pool, sqlalchemy.event, sqlalchemy.create_engine),
+        "lambda_pool": (lambda_pool.pool, event, lambda_pool.create_engine),
+    }
+
+
+class CountingConnection(sqlite3.Connection):
+    """A real sqlite3 connection that counts its rollbacks."""
+
+    rollbacks = 0
+
+    def rollback(self) -> None:
+        self.rollbacks += 1
+        super().rollback()
+
+
+def counting_connect() -> CountingConnection:
+    connection = sqlite3.connect(":memory:", factory=CountingConnection, check_same_thread=False)
+    assert isinstance(connection, CountingConnection)
+    return connection
+
+
+def test_engine_class_listeners_reach_every_pool_in_sqlalchemys_order() -> None:
+    def observe(pool_module: Any, events: Any, create_engine: Any) -> Any:
+        engine_class = type(create_engine("sqlite://"))
+        order: list[str] = []
+        registered: list[tuple[Any, Callable[..., None]]] = []
+
+        def listen(target: Any, label: str, insert: bool = False) -> None:
+            def listener(*args: Any) -> None:
+                order.append(label)
+
+            events.listen(target, "connect", listener, insert=insert)
+            if isinstance(target, type):
+                registered.append((target, listener))
+
+        engine = create_engine("sqlite://", poolclass=pool_module.QueuePool)
+        try:
+            listen(engine.pool, "pool 1")
+            listen(engine, "engine 1")
+            listen(engine_class, "Engine class 1")
+            listen(pool_module.Pool, "Pool class")
+            listen(pool_module.QueuePool, "QueuePool class")
+            listen(engine, "engine 2")
+            listen(engine.pool, "pool 2")
+            listen(engine_class, "Engine class 2")
+            listen(engine, "engine inserted", insert=True)
+            listen(engine_class, "Engine class inserted", insert=True)
+            engine.connect().close()
+            first = list(order)
+            order.clear()
+            engine.dispose()
+            engine.connect().close()
+            after_dispose = list(order)
+            order.clear()
+            create_engine("sqlite://", poolclass=pool_module.NullPool).connect().close()
+            other_engine = list(order)
+            order.clear()
+            pool_module.NullPool(counting_connect).connect().close()
+            bare_pool = list(order)
+            contained = events.contains(engine_class, "connect", registered[0][1])
+        finally:
+            for target, listener in registered:
+                events.remove(target, "connect", listener)
+        return (first, after_dispose, other_engine, bare_pool, contained)
+
+    observed = {name: observe(*impl) for name, impl in reference_and_ours().items()}
+    assert observed["lambda_pool"] == observed["sqlalchemy"]
+    assert observed["lambda_pool"][2] == [
+        "Engine class inserted",
+        "Engine class 1",
+        "Pool class",
+        "Engine class 2",
+    ]
+
+
+def test_first_connect_fires_once_while_other_threads_wait_for_it() -> None:
+    import threading
+    import time
+
+    def observe(pool_module: Any, events: Any, _: Any) -> Any:
+        order: list[str] = []
+
+        def slow_connect() -> CountingConnection:
+            time.sleep(0.02)  # every thread is connecting when the first one finishes
+            return counting_connect()
+
+        def first_connect(*args: Any, order: list[str] = order) -> None:
+            order.append("first_connect")
+            time.sleep(0.1)
+            order.append("first_connect done")
+
+        pool = pool_module.QueuePool(slow_connect, pool_size=5)
+        events.listen(pool, "first_connect", first_connect)
+        events.listen(pool, "connect", lambda *args, order=order: order.append("connect"))
+        held: list[Any] = []
+        threads = [threading.Thread(target=lambda: held.append(pool.connect())) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for proxy in held:
+            proxy.close()
+        return order
+
+    observed = {name: observe(*impl) for name, impl in reference_and_ours().items()}
+    assert observed["lambda_pool"] == observed["sqlalchemy"]
+    assert observed["lambda_pool"] == [
+        "first_connect",
+        "first_connect done",
+        "connect",
+        "connect",
+        "connect",
+    ]
+
+
+def test_staticpool_fires_checkin_once_per_record_and_resets_each_return() -> None:
+    import gc
+
+    def observe(pool_module: Any, events: Any, _: Any) -> Any:
+        pool = pool_module.StaticPool(counting_connect)
+        seen: list[str] = []
+        for event_name in ("checkout", "reset", "checkin", "close"):
+            events.listen(pool, event_name, lambda *args, n=event_name: seen.append(n))
+        first, second = pool.connect(), pool.connect()
+        dbapi = first.dbapi_connection
+        same = dbapi is second.dbapi_connection
+        first.close()
+        after_first = (list(seen), dbapi.rollbacks)
+        second.close()
+        after_second = (list(seen), dbapi.rollbacks)
+        seen.clear()
+        # Garbage collection of a proxy that a newer checkout superseded does nothing.
+        older, newer = pool.connect(), pool.connect()
+        del older
+        gc.collect()
+        after_gc = list(seen)
+        newer.close()
+        return (same, after_first, after_second, after_gc, list(seen))
+
+    observed = {name: observe(*impl) for name, impl in reference_and_ours().items()}
+    assert observed["lambda_pool"] == observed["sqlalchemy"]
+    # One checkin for the one record; a rollback at every return.
+    assert observed["lambda_pool"][2] == (["checkout", "checkout", "reset", "checkin", "reset"], 2)
+
+
+def test_closing_a_detached_connection_resets_it_with_terminate_only() -> None:
+    def observe(pool_module: Any, events: Any, _: Any) -> Any:
+        pool = pool_module.QueuePool(counting_connect)
+        seen: list[Any] = []
+
+        def on_reset(dbapi: Any, record: Any, state: Any, seen: list[Any] = seen) -> None:
+            seen.append(
+                ("reset", state.transaction_was_reset, state.terminate_only, state.asyncio_safe)
+            )
+
+        events.listen(pool, "reset", on_reset)
+        for event_name in ("checkin", "close", "detach", "close_detached"):
+            events.listen(pool, event_name, lambda *args, n=event_name: seen.append(n))
+        proxy = pool.connect()
+        dbapi = proxy.dbapi_connection
+        proxy.detach()
+        proxy.close()
+        return (seen, dbapi.rollbacks, pool.checkedin(), pool.checkedout())
+
+    observed = {name: observe(*impl) for name, impl in reference_and_ours().items()}
+    assert observed["lambda_pool"] == observed["sqlalchemy"]
+    assert ("reset", False, True, True) in observed["lambda_pool"][0]
+
+
+def test_engine_connection_closed_in_a_transaction_rolls_back_before_the_reset() -> None:
+    def observe(pool_module: Any, events: Any, create_engine: Any) -> Any:
+        seen: list[Any] = []
+        connections: list[CountingConnection] = []
+        # Rollbacks counted from the start of each step (SQLAlchemy's dialect also
+        # rolls back once while initialising on the first connect).
+        start = [0]
+
+        def connect(connections: list[CountingConnection] = connections) -> CountingConnection:
+            connections.append(counting_connect())
+            return connections[-1]
+
+        engine = create_engine("sqlite://", creator=connect, poolclass=pool_module.QueuePool)
+
+        def on_reset(
+            dbapi: Any, record: Any, state: Any, seen: list[Any] = seen, start: list[int] = start
+        ) -> None:
+            seen.append(("reset", state.transaction_was_reset, dbapi.rollbacks - start[0]))
+
+        def step(connection: Any, seen: list[Any] = seen, start: list[int] = start) -> Any:
+            seen.clear()
+            start[0] = connections[0].rollbacks
+            connection.close()
+            return list(seen), connections[0].rollbacks - start[0]
+
+        events.listen(engine, "reset", on_reset)
+        steps = {}
+        connection = engine.connect()
+        connection.exec_driver_sql("SELECT 1")  # opens the transaction
+        steps["open transaction"] = step(connection)
+        connection = engine.connect()
+        connection.exec_driver_sql("SELECT 1")
+        connection.commit()
+        steps["after commit"] = step(connection)
+        connection = engine.connect()
+        connection.begin()
+        steps["explicit begin"] = step(connection)
+        steps["nothing run"] = step(engine.connect())
+        return steps
+        engine.dispose()
+
+    observed = {name: observe(*impl) for name, impl in reference_and_ours().items()}
+    assert observed["lambda_pool"] == observed["sqlalchemy"]
+    # Rolled back first (the reset sees that rollback done), then told it was reset.
+    assert observed["lambda_pool"]["open transaction"] == ([("reset", True, 1)], 1)
+    assert observed["lambda_pool"]["after commit"] == ([("reset", False, 0)], 1)

@@ -10,7 +10,13 @@ import psycopg
 import pytest
 
 from lambda_pool import event, exc
-from lambda_pool.pool import AsyncAdaptedQueuePool, NullPool, QueuePool, StaticPool
+from lambda_pool.pool import (
+    AsyncAdaptedQueuePool,
+    NullPool,
+    PoolResetState,
+    QueuePool,
+    StaticPool,
+)
 from lambda_pool.testing.postgres import PostgresServer
 
 Creator = Callable[[], Awaitable[Any]]
@@ -139,3 +145,68 @@ async def test_sync_methods_of_an_async_pool_say_which_to_await(creator: Creator
         proxy.close()
     await proxy.aclose()
     await pool.adispose()
+
+
+@pytest.mark.filterwarnings("ignore:An async pooled connection was garbage-collected")
+@pytest.mark.filterwarnings("ignore:The garbage collector is trying to clean up")
+async def test_a_garbage_collected_async_connection_is_detached_and_closed_as_sqlalchemy_does(
+    embedded_postgres: PostgresServer, unique_application_name: str
+) -> None:
+    """Without ``aclose()`` nothing may be awaited: reset (no rollback), detach (the slot
+    comes back), close_detached; side by side with SQLAlchemy's asyncpg engine."""
+    import gc
+    import logging
+
+    import asyncpg
+    from sqlalchemy import event as sa_event
+    from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
+
+    logging.getLogger("sqlalchemy.pool").disabled = True  # its expected error line
+    try:
+        observed = {}
+        url = embedded_postgres.dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+        sa_engine = sa_create_async_engine(
+            url,
+            pool_size=1,
+            max_overflow=0,
+            connect_args={"server_settings": {"application_name": unique_application_name}},
+        )
+
+        def recorder(events: Any, target: Any) -> list[Any]:
+            seen: list[Any] = []
+
+            def on_reset(dbapi: Any, record: Any, state: PoolResetState) -> None:
+                seen.append(("reset", state.terminate_only, state.asyncio_safe))
+
+            events.listen(target, "reset", on_reset)
+            for name in ("checkin", "close", "detach", "close_detached", "invalidate"):
+                events.listen(target, name, lambda *args, name=name: seen.append(name))
+            return seen
+
+        seen = recorder(sa_event, sa_engine.sync_engine)
+        connection = await sa_engine.connect()
+        await connection.exec_driver_sql("SELECT 1")
+        raw = await connection.get_raw_connection()
+        del raw, connection
+        gc.collect()
+        pool = sa_engine.sync_engine.pool
+        observed["sqlalchemy"] = (seen, pool.checkedin(), pool.checkedout())
+        await sa_engine.dispose()
+
+        ours = AsyncAdaptedQueuePool(
+            asyncpg_creator(embedded_postgres, unique_application_name), 1, 0
+        )
+        seen = recorder(event, ours)
+        proxy = await ours.aconnect()
+        assert isinstance(proxy.dbapi_connection, asyncpg.Connection)
+        await proxy.fetchval("SELECT 1")
+        del proxy
+        gc.collect()
+        observed["lambda_pool"] = (seen, ours.checkedin(), ours.checkedout())
+    finally:
+        logging.getLogger("sqlalchemy.pool").disabled = False
+    assert observed["lambda_pool"] == observed["sqlalchemy"]
+    assert observed["lambda_pool"] == ([("reset", True, False), "detach", "close_detached"], 1, 0)
+    # Terminated, not left to the driver's garbage collection.
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0
+    await ours.adispose()

@@ -1,4 +1,4 @@
-"""NullPool, StaticPool, SingletonThreadPool, recreate(), echo, and the checked-out proxy."""
+"""NullPool, StaticPool, SingletonThreadPool, AssertionPool, recreate(), echo, and the proxy."""
 
 from __future__ import annotations
 
@@ -184,3 +184,109 @@ def test_sqlite_closed_database_counts_as_a_disconnect_for_pre_ping() -> None:
     with pool.connect() as proxy:
         assert proxy.dbapi_connection is not first
         assert proxy.execute("SELECT 1").fetchone() == (1,)
+
+
+# --------------------------------------------------------------------------- AssertionPool
+# Side by side with SQLAlchemy 2.1's AssertionPool: the same calls, the same outcome.
+
+
+def assertion_pools() -> dict[str, Any]:
+    import sqlalchemy.pool
+
+    import lambda_pool
+    import lambda_pool.pool
+
+    assert lambda_pool.AssertionPool is lambda_pool.pool.AssertionPool  # exported
+    return {
+        "sqlalchemy": sqlalchemy.pool.AssertionPool,
+        "lambda_pool": lambda_pool.pool.AssertionPool,
+    }
+
+
+def outcome(action: Callable[[], Any]) -> str:
+    try:
+        action()
+    except BaseException as error:
+        return f"{type(error).__name__}: {str(error).partition(' at:')[0]}"
+    return "ok"
+
+
+def test_assertion_pool_allows_one_checkout_at_a_time_as_sqlalchemy_does() -> None:
+    def observe(pool_class: Any) -> list[Any]:
+        pool = pool_class(lambda: sqlite3.connect(":memory:"), store_traceback=False)
+        first = pool.connect()
+        dbapi = first.dbapi_connection
+        steps = [outcome(pool.connect)]  # a second checkout is a bug
+        first.close()
+        again = pool.connect()
+        steps.append(again.dbapi_connection is dbapi)  # the one connection is reused
+        again.close()
+        steps.append(outcome(again.close))  # a double close is a no-op
+        steps.append(pool.status())
+        held = pool.connect()
+        pool.dispose()  # closes the connection, even checked out, and forgets the checkout
+        # Unusable now (the error is lambda-pool's clear one, SQLAlchemy's is the driver's).
+        steps.append(outcome(lambda: held.cursor().execute("SELECT 1")) != "ok")
+        replacement = pool.connect()
+        steps.append(replacement.dbapi_connection is dbapi)
+        replacement.cursor().execute("SELECT 1")
+        replacement.close()
+        steps.append(type(pool.recreate()).__name__)
+        return steps
+
+    observed = {name: observe(pool_class) for name, pool_class in assertion_pools().items()}
+    assert observed["lambda_pool"] == observed["sqlalchemy"]
+    assert observed["lambda_pool"][0] == "AssertionError: connection is already checked out"
+
+
+def test_assertion_pool_says_where_the_connection_was_checked_out() -> None:
+    for pool_class in assertion_pools().values():
+        pool = pool_class(lambda: sqlite3.connect(":memory:"))
+
+        def first_checkout_here(pool: Any = pool) -> Any:
+            return pool.connect()
+
+        held = first_checkout_here()
+        with pytest.raises(AssertionError, match="already checked out at:") as raised:
+            pool.connect()
+        assert "first_checkout_here" in str(raised.value)
+        held.close()
+
+
+def test_assertion_pool_connect_error_raises_and_leaves_the_pool_free() -> None:
+    def observe(pool_class: Any) -> list[str]:
+        attempts: list[int] = []
+
+        def flaky() -> sqlite3.Connection:
+            attempts.append(1)
+            if len(attempts) < 3:
+                raise sqlite3.OperationalError("unable to open database file")
+            return sqlite3.connect(":memory:")
+
+        pool = pool_class(flaky)
+        steps = [outcome(pool.connect), outcome(pool.connect)]
+        proxy = pool.connect()
+        steps.append(outcome(pool.connect).partition(" at:")[0])
+        proxy.close()
+        return steps
+
+    observed = {name: observe(pool_class) for name, pool_class in assertion_pools().items()}
+    assert observed["lambda_pool"] == observed["sqlalchemy"]
+    assert observed["lambda_pool"][:2] == ["OperationalError: unable to open database file"] * 2
+
+
+def test_assertion_pool_through_create_engine_on_postgresql(
+    embedded_postgres: PostgresServer, unique_application_name: str
+) -> None:
+    from lambda_pool import create_engine
+    from lambda_pool.pool import AssertionPool
+
+    url = embedded_postgres.dsn + f"?application_name={unique_application_name}"
+    engine = create_engine(url, poolclass=AssertionPool)
+    with engine.connect() as connection:
+        assert connection.execute("SELECT 1").scalar() == 1
+        with pytest.raises(AssertionError, match="already checked out"):
+            engine.connect()
+    assert embedded_postgres.backend_count(unique_application_name) == 1
+    engine.dispose()
+    assert embedded_postgres.wait_for_backend_count(0, unique_application_name) == 0

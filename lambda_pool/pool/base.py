@@ -197,6 +197,8 @@ class PoolProxiedConnection:
         self._detached_info: dict[Any, Any] | None = None
         self._closed = False
         self._nested = 1  # SingletonThreadPool hands the same proxy to nested checkouts
+        # The engine's Connection rolled back before close(): no second rollback.
+        self._transaction_reset = False
 
     # --- the connection ---------------------------------------------------------------
 
@@ -268,13 +270,17 @@ class PoolProxiedConnection:
         self._nested -= 1  # _release_nested(), inline: this is every return's path
         if self._nested > 0:
             return
-        self._pool._run_sync(self._pool._g_checkin(self, transaction_was_reset))
+        self._pool._run_sync(
+            self._pool._g_checkin(self, transaction_was_reset or self._transaction_reset)
+        )
 
     async def aclose(self, *, transaction_was_reset: bool = False) -> None:
         """``close()`` for either mode, awaiting the reset and close of an async connection."""
         if self._closed or self._release_nested():
             return
-        await self._pool._run_any(self._pool._g_checkin(self, transaction_was_reset))
+        await self._pool._run_any(
+            self._pool._g_checkin(self, transaction_was_reset or self._transaction_reset)
+        )
 
     def _release_nested(self) -> bool:
         self._nested -= 1
@@ -329,6 +335,7 @@ _PROXY_SLOTS = frozenset(vars(PoolProxiedConnection)) | {
     "_detached_info",
     "_closed",
     "_nested",
+    "_transaction_reset",
 }
 
 #: SQLAlchemy's historical name for the checked-out proxy.
@@ -680,10 +687,13 @@ class Pool(abc.ABC):
                 if registry is not None:
                     class_level.extend(registry.listeners(name))
             class_level.sort(key=lambda item: item.order)
-            found = class_level
+            # The engine's and the pool's own listeners form one group, in
+            # registration order (SQLAlchemy keeps both on the pool instance).
+            own = self._instance_events.listeners(name)
             if self._engine_events is not None:
-                found = found + self._engine_events.listeners(name)
-            found = found + self._instance_events.listeners(name)
+                own = own + self._engine_events.listeners(name)
+                own.sort(key=lambda item: item.order)
+            found = class_level + own
             self._listener_cache[name] = found
         return found
 
@@ -1232,7 +1242,7 @@ class Pool(abc.ABC):
         if record is None:  # detached and never closed: nothing to reset
             dbapi, proxy._detached = proxy._detached, None
             if dbapi is not None:
-                self._close_soon(dbapi)
+                self._terminate_quietly(dbapi)
             return
         dbapi = record.dbapi_connection
         if dbapi is None:  # invalidated already: only the slot to give back
@@ -1250,4 +1260,11 @@ class Pool(abc.ABC):
                 try:
                     self._fire("close_detached", dbapi)
                 finally:
-                    self._close_soon(dbapi)
+                    self._terminate_quietly(dbapi)
+
+    def _terminate_quietly(self, dbapi: Any) -> None:
+        """Terminate (no await, SQLAlchemy's choice for a collected async connection)."""
+        try:
+            self._terminate(dbapi)
+        except Exception:
+            self._logger.error("Exception terminating connection %r", dbapi, exc_info=True)
