@@ -4,7 +4,8 @@ Options: ``--quick`` (few iterations, for the smoke test), ``--json PATH``,
 ``--database-url URL`` (else ``$DATABASE_URL``, else a throw-away embedded
 PostgreSQL on loopback), ``--only SECTION`` (repeatable: ``import``, ``checkout``,
 ``invocation``, ``async``, ``coldstart``; ``async`` is the asyncio checkout and invocation
-tables; ``coldstart`` runs its own embedded server and moto server).
+tables; ``coldstart`` runs its own embedded server and moto server; ``fleet``, run
+only when named, rewrites docs/scale.md through benchmarks/fleet.py).
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=SECTIONS,
+        choices=(*SECTIONS, "fleet"),
         help="run only this section (repeatable; default: all); 'async' is the asyncio "
-        "checkout and invocation sections",
+        "checkout and invocation sections; 'fleet' (only when asked) runs the fleet "
+        "scenarios and rewrites docs/scale.md",
     )
     return parser.parse_args(argv)
 
@@ -123,6 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     settings = QUICK if args.quick else FULL
     wanted = tuple(args.only) if args.only else SECTIONS
+    if "fleet" in wanted:
+        # Its own page (docs/scale.md, benchmarks/fleet.py), not a table of this run.
+        from benchmarks import fleet
+
+        fleet.main(["--quick"] if args.quick else [])
+        wanted = tuple(name for name in wanted if name != "fleet")
+        if not wanted:
+            return 0
     meta = _meta(settings, args.quick)
     started = time.perf_counter()
     sections: list[Section] = []

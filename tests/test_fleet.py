@@ -196,3 +196,26 @@ def test_percentile_interpolates() -> None:
     assert percentile([], 0.5) is None
     assert percentile([10.0], 0.99) == 10.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+
+
+def test_scale_page_is_written_from_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # benchmarks/ is a folder of the checkout, not an installed package.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks.fleet import _scenarios, run_scenarios, write_page
+
+    (scenario,) = [s for s in _scenarios(0.2) if s.id == "direct-warm"]
+    results = run_scenarios([scenario], tmp_path / "scale", say=lambda message: None)
+    meta = {
+        "started_at": "now",
+        "cpu_count": 2,
+        "load_average_at_start": None,
+        "python": "3",
+        "elapsed_s": 1.0,
+    }
+    write_page(results, meta, tmp_path / "scale.md")
+    page = (tmp_path / "scale.md").read_text()
+    invocations = results[0]["invocations"]
+    assert f"| direct-warm | {scenario.config.containers} | {invocations['total']} |" in page
+    # Up to max_connections - reserved - the coordinator's session, every container fits.
+    assert "0 failures and one backend per container: **holds**." in page
+    assert (tmp_path / "scale" / "direct-warm.svg").read_text().startswith("<svg")
