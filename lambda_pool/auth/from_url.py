@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from lambda_pool.auth.base import CredentialProvider
-from lambda_pool.auth.iam import IAMCredentials, check_tls_sslmode
-from lambda_pool.auth.secrets import SecretsManagerCredentials
 from lambda_pool.exc import ArgumentError
+
+if TYPE_CHECKING:
+    from lambda_pool.auth.base import CredentialProvider
 
 __all__ = ["AUTH_QUERY_KEYS", "provider_from_url", "strip_auth_query"]
 
@@ -94,7 +95,11 @@ def provider_from_url(
             f"unknown auth={auth!r} in the URL: use auth=iam, auth=password (or static), "
             "or secret=<secret name or ARN>"
         )
+    # Each provider's module is imported only for a URL that asks for it: a static-password
+    # URL must not pay for the IAM signer's hashlib/OpenSSL or the secrets reader.
     if auth == "iam":
+        from lambda_pool.auth.iam import IAMCredentials, check_tls_sslmode
+
         if secret_id is not None:
             raise ArgumentError(
                 "the URL asks for both auth=iam and secret=...: choose one way to authenticate"
@@ -122,6 +127,8 @@ def provider_from_url(
             )
         if not secret_id:
             raise ArgumentError("auth=secret needs secret=<secret name or ARN> in the URL")
+        from lambda_pool.auth.secrets import SecretsManagerCredentials
+
         return SecretsManagerCredentials(
             secret_id,
             max_age=_seconds(query, "secret_max_age"),

@@ -28,7 +28,6 @@ from lambda_pool.auth._errors import describe_aws_error
 from lambda_pool.auth._quiet import SIGNING_LOGGERS, hide_sdk_debug
 from lambda_pool.auth.base import Credentials
 from lambda_pool.auth.registry import register_provider
-from lambda_pool.auth.sigv4 import find_aws_credentials, presign_rds_auth_token
 from lambda_pool.exc import ArgumentError, CredentialsError
 
 __all__ = [
@@ -204,6 +203,9 @@ class IAMCredentials:
         return self._sign_with_boto3()
 
     def _sign_in_process(self) -> str:
+        # Imported at the first signing: hashlib's OpenSSL binding is not free at Init.
+        from lambda_pool.auth.sigv4 import find_aws_credentials, presign_rds_auth_token
+
         reason: str | None = None
         try:
             with hide_sdk_debug(SIGNING_LOGGERS):  # only reached via botocore's chain
