@@ -57,6 +57,52 @@ def test_only_the_urls_driver_is_imported_when_an_engine_is_made() -> None:
     assert not any(m.split(".")[0] in ("boto3", "sqlalchemy", "asyncpg") for m in made)
 
 
+_AUTH_MODULES = {
+    "lambda_pool.auth.iam",
+    "lambda_pool.auth.sigv4",
+    "lambda_pool.auth.secrets",
+    "lambda_pool.auth.secrets_http",
+    "lambda_pool.auth.static",
+}
+
+
+def _lambda_pool_auth_modules(modules: set[str]) -> set[str]:
+    return modules & _AUTH_MODULES
+
+
+def test_a_static_password_engine_loads_no_credential_module() -> None:
+    # Goal 1 of the cold-start issue: only what the URL needs. A password in the URL
+    # needs no IAM signer (hashlib's OpenSSL binding), no secrets reader, no URL parsing
+    # of credential keys.
+    made = _imported_modules(
+        "import lambda_pool; lambda_pool.create_engine('postgresql://u:p@127.0.0.1:1/db')"
+    )
+
+    assert _lambda_pool_auth_modules(made) == set()
+    assert "lambda_pool.auth.from_url" not in made
+    assert "_hashlib" not in made
+
+
+def test_an_iam_engine_loads_the_signer_only_when_it_first_signs() -> None:
+    made = _imported_modules(
+        "import lambda_pool; lambda_pool.create_engine("
+        "'postgresql://u@127.0.0.1:1/db?auth=iam&region=eu-west-1')"
+    )
+
+    assert _lambda_pool_auth_modules(made) == {"lambda_pool.auth.iam"}
+
+
+def test_a_secret_engine_loads_the_http_reader_only_when_it_first_reads() -> None:
+    made = _imported_modules(
+        "import lambda_pool; lambda_pool.create_engine("
+        "'postgresql://127.0.0.1:1/db?secret=prod/db&region=eu-west-1')"
+    )
+
+    assert _lambda_pool_auth_modules(made) == {"lambda_pool.auth.secrets"}
+    assert "http.client" not in made
+    assert not any(m.split(".")[0] in ("boto3", "botocore") for m in made)
+
+
 def test_a_blocking_handler_module_does_not_pay_for_asyncio() -> None:
     modules = _imported_modules(
         "from lambda_pool import with_connection, warm_engine, install_shutdown_hooks"
