@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from lambda_pool import deadlines
 from lambda_pool.dialects.base import AsyncDialect
 from lambda_pool.engine_core import (
     ConnectionCore,
@@ -104,7 +105,9 @@ class AsyncConnection(ConnectionCore["AsyncEngine"]):
             proxy, exc = arg
             return await proxy.ainvalidate(exc)
         if op is ConnOp.CLOSE:
-            return await arg.aclose()
+            # The pool resets the connection on return (rollback, DISCARD ALL).
+            with deadlines.step("reset on return"):
+                return await arg.aclose()
         raise AssertionError(op)  # pragma: no cover - every ConnOp is handled
 
     async def _live(self) -> PoolProxiedConnection:

@@ -25,7 +25,16 @@ from contextlib import contextmanager
 
 from lambda_pool.exc import ArgumentError, DeadlineExceededError
 
-__all__ = ["Deadline", "current", "deadline", "remaining", "use"]
+__all__ = [
+    "Deadline",
+    "StepInfo",
+    "current",
+    "current_step",
+    "deadline",
+    "remaining",
+    "step",
+    "use",
+]
 
 
 class Deadline:
@@ -100,6 +109,48 @@ def use(bound: Deadline | None) -> Iterator[Deadline | None]:
         yield chosen
     finally:
         _current.reset(token)
+
+
+class StepInfo:
+    """The blocking step under way: its name and the seconds it started with."""
+
+    __slots__ = ("name", "started_with")
+
+    def __init__(self, name: str, started_with: float | None) -> None:
+        self.name = name
+        self.started_with = started_with
+
+
+_step: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
+    "lambda_pool.deadline_step", default=None
+)
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """Name the blocking step run inside the block (``"commit"``, ``"pre-ping"`` …) for
+    :class:`~lambda_pool.exc.DeadlineExceededError`, and note the time it starts with.
+
+    The outer name wins: the pool's reset on return calls the driver's ``rollback()``,
+    which names itself ``"rollback"``, but the error says ``"reset on return"``.
+    """
+    if _step.get() is not None:
+        yield
+        return
+    token = _step.set(StepInfo(name, remaining()))
+    try:
+        yield
+    finally:
+        _step.reset(token)
+
+
+def current_step(default: str, left: float) -> tuple[str, float]:
+    """``(name, seconds it started with)`` of the step under way; ``default`` and ``left``
+    (the time left now) when no step was named."""
+    info = _step.get()
+    if info is None:
+        return default, left
+    return info.name, left if info.started_with is None else info.started_with
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from lambda_pool import deadlines
 from lambda_pool.dialects.base import SyncDialect
 from lambda_pool.engine_core import (
     ConnectionCore,
@@ -99,7 +100,9 @@ class Connection(ConnectionCore["Engine"]):
             proxy, exc = arg
             return proxy.invalidate(exc)
         if op is ConnOp.CLOSE:
-            return arg.close()
+            # The pool resets the connection on return (rollback, DISCARD ALL).
+            with deadlines.step("reset on return"):
+                return arg.close()
         raise AssertionError(op)  # pragma: no cover - every ConnOp is handled
 
     def _live(self) -> PoolProxiedConnection:

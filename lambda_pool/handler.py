@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lambda_pool import deadlines
 from lambda_pool.engine import Connection
 from lambda_pool.exc import ArgumentError, StatementTimeoutError
 
@@ -63,6 +64,12 @@ log = logging.getLogger("lambda_pool.handler")
 #: ``statement_timeout=DEADLINE`` (the default): bound statements by the invocation's
 #: remaining time minus the margin.
 DEADLINE = "deadline"
+
+#: How much sooner than the client-side deadline the server's statement_timeout fires
+#: (at most; a fifth of the budget when that is less): the client stops waiting up to
+#: 100 ms (a tenth) before the deadline to send its own cancel, and the server's
+#: cancellation error must reach it before that.
+_REPLY_ALLOWANCE_MS = 200
 
 #: SQLSTATE of ``query_canceled``; the message tells a statement timeout from a cancel.
 _QUERY_CANCELED = "57014"
@@ -117,7 +124,10 @@ class _Deadline:
                 "faster, or lower the margin (with_connection(timeout_margin_ms=...) or "
                 "LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS)"
             )
-        return budget, remaining
+        # The client stops waiting at the same deadline (lambda_pool.deadlines); the
+        # server's cancellation comes a little sooner, so on a healthy network a slow
+        # query ends with PostgreSQL's clear error and the connection is kept.
+        return budget - min(_REPLY_ALLOWANCE_MS, budget // 5), remaining
 
     def exceeded(self, timeout_ms: int, remaining_ms: int | None) -> StatementTimeoutError:
         if remaining_ms is None:
@@ -133,6 +143,29 @@ class _Deadline:
             "make the query faster (an index, smaller batches), raise the function's timeout, "
             "or lower the margin (timeout_margin_ms / LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS)"
         )
+
+
+def _blocking_deadline(context: Any, margin_ms: int) -> deadlines.Deadline | None:
+    """The bound for every blocking step of this invocation (connect, pre-ping, each
+    statement, commit, reset on return): the context's remaining time minus the margin,
+    as a :class:`lambda_pool.deadlines.Deadline`; ``None`` without a context that can
+    tell (a local call), which leaves the steps to the engine's own timeouts.
+
+    It applies whatever ``statement_timeout`` says: that option sets the server-side
+    bound of statements, this one bounds the client's waits, even on a silent network.
+    """
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if not callable(remaining):
+        return None
+    try:
+        remaining_ms = int(remaining())
+    except Exception:  # a context stand-in that cannot tell: do not guess
+        return None
+    return deadlines.Deadline.after(
+        (remaining_ms - margin_ms) / 1000.0,
+        margin_ms=margin_ms,
+        source="invocation's deadline (Lambda's remaining time minus the margin)",
+    )
 
 
 def _is_statement_timeout(exc: BaseException) -> bool:
@@ -464,25 +497,26 @@ def with_connection(
                     if instrumentation is not None:
                         instrumentation.statement_timeout(None, remaining, margin_ms)
                     deadline.timeout_ms()  # raises StatementTimeoutError with the message
-            started = time.perf_counter()
-            proxy = the_engine.raw_connection()
-            wait_ms = (time.perf_counter() - started) * 1000.0
-            connection = InvocationConnection(the_engine, proxy)
-            connection._deadline = deadline if statement_timeout is not None else None
-            connection._instrumentation = instrumentation
-            if instrumentation is not None:
-                instrumentation.checkout_waited(wait_ms, proxy.dbapi_connection)
-            try:
+            with deadlines.use(_blocking_deadline(context, margin_ms)):
+                started = time.perf_counter()
+                proxy = the_engine.raw_connection()
+                wait_ms = (time.perf_counter() - started) * 1000.0
+                connection = InvocationConnection(the_engine, proxy)
+                connection._deadline = deadline if statement_timeout is not None else None
+                connection._instrumentation = instrumentation
+                if instrumentation is not None:
+                    instrumentation.checkout_waited(wait_ms, proxy.dbapi_connection)
                 try:
-                    connection._arm()
-                    result = fn(event, context, *args, connection=connection, **kwargs)
-                except BaseException as exc:
-                    _end_after_error(connection, exc)
-                    raise
-                _commit(connection, instrumentation)
-                return result
-            finally:
-                _close_quietly(connection)
+                    try:
+                        connection._arm()
+                        result = fn(event, context, *args, connection=connection, **kwargs)
+                    except BaseException as exc:
+                        _end_after_error(connection, exc)
+                        raise
+                    _commit(connection, instrumentation)
+                    return result
+                finally:
+                    _close_quietly(connection)
 
         # Tests and diagnostics reach the engine through the handler.
         handler.engine = the_engine  # type: ignore[attr-defined]

@@ -40,8 +40,9 @@ from lambda_pool.dialects.psycopg import (
     PsycopgDialect,
     psycopg_is_auth_failure,
     psycopg_is_disconnect,
+    psycopg_timeout_defaults,
 )
-from lambda_pool.exc import ArgumentError
+from lambda_pool.exc import ArgumentError, DeadlineExceededError
 from lambda_pool.warm import (
     CREDENTIALS_EXPIRE_AT,
     WARM_INFO_KEY,
@@ -204,7 +205,14 @@ class WarmSQLAlchemyPool(Pool):
             conn, info, record.info.get(CREDENTIALS_EXPIRE_AT)
         )
         if isinstance(decision, Ping):
-            ok = _ping(conn)
+            try:
+                ok = _ping(conn)
+            except DeadlineExceededError as exc:
+                # No time left for a replacement: drop this one, tell the caller why.
+                self.stats.record_pre_ping(False, decision.idle_seconds)
+                self.stats.record_replaced(ReplaceReason.PRE_PING_FAILED)
+                record.invalidate(exc)
+                raise
             self.stats.record_pre_ping(ok, decision.idle_seconds)
             decision = Reuse() if ok else Replace(ReplaceReason.PRE_PING_FAILED)
         if isinstance(decision, Reuse):
@@ -313,6 +321,8 @@ def _ping(conn: Any) -> bool:
         finally:
             cursor.close()
         return True
+    except DeadlineExceededError:
+        raise  # the driver closed it; the invocation has no time for another
     except Exception:
         # Whatever went wrong, this connection is not one to hand out: replace it.
         return False
@@ -343,7 +353,7 @@ def _install_credentials(
                 base, creds.user, creds.password, creds.connect_args
             )
             try:
-                conn = dialect.connect(*cargs, **params)
+                conn = _driver_connect(dialect, cargs, params)
             except Exception as exc:
                 if attempt == 1 and psycopg_is_auth_failure(exc):
                     # Rotated secret or stale token: forget the cache and try once more.
@@ -368,6 +378,41 @@ def _install_credentials(
 # -- engine construction ----------------------------------------------------------------
 
 
+def _driver_connect(dialect: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+    """A new DB-API connection: for blocking psycopg lambda-pool's
+    :class:`~lambda_pool.dialects._psycopg_deadline.DeadlineConnection`, whose connect and
+    every wait end by the current deadline (:mod:`lambda_pool.deadlines`)."""
+    if getattr(dialect, "driver", None) == "psycopg" and not getattr(dialect, "is_async", False):
+        from lambda_pool.dialects._psycopg_deadline import DeadlineConnection
+
+        return DeadlineConnection.connect(*cargs, **cparams)
+    return dialect.connect(*cargs, **cparams)
+
+
+def _install_deadline_connect(engine: Engine) -> None:
+    """Open psycopg connections whose waits end by the current deadline (without a
+    credentials provider; with one, its ``do_connect`` listener does the same)."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_with_deadline(
+        dialect: Any, conn_rec: ConnectionPoolEntry, cargs: Any, cparams: dict[str, Any]
+    ) -> Any:
+        return _driver_connect(dialect, cargs, cparams)
+
+
+def _timeout_connect_args(parsed: URL, kwargs: dict[str, Any]) -> None:
+    """libpq connect/socket timeouts in ``connect_args`` (in place) for every key the URL
+    and the caller's ``connect_args`` leave unset (SQLAlchemy lets ``connect_args`` win
+    over the URL, hence the URL check)."""
+    import psycopg  # noqa: F401  - psycopg_timeout_defaults() asks the loaded libpq
+
+    connect_args = dict(kwargs.get("connect_args") or {})
+    for key, value in psycopg_timeout_defaults().items():
+        if key not in parsed.query and key not in connect_args:
+            connect_args[key] = value
+    kwargs["connect_args"] = connect_args
+
+
 def _install_disconnect_rules(engine: Engine) -> None:
     """Count what lambda-pool's psycopg dialect counts as a lost session as a disconnect.
 
@@ -378,7 +423,11 @@ def _install_disconnect_rules(engine: Engine) -> None:
 
     @event.listens_for(engine, "handle_error")
     def _lambda_pool_disconnects(context: Any) -> None:
-        if not context.is_disconnect and psycopg_is_disconnect(context.original_exception, None):
+        original = context.original_exception
+        if not context.is_disconnect and (
+            isinstance(original, DeadlineExceededError) or psycopg_is_disconnect(original, None)
+        ):
+            # A deadline hit closed the connection (pgconn.finish()): drop it too.
             context.is_disconnect = True
 
 
@@ -425,6 +474,8 @@ def create_engine(
         transaction_pooling=transaction_pooling,
         clock=effective_clock,
     )
+    if is_psycopg:
+        _timeout_connect_args(parsed, kwargs)
     engine = sqlalchemy.create_engine(parsed, **kwargs)
     _equip_engine(
         engine,
@@ -501,6 +552,8 @@ def _equip_engine(
     rules, the credentials, and registration with the shutdown hooks."""
     if is_psycopg:
         _install_disconnect_rules(engine)
+        if credentials is None:
+            _install_deadline_connect(engine)
     if credentials is not None:
         _install_credentials(
             engine,

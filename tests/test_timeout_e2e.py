@@ -100,14 +100,17 @@ def test_an_invocation_killed_at_its_deadline_leaves_no_running_query(
     assert running == []
 
 
-def test_without_the_deadline_bound_the_killed_invocations_query_keeps_running(
+def test_without_the_server_bound_the_client_deadline_ends_the_invocation_and_cancels_the_query(
     tmp_path: Path, embedded_postgres: PostgresServer, unique_application_name: str
 ) -> None:
-    """The control: what the statement timeout saves us from."""
+    """``statement_timeout=None`` removes the server-side bound only: the client still
+    stops waiting by the invocation's deadline (lambda_pool.deadlines), sends a cancel
+    so the query does not run on, and discards the connection."""
     with _function(tmp_path, embedded_postgres, unique_application_name, "None") as fn:
         result = fn.invoke({})
-        running = _active_queries(embedded_postgres, unique_application_name)
-    embedded_postgres.terminate(unique_application_name)
+        running = _wait_until_no_query(embedded_postgres, unique_application_name)
 
-    assert result.timed_out
-    assert running == ["SELECT pg_sleep(60)"]
+    assert not result.timed_out
+    assert result.error_type == "DeadlineExceededError", fn.logs()
+    assert "the statement did not finish" in (result.error_message or "")
+    assert running == []

@@ -22,9 +22,10 @@ import os
 import shlex
 import socket
 import sys
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from lambda_pool import deadlines
 from lambda_pool.dialects._paramstyle import to_numeric
 from lambda_pool.dialects.base import (
     CAPACITY_SQLSTATES,
@@ -34,13 +35,15 @@ from lambda_pool.dialects.base import (
     stronger_sslmode,
     url_connect_params,
 )
-from lambda_pool.exc import ArgumentError
+from lambda_pool.exc import ArgumentError, DeadlineExceededError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lambda_pool.url import URL
 
 __all__ = [
+    "ASYNCPG_CONNECT_TIMEOUT",
     "AsyncpgDialect",
+    "asyncpg_bounded",
     "asyncpg_connection_loop",
     "asyncpg_socket_fileno",
     "asyncpg_terminate",
@@ -62,6 +65,10 @@ _TYPED_KEYS: dict[str, type] = {
     "target_session_attrs": str,
 }
 _CLOSE_TIMEOUT = 5.0
+#: Seconds ``asyncpg.connect`` may take when nothing else says (asyncpg's own: 60).
+ASYNCPG_CONNECT_TIMEOUT = 10.0
+
+T = TypeVar("T")
 
 
 _CONNECTION_LOST_NOTE = (
@@ -231,6 +238,42 @@ def asyncpg_terminate(conn: Any) -> None:
     _terminate_quietly(conn)
 
 
+async def asyncpg_bounded(conn: Any, work: Awaitable[T], step_name: str) -> T:
+    """Await ``work`` (I/O on ``conn``) until the current deadline at most.
+
+    asyncpg waits on asyncio futures, so ``asyncio.wait_for`` can stop it (Python 3.10
+    has no ``asyncio.timeout``).  When the deadline passes first the connection is
+    terminated (:func:`asyncpg_terminate`: socket shut down, no await) before the
+    cancelled operation is abandoned, so asyncpg does not open a second connection to
+    send a cancel request into the same silent network, and
+    :class:`~lambda_pool.exc.DeadlineExceededError` names ``step_name`` (or the step
+    already under way, see :func:`lambda_pool.deadlines.step`).
+    """
+    bound = deadlines.current()
+    if bound is None:
+        return await work
+    left = bound.remaining()
+    name, started_with = deadlines.current_step(step_name, left)
+    if left <= 0:
+        if asyncio.iscoroutine(work):
+            work.close()
+        asyncpg_terminate(conn)
+        raise bound.exceeded(name, started_with, "no time was left")
+    try:
+        return await asyncio.wait_for(work, left)
+    except DeadlineExceededError:
+        raise
+    except (asyncio.TimeoutError, TimeoutError):
+        if bound.remaining() > 0.005:
+            raise  # the driver's own timeout (command_timeout), not the deadline
+        asyncpg_terminate(conn)
+        # One loop turn: the tasks terminate() cancelled (a pending cancel request) end.
+        await asyncio.sleep(0)
+        raise bound.exceeded(
+            name, started_with, "the server did not answer (the network may be a black hole)"
+        ) from None
+
+
 class AsyncpgDialect(AsyncDialect):
     """asyncpg connections, with psycopg-style SQL and transactions."""
 
@@ -279,21 +322,49 @@ class AsyncpgDialect(AsyncDialect):
     def apply_libpq_arg(self, cparams: dict[str, Any], key: str, value: Any) -> None:
         _libpq_to_asyncpg(cparams, key, value)
 
+    def timeout_defaults(self) -> dict[str, Any]:
+        """asyncpg's connect ``timeout`` (its default: 60 s) where none is given."""
+        return {"timeout": ASYNCPG_CONNECT_TIMEOUT}
+
     async def connect(self, cparams: Mapping[str, Any]) -> Any:
+        """``asyncpg.connect`` with its ``timeout`` (TCP, TLS and authentication) lowered
+        to the time left before the current deadline."""
         asyncpg = self.load_driver()
-        return await asyncpg.connect(**cparams)
+        bound = deadlines.current()
+        if bound is None:
+            return await asyncpg.connect(**cparams)
+        started_with = bound.remaining()
+        if started_with <= 0:
+            raise bound.exceeded("connect", started_with, "no time was left to connect")
+        params = dict(cparams)
+        given = params.get("timeout")
+        own = float(given) if isinstance(given, (int, float)) else None
+        params["timeout"] = started_with if own is None else min(own, started_with)
+        try:
+            return await asyncpg.connect(**params)
+        except DeadlineExceededError:
+            raise
+        except (asyncio.TimeoutError, TimeoutError):
+            if own is not None and own < started_with:
+                raise  # the user's own, shorter connect timeout
+            raise bound.exceeded(
+                "connect",
+                started_with,
+                "the server did not complete the connection (TCP, TLS or authentication); "
+                "the network may be a black hole",
+            ) from None
 
     async def do_ping(self, dbapi_conn: Any) -> bool:
-        await dbapi_conn.execute("SELECT 1")
+        await asyncpg_bounded(dbapi_conn, dbapi_conn.execute("SELECT 1"), "pre-ping")
         return True
 
     async def do_rollback(self, dbapi_conn: Any) -> None:
         if not dbapi_conn.is_closed() and dbapi_conn.is_in_transaction():
-            await dbapi_conn.execute("ROLLBACK")
+            await asyncpg_bounded(dbapi_conn, dbapi_conn.execute("ROLLBACK"), "rollback")
 
     async def do_commit(self, dbapi_conn: Any) -> None:
         if not dbapi_conn.is_closed() and dbapi_conn.is_in_transaction():
-            await dbapi_conn.execute("COMMIT")
+            await asyncpg_bounded(dbapi_conn, dbapi_conn.execute("COMMIT"), "commit")
 
     async def do_close(self, dbapi_conn: Any) -> None:
         try:
@@ -327,6 +398,13 @@ class AsyncpgDialect(AsyncDialect):
         return False
 
     async def execute(
+        self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None
+    ) -> ExecResult:
+        return await asyncpg_bounded(
+            dbapi_conn, self._execute(dbapi_conn, sql, params), "statement"
+        )
+
+    async def _execute(
         self, dbapi_conn: Any, sql: str, params: Sequence[Any] | Mapping[str, Any] | None
     ) -> ExecResult:
         text, args = to_numeric(sql, params)

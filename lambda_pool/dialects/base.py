@@ -208,6 +208,12 @@ class _DialectBase(ABC):
         """
         return False
 
+    def timeout_defaults(self) -> dict[str, Any]:
+        """Connect and socket timeouts (driver keywords) the engines apply where the URL
+        and ``connect_args`` set none, so a connect or a silent socket never waits minutes
+        outside an invocation's deadline.  None by default."""
+        return {}
+
     def transaction_pooling_args(self) -> dict[str, Any]:
         """Driver keywords for a transaction-pooling proxy (PgBouncer transaction mode,
         RDS Proxy): no server-side prepared statements, which live in one server session."""

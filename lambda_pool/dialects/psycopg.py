@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from lambda_pool.deadlines import step
 from lambda_pool.dialects.base import (
     CAPACITY_SQLSTATES,
     ExecResult,
@@ -64,6 +65,35 @@ _DISCONNECT_PHRASES = (
     "eof detected",
     "connection has been closed",
 )
+
+
+#: libpq's defaults wait minutes on a silent network (psycopg: a 130 s connect
+#: timeout; no keepalives; unacknowledged data retransmitted for ~15 minutes).
+#: Defaults applied when neither the URL nor ``connect_args`` sets the key; inside an
+#: invocation the deadline (lambda_pool.deadlines) bounds every step sooner.
+PSYCOPG_TIMEOUT_DEFAULTS: dict[str, str] = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
+#: TCP_USER_TIMEOUT (ms): a connection whose sent data stays unacknowledged this long
+#: is dropped by the kernel; libpq >= 12 knows the keyword.
+PSYCOPG_TCP_USER_TIMEOUT_MS = "30000"
+
+
+def psycopg_timeout_defaults() -> dict[str, str]:
+    """:data:`PSYCOPG_TIMEOUT_DEFAULTS`, plus ``tcp_user_timeout`` when libpq knows it."""
+    defaults = dict(PSYCOPG_TIMEOUT_DEFAULTS)
+    psycopg = sys.modules.get("psycopg")
+    try:
+        libpq = int(psycopg.pq.version()) if psycopg is not None else 0
+    except Exception:
+        libpq = 0
+    if libpq >= 120000:
+        defaults["tcp_user_timeout"] = PSYCOPG_TCP_USER_TIMEOUT_MS
+    return defaults
 
 
 def psycopg_connect_args(url: URL) -> dict[str, Any]:
@@ -208,6 +238,10 @@ class PsycopgRules:
     def transaction_pooling_args(self) -> dict[str, Any]:
         return dict(PSYCOPG_TRANSACTION_POOLING_ARGS)
 
+    def timeout_defaults(self) -> dict[str, Any]:
+        """libpq timeouts applied where the URL and ``connect_args`` give none."""
+        return psycopg_timeout_defaults()
+
     def do_terminate(self, dbapi_conn: Any) -> None:
         """Close at once, without taking psycopg's connection lock or awaiting (process
         shutdown: the interrupted thread may hold it, the event loop may be gone).
@@ -237,20 +271,26 @@ class PsycopgDialect(PsycopgRules, SyncDialect):
     """Blocking psycopg 3 connections (``psycopg.connect``)."""
 
     def connect(self, cparams: Mapping[str, Any]) -> Any:
-        psycopg = self.load_driver()
-        return psycopg.connect(**cparams)
+        """A :class:`~lambda_pool.dialects._psycopg_deadline.DeadlineConnection`: a
+        ``psycopg.Connection`` whose connect and every later wait end by the current
+        deadline (:mod:`lambda_pool.deadlines`)."""
+        self.load_driver()
+        from lambda_pool.dialects._psycopg_deadline import DeadlineConnection
+
+        return DeadlineConnection.connect(**cparams)
 
     def do_ping(self, dbapi_conn: Any) -> bool:
-        if not self.ping_needs_autocommit(dbapi_conn):
-            dbapi_conn.execute("")
+        with step("pre-ping"):
+            if not self.ping_needs_autocommit(dbapi_conn):
+                dbapi_conn.execute("")
+                return True
+            dbapi_conn.autocommit = True
+            try:
+                dbapi_conn.execute("")
+            finally:
+                if not dbapi_conn.closed:
+                    dbapi_conn.autocommit = False
             return True
-        dbapi_conn.autocommit = True
-        try:
-            dbapi_conn.execute("")
-        finally:
-            if not dbapi_conn.closed:
-                dbapi_conn.autocommit = False
-        return True
 
     def do_cancel(self, dbapi_conn: Any, timeout: float) -> bool:
         """Ask the server to cancel the running statement, from any thread, without

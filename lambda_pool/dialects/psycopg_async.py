@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lambda_pool.deadlines import step
 from lambda_pool.dialects.base import AsyncDialect, ExecResult
 from lambda_pool.dialects.psycopg import PsycopgRules, psycopg_exec_result
 
@@ -21,21 +22,26 @@ class AsyncPsycopgDialect(PsycopgRules, AsyncDialect):
     """``psycopg.AsyncConnection`` connections."""
 
     async def connect(self, cparams: Mapping[str, Any]) -> Any:
-        psycopg = self.load_driver()
-        return await psycopg.AsyncConnection.connect(**cparams)
+        """An :class:`~lambda_pool.dialects._psycopg_deadline.AsyncDeadlineConnection`
+        (connect and every later wait end by the current deadline)."""
+        self.load_driver()
+        from lambda_pool.dialects._psycopg_deadline import AsyncDeadlineConnection
+
+        return await AsyncDeadlineConnection.connect(**cparams)
 
     async def do_ping(self, dbapi_conn: Any) -> bool:
         # Same single round trip as the blocking dialect.
-        if not self.ping_needs_autocommit(dbapi_conn):
-            await dbapi_conn.execute("")
+        with step("pre-ping"):
+            if not self.ping_needs_autocommit(dbapi_conn):
+                await dbapi_conn.execute("")
+                return True
+            await dbapi_conn.set_autocommit(True)
+            try:
+                await dbapi_conn.execute("")
+            finally:
+                if not dbapi_conn.closed:
+                    await dbapi_conn.set_autocommit(False)
             return True
-        await dbapi_conn.set_autocommit(True)
-        try:
-            await dbapi_conn.execute("")
-        finally:
-            if not dbapi_conn.closed:
-                await dbapi_conn.set_autocommit(False)
-        return True
 
     async def do_rollback(self, dbapi_conn: Any) -> None:
         await dbapi_conn.rollback()
