@@ -464,6 +464,8 @@ def _transaction_pooling_args(
 
 def _url_credentials(url: URL, explicit: object) -> tuple[URL, CredentialProvider | None]:
     """A provider named by the URL query (``auth=iam``, ``secret=...``), and the URL without it."""
+    if not url.query:  # the common static URL: no credentials module is loaded at all
+        return url, None
     from lambda_pool.auth.from_url import AUTH_QUERY_KEYS
 
     if not AUTH_QUERY_KEYS.intersection(url.query):
