@@ -575,6 +575,10 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
     if transaction_pooling:
         connect_args.update(_transaction_pooling_args(dialect, connect_args))
     cparams = dialect.merge_connect_args(dialect.create_connect_args(driver_url), connect_args)
+    # Connect and socket timeouts where neither the URL nor connect_args set one: outside
+    # an invocation's deadline a silent network must not hold a connect for minutes.
+    for key, value in dialect.timeout_defaults().items():
+        cparams.setdefault(key, value)
     if provider is not None and _requires_tls(provider):
         _check_tls(dialect, cparams)
     events = EventRegistry()
