@@ -116,6 +116,9 @@ def test_back_to_back_then_black_hole_fails_in_the_first_statement(
         assert await _invoke(lambda: _write(engine, scene, 1)) == ROWS
         scene.proxy.black_hole()
         await _fails_by_the_deadline(lambda: _write(engine, scene, 100), "statement")
+        # Nothing left running on the loop (asyncpg's cancel request task included):
+        # Lambda freezes the process once the invocation returns.
+        assert asyncio.all_tasks() == {asyncio.current_task()}
         assert await asyncio.to_thread(scene.rows) == ROWS
         await _recovers(scene, engine, ROWS)
         await engine.dispose()

@@ -246,3 +246,28 @@ def test_sqlalchemy_adapter_black_hole_fails_the_statement_by_the_deadline(
         assert scene.rows() == ROWS
     finally:
         engine.dispose()
+
+
+def _own_threads() -> set[threading.Thread]:
+    """Live threads, without the fault proxy's own (the test's tool, not the code under test)."""
+    return {t for t in threading.enumerate() if not t.name.startswith("lambda-pool-fault-proxy")}
+
+
+def test_a_black_holed_invocation_leaves_no_thread_or_timer_behind(scene: Scene) -> None:
+    handler = _handler(scene)
+    assert handler({"action": "select"}, _context()) == 1
+    before = _own_threads()
+    scene.proxy.black_hole()
+    _fails_by_the_deadline(handler, {"action": "write"}, "statement")
+    # Lambda freezes the process now: nothing of ours may still be running.
+    assert _own_threads() == before
+    _recovers(scene, handler, 0)
+
+
+def test_black_hole_in_the_middle_of_a_reply_fails_the_statement(scene: Scene) -> None:
+    handler = _handler(scene)
+    assert handler({"action": "select"}, _context()) == 1
+    scene.proxy.black_hole_mid_reply(3)  # a few bytes of the next reply, then silence
+    _fails_by_the_deadline(handler, {"action": "write"}, "statement")
+    assert scene.rows() == 0
+    _recovers(scene, handler, 0)
