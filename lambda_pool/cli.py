@@ -89,6 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     from lambda_pool.fleet.cli import add_arguments as add_fleet_arguments
 
     add_fleet_arguments(fleet)
+    invoke = commands.add_parser(
+        "invoke",
+        help="run a built function folder (sam build) in the real runtime client, no Docker",
+        description=(
+            "Run a function folder written by 'sam build' as Lambda does: the real "
+            "awslambdaric, the runtime's Python, the folder first on sys.path; against "
+            "--database-url or an embedded PostgreSQL. Prints each result as JSON (docs/deploy.md)."
+        ),
+    )
+    from lambda_pool.local_invoke import add_arguments as add_invoke_arguments
+
+    add_invoke_arguments(invoke)
     return parser
 
 
@@ -107,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             doctor.print_report(report, sys.stdout)
         return 0 if report.ok else 1
+    if args.command == "invoke":
+        from lambda_pool import local_invoke
+
+        return local_invoke.main(args)
     if args.command == "fleet":
         from lambda_pool.fleet import cli as fleet_cli
 
