@@ -20,8 +20,16 @@ Per invocation the decorator
    slow query with a clear error before Lambda would kill the container mid-query
    (which leaves the query running on the server).  ``SET LOCAL`` ends with the
    transaction: nothing leaks into the next invocation, and it is safe behind
-   PgBouncer in transaction mode;
-4. commits when the handler returns, rolls back when it raises (the exception
+   PgBouncer in transaction mode (the value is the deadline less a short allowance, so
+   the server's error arrives before the client stops waiting);
+4. bounds every blocking step on the client too — connect (TLS and authentication
+   included), pre-ping, each statement, commit, the reset on return — with
+   ``lambda_pool.deadlines.use(remaining - margin)``, so a network black hole (TCP up,
+   nothing answering) ends in :class:`~lambda_pool.exc.DeadlineExceededError` naming the
+   step, its connection discarded, instead of Lambda's timeout (see
+   :mod:`lambda_pool.deadlines`); a black hole at the reset on return, after the commit,
+   only drops the connection and the handler's result is returned;
+5. commits when the handler returns, rolls back when it raises (the exception
    reaches the caller unchanged: same object, same traceback), and always returns the
    connection to the pool, which resets it; a connection the driver reports broken is
    invalidated so the warm cache opens a new one next time.
