@@ -13,6 +13,14 @@ runs out it ends with :class:`~lambda_pool.exc.DeadlineExceededError` naming the
 and the time it had left when it started.  Nothing here starts a thread or a timer: a
 deadline is only read by the steps, so a frozen Lambda sandbox has nothing armed.
 
+Who reads it: psycopg connections are opened as
+:class:`lambda_pool.dialects._psycopg_deadline.DeadlineConnection` (and its asyncio
+twin), whose every socket wait and connect attempt ends by :func:`remaining`; asyncpg
+work runs under ``asyncio.wait_for`` (:func:`lambda_pool.dialects.asyncpg.asyncpg_bounded`)
+and its connect ``timeout`` is lowered to the time left.  :func:`step` names the step
+for the error (the engines name the reset on return, the dialects the pre-ping, the
+psycopg connection class commit and rollback; anything else is a statement).
+
 This module is I/O-free and imports nothing heavy: it is read on every statement.
 """
 
