@@ -189,7 +189,7 @@ async def test_a_garbage_collected_async_connection_is_detached_and_closed_as_sq
         raw = await connection.get_raw_connection()
         del raw, connection
         gc.collect()
-        pool = sa_engine.sync_engine.pool
+        pool: Any = sa_engine.sync_engine.pool
         observed["sqlalchemy"] = (seen, pool.checkedin(), pool.checkedout())
         await sa_engine.dispose()
 

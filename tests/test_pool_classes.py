@@ -216,7 +216,7 @@ def test_assertion_pool_allows_one_checkout_at_a_time_as_sqlalchemy_does() -> No
         pool = pool_class(lambda: sqlite3.connect(":memory:"), store_traceback=False)
         first = pool.connect()
         dbapi = first.dbapi_connection
-        steps = [outcome(pool.connect)]  # a second checkout is a bug
+        steps: list[Any] = [outcome(pool.connect)]  # a second checkout is a bug
         first.close()
         again = pool.connect()
         steps.append(again.dbapi_connection is dbapi)  # the one connection is reused

@@ -278,12 +278,13 @@ async def test_a_cancelled_aclose_gives_the_slot_back_as_sqlalchemy_does(
     sa_event.listen(sa_engine.sync_engine, "reset", lambda *args: sa_reset.append("reset"))
     sa_connection = await sa_engine.connect()
     raw = await sa_connection.get_raw_connection()
-    await raw.driver_connection.execute("SELECT 1")  # a transaction is open on the driver
+    driver: Any = raw.driver_connection
+    await driver.execute("SELECT 1")  # a transaction is open on the driver
     sa_raised = await _cancel_close_during_rollback(sa_connection, sa_connection.close, sa_reset)
-    sa_pool = sa_engine.sync_engine.pool
+    sa_pool: Any = sa_engine.sync_engine.pool
     reference = (sa_raised, sa_pool.checkedin(), sa_pool.checkedout())
-    async with sa_engine.connect() as again:  # the next checkout works
-        assert (await again.exec_driver_sql("SELECT 1")).scalar() == 1
+    async with sa_engine.connect() as sa_again:  # the next checkout works
+        assert (await sa_again.exec_driver_sql("SELECT 1")).scalar() == 1
     await sa_engine.dispose()
 
     async def connect() -> psycopg.AsyncConnection[Any]:
