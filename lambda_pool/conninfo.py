@@ -186,18 +186,96 @@ def _conninfo_pairs(text: str) -> Iterator[tuple[str, str]]:
         yield keyword, "".join(value)
 
 
+# libpq 18's keywords: the fallback when psycopg (and so libpq's own list) is absent.
+_LIBPQ_KEYWORDS = frozenset(
+    {
+        "application_name",
+        "channel_binding",
+        "client_encoding",
+        "connect_timeout",
+        "dbname",
+        "fallback_application_name",
+        "gssdelegation",
+        "gssencmode",
+        "gsslib",
+        "host",
+        "hostaddr",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "krbsrvname",
+        "load_balance_hosts",
+        "max_protocol_version",
+        "min_protocol_version",
+        "oauth_client_id",
+        "oauth_client_secret",
+        "oauth_issuer",
+        "oauth_scope",
+        "options",
+        "passfile",
+        "password",
+        "port",
+        "replication",
+        "require_auth",
+        "requirepeer",
+        "scram_client_key",
+        "scram_server_key",
+        "service",
+        "ssl_max_protocol_version",
+        "ssl_min_protocol_version",
+        "sslcert",
+        "sslcertmode",
+        "sslcompression",
+        "sslcrl",
+        "sslcrldir",
+        "sslkey",
+        "sslkeylogfile",
+        "sslmode",
+        "sslnegotiation",
+        "sslpassword",
+        "sslrootcert",
+        "sslsni",
+        "target_session_attrs",
+        "tcp_user_timeout",
+        "user",
+    }
+)
+_keywords: frozenset[str] | None = None
+
+
+def libpq_keywords() -> frozenset[str]:
+    """The keywords the installed libpq knows (asked once, through psycopg, only when a
+    key=value string is parsed), or libpq 18's list without psycopg."""
+    global _keywords
+    if _keywords is None:
+        try:
+            from psycopg import pq
+
+            _keywords = frozenset(option.keyword.decode() for option in pq.Conninfo.get_defaults())
+        except Exception:  # no psycopg, or no libpq under it: the fallback list
+            _keywords = _LIBPQ_KEYWORDS
+    return _keywords
+
+
 def parse_conninfo(text: str) -> dict[str, str]:
     """A libpq key=value connection string as ``{keyword: value}`` (a later keyword wins).
 
-    Raises :class:`ArgumentError` for text libpq would refuse, without quoting it.
+    Keywords must be libpq's (or lambda-pool's own, such as ``auth``), as libpq
+    requires.  Raises :class:`ArgumentError` for text libpq would refuse, without quoting
+    it: with an unquoted space in a password, the "keyword" is the password's tail.
     """
     result: dict[str, str] = {}
-    for keyword, value in _conninfo_pairs(text):
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", keyword):
-            raise ArgumentError(
-                "could not parse the connection string: a keyword is not a libpq "
-                "parameter name (letters, digits and '_')"
-            )
+    known: frozenset[str] | None = None
+    for number, (keyword, value) in enumerate(_conninfo_pairs(text), start=1):
+        if keyword not in LAMBDA_POOL_QUERY_KEYS:
+            known = libpq_keywords() if known is None else known
+            if keyword not in known:
+                raise ArgumentError(
+                    f"could not parse the connection string: part {number} names no libpq "
+                    "parameter; quote a value holding spaces with single quotes "
+                    "(password='a b')"
+                )
         result[keyword] = value
     return result
 

@@ -442,4 +442,12 @@ def make_url(name_or_url: str | URL) -> URL:
         raise ArgumentError(
             f"expected a database URL string or lambda_pool.URL, got {type(name_or_url).__name__}"
         )
+    try:
+        name_or_url.encode("utf-8")
+    except UnicodeEncodeError:
+        # os.environ keeps undecodable bytes as lone surrogates: no driver can send them.
+        raise ArgumentError(
+            "the database URL holds bytes that are not UTF-8 text; write it in UTF-8 "
+            "(percent-encode anything else)"
+        ) from None
     return _parse(name_or_url.strip())
