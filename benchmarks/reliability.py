@@ -67,14 +67,21 @@ class Row:
     deadline_ms: int | None
     next_invocation: str
     data_lost: str
+    #: What the time column measured, when it is not "the faulted invocation".
+    timing_note: str = ""
 
     def cells(self) -> list[str]:
         if self.elapsed_ms is None:
             timing = "n/a"
-        elif self.deadline_ms is None:
-            timing = f"{self.elapsed_ms:.0f} ms (no deadline)"
         else:
-            timing = f"{self.elapsed_ms:.0f} ms of {self.deadline_ms} ms"
+            timing = f"{self.elapsed_ms:.0f} ms"
+            notes = [self.timing_note] if self.timing_note else []
+            if self.deadline_ms is None:
+                notes.append("no deadline")
+            else:
+                timing += f" of {self.deadline_ms} ms"
+            if notes:
+                timing += f" ({'; '.join(notes)})"
         return [
             self.fault,
             self.injected,
@@ -453,15 +460,16 @@ def scenario_kill_and_sigterm(lab: Lab) -> list[Row]:
             if sig == signal.SIGKILL
             else f"process exited by SIGTERM (status {child.exitcode}); engines disposed"
         )
-        backend = (
-            f"backend gone after {elapsed:.0f} ms"
-            if elapsed is not None
-            else "backend still open after 4 deadlines"
-        )
+        backend = "n/a (no server backend left)" if elapsed is not None else "backend still open"
         rows.append(
             Row(
                 name,
-                f"`os.kill(container, {sig.name})`; time = until the server has no backend of it",
+                f"`os.kill(container, {sig.name})`"
+                + (
+                    " while a statement runs; its `SET LOCAL statement_timeout` ends it"
+                    if hold
+                    else ""
+                ),
                 "psycopg, warm (separate process)",
                 outcome,
                 elapsed,
@@ -470,6 +478,7 @@ def scenario_kill_and_sigterm(lab: Lab) -> list[Row]:
                 lab.data_lost([Invocation(ident, error=RuntimeError("killed"))])
                 if hold
                 else "none",
+                timing_note="until the server had no backend of the container",
             )
         )
     return rows
@@ -793,9 +802,24 @@ def _storm_container(
     outcomes = []
     for _ in range(invocations):
         record, _ = invoke(handler, deadline_ms)
-        outcomes.append((record.ident, describe_error(record.error), record.elapsed_ms))
+        outcomes.append(
+            (
+                record.ident,
+                _storm_kind(record.error),
+                record.elapsed_ms,
+                getattr(record.error, "attempts", None),
+            )
+        )
         time.sleep(idle_seconds)
     results.put(outcomes)
+
+
+def _storm_kind(error: BaseException | None) -> str:
+    """The error's type (and lambda-pool step): the storm's outcomes grouped."""
+    if error is None:
+        return "no error"
+    step = getattr(error, "step", "")
+    return f"`{type(error).__name__}`" + (f" (step {step})" if step else "")
 
 
 def run_storm(lab: Lab, settings: StormSettings, deadline_ms: int | None) -> Row:
@@ -811,33 +835,37 @@ def run_storm(lab: Lab, settings: StormSettings, deadline_ms: int | None) -> Row
         process.start()
     time.sleep(0.5)  # every container imported and waiting: one burst
     start.set()
-    outcomes: list[tuple[str, str, float]] = []
+    outcomes: list[tuple[str, str, float, int | None]] = []
     for _ in processes:
         outcomes += results.get(timeout=600)
     for process in processes:
         process.join(60)
     total = settings.processes * settings.invocations
-    errors = Counter(outcome for _, outcome, _ in outcomes if outcome != "no error")
+    errors = Counter(kind for _, kind, _, _ in outcomes if kind != "no error")
     ok = total - sum(errors.values())
-    failed_times = [ms for _, outcome, ms in outcomes if outcome != "no error"]
-    summary = f"{ok} of {total} ok" + "".join(
-        f"; {count} {name}" for name, count in errors.most_common()
-    )
+    parts = [f"{ok} of {total} ok"]
+    for kind, count in errors.most_common():
+        attempts = [n for _, k, _, n in outcomes if k == kind and n]
+        spread = f", {min(attempts)}-{max(attempts)} attempts" if attempts else ""
+        parts.append(f"{count} {kind}{spread}")
+    failed_times = [ms for _, kind, ms, _ in outcomes if kind != "no error"]
     records = [
-        Invocation(ident, None if outcome == "no error" else RuntimeError(outcome), ms)
-        for ident, outcome, ms in outcomes
+        Invocation(ident, None if kind == "no error" else RuntimeError(kind), ms)
+        for ident, kind, ms, _ in outcomes
     ]
     slowest_failure = max(failed_times, default=None)
+    label = {None: " (count-based retries: no deadline)", 10_000: " (a burst that fits)"}
     return Row(
-        "capacity storm" + (" (count-based retries, no deadline)" if deadline_ms is None else ""),
-        f"{settings.processes} processes x {settings.invocations} invocations, warm, "
+        "capacity storm" + label.get(deadline_ms, ""),
+        f"{settings.processes} processes x {settings.invocations} invocations at once, warm, "
         f"`max_connections={settings.max_connections}`",
         "psycopg, warm (processes)",
-        summary,
-        slowest_failure if slowest_failure is not None else max(ms for *_, ms in outcomes),
+        "; ".join(parts),
+        slowest_failure if slowest_failure is not None else max(o[2] for o in outcomes),
         deadline_ms,
-        "slowest failure" if slowest_failure is not None else "slowest invocation (none failed)",
+        "n/a",
         lab.data_lost(records),
+        timing_note="slowest failure" if slowest_failure is not None else "slowest invocation",
     )
 
 
@@ -910,12 +938,19 @@ def render(rows: Sequence[Row], *, quick: bool, server_version: str, elapsed_s: 
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row.cells()) + " |")
     lines += [
         "",
-        "How to read the capacity-storm rows: the containers keep their warm connection "
-        "between invocations, so the ones that did not get a slot wait for one to exit. "
-        "With a deadline the connect retries for as long as the deadline leaves room for "
-        "one more attempt, then fails with `CapacityExhaustedError` before it; without "
-        "one (a context that cannot tell its remaining time) the count-based policy "
-        "gives up after 4 attempts with the server's own error.",
+        "How to read the capacity-storm rows. The containers (real processes) start at "
+        "the same moment and keep their warm connection between invocations, as warm "
+        "Lambda containers do, so the ones without a slot wait for a container to exit; "
+        "`max_connections` minus the 3 superuser slots is what the application gets. "
+        "With a deadline the connect is retried for as long as the deadline leaves room "
+        "for one more attempt (`lambda_pool.connect_retry`), then fails with "
+        "`CapacityExhaustedError` before the deadline; a connect attempt that was started "
+        "in time but then took longer ends with `DeadlineExceededError` (step connect). "
+        f"With {DEADLINE_MS} ms the burst does not fit (the last containers wait for two "
+        "waves of others); with 10 s it does, and nothing fails. The count-based row is "
+        "the policy that applies without a deadline (a context that cannot tell its "
+        "remaining time), and was the only one before: 4 attempts, then the server's "
+        "own error, whatever time was left.",
         "",
     ]
     return "\n".join(lines)
