@@ -5,7 +5,8 @@ Options: ``--quick`` (few iterations, for the smoke test), ``--json PATH``,
 PostgreSQL on loopback), ``--only SECTION`` (repeatable: ``import``, ``checkout``,
 ``invocation``, ``async``, ``coldstart``; ``async`` is the asyncio checkout and invocation
 tables; ``coldstart`` runs its own embedded server and moto server; ``fleet``, run
-only when named, rewrites docs/scale.md through benchmarks/fleet.py).
+only when named, rewrites docs/scale.md through benchmarks/fleet.py; ``reliability``, also
+only when named, rewrites docs/reliability.md through benchmarks/reliability.py).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=(*SECTIONS, "fleet"),
+        choices=(*SECTIONS, "fleet", "reliability"),
         help="run only this section (repeatable; default: all); 'async' is the asyncio "
         "checkout and invocation sections; 'fleet' (only when asked) runs the fleet "
         "scenarios and rewrites docs/scale.md",
@@ -131,6 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         fleet.main(["--quick"] if args.quick else [])
         wanted = tuple(name for name in wanted if name != "fleet")
+        if not wanted:
+            return 0
+    if "reliability" in wanted:
+        # Its own page too (docs/reliability.md, benchmarks/reliability.py).
+        from benchmarks import reliability
+
+        reliability.main(["--quick"] if args.quick else [])
+        wanted = tuple(name for name in wanted if name != "reliability")
         if not wanted:
             return 0
     meta = _meta(settings, args.quick)
