@@ -219,3 +219,47 @@ def test_scale_page_is_written_from_a_run(tmp_path: Path, monkeypatch: pytest.Mo
     # Up to max_connections - reserved - the coordinator's session, every container fits.
     assert "0 failures and one backend per container: **holds**." in page
     assert (tmp_path / "scale" / "direct-warm.svg").read_text().startswith("<svg")
+
+
+def test_fleet_against_a_url_counts_its_own_sessions_by_application_name(
+    tmp_path: Path,
+) -> None:
+    from lambda_pool.cli import main
+    from lambda_pool.testing.postgres import EmbeddedPostgres
+
+    out_json = tmp_path / "fleet.json"
+    # Another session of the same user must not be counted as the fleet's.
+    with (
+        EmbeddedPostgres(max_connections=30) as server,
+        server.admin_connect(application_name="someone-else"),
+    ):
+        code = main(
+            [
+                "fleet",
+                f"--database-url={server.dsn}",
+                "--containers=3",
+                "--ramp=0.3",
+                "--sustain=0.5",
+                "--deadline-ms=10000",
+                "--idle=0.3",
+                "--quiet",
+                f"--json={out_json}",
+            ]
+        )
+    assert code == 0
+    document = json.loads(out_json.read_text())
+    assert document["target"] == "url"
+    assert document["invocations"]["ok"] == document["rows_inserted"]
+    assert document["frozen"]["at_freeze"]["server_backends"] == 3
+    assert document["frozen"]["at_freeze"]["held_by_frozen_containers"] == 3
+
+
+def test_unreachable_database_is_a_clear_error_without_the_password() -> None:
+    from lambda_pool.exc import LambdaPoolError
+
+    url = "postgresql://app:s3cret-pw@127.0.0.1:1/app?connect_timeout=2"
+    with targets.external(url) as target, pytest.raises(LambdaPoolError) as caught:
+        run_fleet(FleetConfig(containers=1), target)
+    message = str(caught.value)
+    assert "could not create its table" in message and "127.0.0.1:1" in message
+    assert "s3cret-pw" not in message

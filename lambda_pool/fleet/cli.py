@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -86,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="module.function to run (default: the fleet's INSERT + SELECT handler)",
     )
     containers.add_argument("--code-dir", help="folder holding the handler's module")
+    containers.add_argument(
+        "--container-log",
+        type=Path,
+        metavar="PATH",
+        help="append the containers' output here (default: a new file in the temp folder, "
+        "named at the end)",
+    )
     target = parser.add_argument_group("target")
     target.add_argument(
         "--target",
@@ -162,6 +171,11 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     from lambda_pool.fleet.report import format_table, summarize
     from lambda_pool.fleet.run import FleetConfig, run_fleet
 
+    log_path = args.container_log
+    if log_path is None and args.runtime == "process":
+        handle, name = tempfile.mkstemp(prefix="lambda-pool-fleet-", suffix=".log")
+        os.close(handle)
+        log_path = Path(name)
     config = FleetConfig(
         containers=args.containers,
         ramp_s=args.ramp,
@@ -177,6 +191,7 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         start_method=args.start_method,
         handler=args.handler,
         code_dir=args.code_dir,
+        container_log=str(log_path) if log_path is not None else None,
     )
     config.check()
 
@@ -199,6 +214,8 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             fleet_svg(result, f"lambda-pool fleet {result.run_id}", _limits(summary, pool_size))
         )
         print(f"plot written to {args.svg}", file=out)
+    if log_path is not None:
+        print(f"container output in {log_path}", file=out)
     return 0
 
 

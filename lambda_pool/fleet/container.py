@@ -100,10 +100,25 @@ def _invoke(function: Any, request: dict[str, Any], counter: list[int]) -> dict[
     }
 
 
-def serve(pipe: Any, handler: str, code_dir: str | None, env: dict[str, str]) -> None:
-    """Run one container on ``pipe`` (a ``multiprocessing`` connection) until stopped."""
+def serve(
+    pipe: Any,
+    handler: str,
+    code_dir: str | None,
+    env: dict[str, str],
+    log_path: str | None = None,
+) -> None:
+    """Run one container on ``pipe`` (a ``multiprocessing`` connection) until stopped.
+
+    With ``log_path`` the container's stdout and stderr (its CloudWatch, so to speak)
+    are appended to that file instead of the coordinator's terminal.
+    """
     # The coordinator handles Ctrl-C and stops its containers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if log_path:
+        descriptor = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(descriptor, 1)
+        os.dup2(descriptor, 2)
+        os.close(descriptor)
     os.environ.update(env)
     started = time.perf_counter()
     try:
@@ -122,7 +137,11 @@ def serve(pipe: Any, handler: str, code_dir: str | None, env: dict[str, str]) ->
                 return
             if request.get("stop"):
                 return
-            pipe.send(_invoke(function, request, counter))
+            reply = _invoke(function, request, counter)
+            try:
+                pipe.send(reply)
+            except (BrokenPipeError, OSError):
+                return  # the coordinator gave up on this container (its deadline passed)
     finally:
         # multiprocessing ends its children with os._exit: atexit hooks do not run, so
         # close the connections here and the server sees a clean goodbye.

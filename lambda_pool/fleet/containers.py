@@ -63,6 +63,7 @@ class ContainerSpec:
     env: dict[str, str] = field(default_factory=dict)
     start_method: str = "forkserver"
     init_timeout_s: float = 30.0
+    log_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,13 @@ class ProcessContainer(Container):
         ours, theirs = context.Pipe(duplex=True)
         process = context.Process(
             target=serve,
-            args=(theirs, self.spec.handler, self.spec.code_dir, self.spec.env),
+            args=(
+                theirs,
+                self.spec.handler,
+                self.spec.code_dir,
+                self.spec.env,
+                self.spec.log_path,
+            ),
             name=f"lambda-pool-fleet-{self.index}",
             daemon=True,
         )

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lambda_pool.exc import ArgumentError
+from lambda_pool.exc import ArgumentError, LambdaPoolError
 from lambda_pool.fleet.containers import (
     Container,
     ContainerSpec,
@@ -79,6 +79,8 @@ class FleetConfig:
     sample_interval_s: float = 0.2
     spawn_concurrency: int = 8
     env: Mapping[str, str] = field(default_factory=dict)
+    #: Append the containers' stdout/stderr here (None: the coordinator's own).
+    container_log: str | None = None
 
     def check(self) -> None:
         """Raise :class:`lambda_pool.exc.ArgumentError` naming the first bad parameter."""
@@ -283,7 +285,17 @@ def run_fleet(
     if config.handler == DEFAULT_HANDLER:
         from lambda_pool.fleet.schema import SCHEMA
 
-        target.prepare(SCHEMA)
+        try:
+            target.prepare(SCHEMA)
+        except Exception as exc:
+            from lambda_pool.url import make_url
+
+            where = make_url(target.url).render_as_string(hide_password=True)
+            raise LambdaPoolError(
+                f"the fleet could not create its table at {where}: {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''} — check the "
+                "URL, that the server is up, and that the user may CREATE in its schema"
+            ) from exc
     env = {
         "LAMBDA_POOL_DATABASE_URL": target.url,
         "LAMBDA_POOL_WARM": "1" if config.warm else "0",
@@ -295,6 +307,7 @@ def run_fleet(
         code_dir=config.code_dir,
         env=env,
         start_method=config.start_method,
+        log_path=config.container_log,
     )
     containers = [_make_container(i, config, spec) for i in range(config.containers)]
     server_settings = target.server_settings()
