@@ -126,6 +126,38 @@ def test_back_to_back_then_black_hole_fails_in_the_first_statement(
     _run(scenario)
 
 
+# What users set hoping to bound a silent network; none of it bounds a black hole that
+# keeps TCP up (the fourth row).
+SOCKET_OPTIONS = {
+    "postgresql": {
+        "connect_timeout": 2,
+        "keepalives": 1,
+        "keepalives_idle": 1,
+        "keepalives_interval": 1,
+        "keepalives_count": 1,
+        "tcp_user_timeout": 1000,
+    },
+    "postgresql+asyncpg": {"timeout": 30, "command_timeout": 60},
+}
+
+
+def test_driver_timeouts_in_connect_args_do_not_change_the_bound(scene: Scene, scheme: str) -> None:
+    async def scenario() -> None:
+        engine = warm_async_engine(scene.url(scheme), connect_args=SOCKET_OPTIONS[scheme])
+        assert await _invoke(lambda: _write(engine, scene, 1)) == ROWS
+        handle = asyncio.get_running_loop().call_later(0.3, scene.proxy.black_hole)
+        try:
+            await _fails_by_the_deadline(lambda: _write(engine, scene, 100, "sleep"), "statement")
+        finally:
+            handle.cancel()
+        await asyncio.to_thread(scene.heal_and_check_gone)
+        assert await asyncio.to_thread(scene.rows) == ROWS
+        await _recovers(scene, engine, ROWS)
+        await engine.dispose()
+
+    _run(scenario)
+
+
 def test_black_hole_during_a_running_query_fails_the_statement_and_writes_nothing(
     scene: Scene, scheme: str
 ) -> None:
