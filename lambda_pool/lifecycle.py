@@ -31,7 +31,8 @@ The shutdown protocol for engines
 An engine registered here is disposed at shutdown by calling, in order of preference:
 
 1. ``engine.dispose_for_shutdown()`` -- **synchronous**; closes every connection the
-   engine holds (idle *and* checked out, the process is ending), needs no event loop,
+   engine holds (idle *and* checked out, the process is ending -- including connections
+   still checked out of pools an earlier ``engine.dispose()`` replaced), needs no event loop,
    never blocks long on a lock (it may run from a signal handler that interrupted the
    code holding that lock), is idempotent, and leaves the engine usable (a later
    checkout reconnects). Async engines must implement this: their ``dispose()`` is a

@@ -197,10 +197,18 @@ def test_pool_reset_on_return_example(url: str) -> None:
     with engine.connect() as conn:  # the CREATE TABLE was rolled back on return
         assert conn.execute("SELECT to_regclass('reset_on_return_example')").scalar() is None
     committing = create_engine(url, pool_reset_on_return="commit")
-    with committing.connect() as conn:
+    with committing.connect() as conn:  # a Connection rolls back its own transaction
         conn.execute("CREATE TABLE reset_on_return_commit (a int)")
     with committing.connect() as conn:
+        assert conn.execute("SELECT to_regclass('reset_on_return_commit')").scalar() is None
+    raw = committing.raw_connection()  # the pool's own connection: committed on return
+    cursor = raw.cursor()
+    cursor.execute("CREATE TABLE reset_on_return_commit (a int)")
+    cursor.close()
+    raw.close()
+    with committing.connect() as conn:
         conn.execute("DROP TABLE reset_on_return_commit")  # it exists: commit on return
+        conn.commit()
 
 
 def test_pool_size_example(url: str) -> None:

@@ -911,7 +911,8 @@ class Pool(abc.ABC):
         static = self._static_slots
         if static is not None:
             # The newest proxy is the one whose garbage collection returns the record.
-            static.checked_out_by(id(proxy))
+            with self._lock:
+                static.checked_out_by(id(proxy))
         if kind is not Acquire.SHARED and self._slots_ready:
             with self._lock:
                 self._slots.ready(record)
@@ -1105,7 +1106,8 @@ class Pool(abc.ABC):
         if static is not None:
             # StaticPool: ``checkin`` fires once per use of its one record, as the
             # record's, not per proxy (see StaticSlots.end_use).
-            reset, fire_checkin = static.end_use(id(proxy), collected, reset)
+            with self._lock:
+                reset, fire_checkin = static.end_use(id(proxy), collected, reset)
         dbapi = record.dbapi_connection
         if dbapi is not None and reset:
             try:
@@ -1206,9 +1208,9 @@ class Pool(abc.ABC):
         proxy._detached_info = dict(record.info)
         proxy._record = None
         record.dbapi_connection = None
-        if self._static_slots is not None:
-            self._static_slots.end_use(id(proxy), False, False)
         with self._lock:
+            if self._static_slots is not None:
+                self._static_slots.end_use(id(proxy), False, False)
             # The emptied slot goes back to the pool at once (SQLAlchemy's order).
             self._slots.release(record)
             self._notify_locked()
