@@ -220,10 +220,13 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
     * ``connect_retries`` (default 3; 0 = off) and ``connect_retry_backoff`` (seconds,
       default 0.1): a connect refused for lack of connection slots ("too many clients",
       a role's ``CONNECTION LIMIT``, PgBouncer's ``max_client_conn``, RDS Proxy's
-      limits) is tried again up to ``connect_retries`` times, sleeping a random time up
-      to ``backoff * 2**retry`` (capped at 2 s; no retry after 10 s in all); then the
-      driver's error propagates.  Other errors, authentication failures included, are
-      never retried this way.  ``connect_retry_random`` (a ``[0, 1)`` source) and
+      limits) is tried again, sleeping a random time up to ``backoff * 2**retry``
+      (capped at 2 s).  Inside a deadline (``with_connection``, ``lambda_pool.deadline``)
+      it is retried while one more attempt fits before the deadline, then
+      :class:`~lambda_pool.exc.CapacityExhaustedError` is raised; without one, up to
+      ``connect_retries`` times (no retry after 10 s in all), then the driver's error
+      propagates.  Other errors, authentication failures included, are never retried
+      this way.  ``connect_retry_random`` (a ``[0, 1)`` source) and
       ``connect_retry_sleep`` replace ``random.random`` and ``time.sleep`` (tests).
     * ``transaction_pooling`` (default ``False``; also ``?transaction_pooling=true`` in
       the URL): the URL points at PgBouncer in transaction mode or RDS Proxy, so the
