@@ -369,3 +369,33 @@ def test_engine_from_a_secret_url_without_host_connects_and_survives_rotation(
         assert password not in repr(engine)
     finally:
         engine.dispose()
+
+
+def test_a_moto_mock_in_a_fresh_process_is_answered_through_the_sdk() -> None:
+    # The standard-library reader would go past moto's in-process mock to the real
+    # endpoint; while mock_aws is active, "auto" takes the SDK path (Powertools).
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import json, os, sys
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                          AWS_REGION="eu-west-1", AWS_DEFAULT_REGION="eu-west-1")
+        import boto3
+        from moto import mock_aws
+        from lambda_pool.auth import SecretsManagerCredentials
+        assert "aws_lambda_powertools.utilities.parameters" not in sys.modules
+        with mock_aws():
+            arn = boto3.client("secretsmanager").create_secret(
+                Name="s", SecretString=json.dumps({"username": "u", "password": "p"})
+            )["ARN"]
+            print(SecretsManagerCredentials(arn).get().user)
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip() == "u"

@@ -12,7 +12,8 @@ Which way the secret is read (``reader=``; ``"auto"`` picks per read, in this or
 2. ``"powertools"``: Powertools Parameters (``get_secret(..., transform="json")``), when
    the function has already imported ``aws_lambda_powertools.utilities.parameters``: its
    cost is paid, and the value shares Powertools' cache with the function's own
-   ``get_secret`` calls.
+   ``get_secret`` calls.  Also while moto's ``mock_aws`` is active in the process (tests):
+   it intercepts botocore only.
 3. ``"api"``: one SigV4-signed ``GetSecretValue`` over ``http.client``
    (:mod:`lambda_pool.auth.secrets_http`), without boto3.
 
@@ -106,6 +107,19 @@ class SecretLocation:
         if self.port is not None:
             netloc += f":{self.port}"
         return f"{drivername}://{netloc}/{quote(self.dbname or '', safe='')}"
+
+
+def _aws_mocked_in_process() -> bool:
+    """Whether moto's ``mock_aws`` is active in this process.
+
+    It answers AWS calls made through botocore; a request from the standard library would
+    go past it to the real endpoint.  Tests that mock AWS this way (the pytest plugin's
+    ``aws`` fixture, a user's ``@mock_aws``) therefore get the SDK path.  Nothing is
+    imported to find out: without moto loaded, the answer is no.
+    """
+    models = sys.modules.get("moto.core.models")
+    stubber = getattr(models, "botocore_stubber", None)
+    return bool(getattr(stubber, "enabled", False))
 
 
 class SecretsManagerCredentials:
@@ -204,7 +218,7 @@ class SecretsManagerCredentials:
         if reader == "auto":
             if os.environ.get(_EXTENSION_PORT_VARIABLE):
                 reader = "extension"
-            elif _POWERTOOLS_PARAMETERS in sys.modules:
+            elif _POWERTOOLS_PARAMETERS in sys.modules or _aws_mocked_in_process():
                 reader = "powertools"
             else:
                 reader = "api"
