@@ -41,6 +41,8 @@ TABLE = "reliability_rows"
 DEADLINE_MS = 3000
 #: with_connection's margin (its default): the blocking steps end this much sooner.
 MARGIN_MS = 500
+#: Lambda's documented time between SIGTERM and SIGKILL (with external extensions).
+SHUTDOWN_BUDGET_MS = 300
 
 
 @dataclass(frozen=True)
@@ -473,12 +475,13 @@ def scenario_kill_and_sigterm(lab: Lab) -> list[Row]:
                 "psycopg, warm (separate process)",
                 outcome,
                 elapsed,
-                lab.deadline_ms if sig == signal.SIGKILL else None,
+                lab.deadline_ms if sig == signal.SIGKILL else SHUTDOWN_BUDGET_MS,
                 backend,
                 lab.data_lost([Invocation(ident, error=RuntimeError("killed"))])
                 if hold
                 else "none",
-                timing_note="until the server had no backend of the container",
+                timing_note="until the server had no backend of the container"
+                + ("" if hold else "; vs Lambda's shutdown budget"),
             )
         )
     return rows
