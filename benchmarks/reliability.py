@@ -927,7 +927,9 @@ def render(rows: Sequence[Row], *, quick: bool, server_version: str, elapsed_s: 
         f"(`LambdaContext(remaining_ms={DEADLINE_MS})`, margin {MARGIN_MS} ms). *Data lost* "
         "is checked from another connection: every invocation writes two rows in one "
         "transaction, so a success must have left both and a failure none (or both, when "
-        "the commit reached the server before the fault), never one.",
+        "the commit reached the server before the fault), never one. The server runs with "
+        "`synchronous_commit = on` (the test servers turn it off for speed, and a crash "
+        "restart would then lose acknowledged commits whatever the client does).",
         "",
         f"Run: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, "
         f"{'quick mode (small storm)' if quick else 'full mode'}, PostgreSQL {server_version}, "
@@ -949,8 +951,8 @@ def render(rows: Sequence[Row], *, quick: bool, server_version: str, elapsed_s: 
         "for one more attempt (`lambda_pool.connect_retry`), then fails with "
         "`CapacityExhaustedError` before the deadline; a connect attempt that was started "
         "in time but then took longer ends with `DeadlineExceededError` (step connect). "
-        f"With {DEADLINE_MS} ms the burst does not fit (the last containers wait for two "
-        "waves of others); with 10 s it does, and nothing fails. The count-based row is "
+        f"The {DEADLINE_MS} ms row is a burst that need not fit (the last containers wait "
+        "for about two waves of others), the 10 s row one that should. The count-based row is "
         "the policy that applies without a deadline (a context that cannot tell its "
         "remaining time), and was the only one before: 4 attempts, then the server's "
         "own error, whatever time was left.",
