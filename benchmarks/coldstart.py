@@ -14,7 +14,8 @@ Modes and contenders:
   ``psycopg.connect`` alone as the floor.
 * **iam**: lambda-pool (``?auth=iam``; token signed in-process), SQLAlchemy with the
   ``do_connect`` recipe (a boto3 rds client's ``generate_db_auth_token`` per connect), and
-  aws-advanced-python-wrapper's ``iam`` plugin when it is importable here.  The server
+  aws-advanced-python-wrapper's ``iam`` plugin when it is importable here (it refuses to
+  sign for an IP address, so its token names an RDS-like ``iam_host``).  The server
   stands in for RDS by trusting the IAM role over TLS only (it cannot check the token).
 * **secret** (Secrets Manager, moto in server mode on loopback): lambda-pool
   (``?secret=ARN``: one signed ``GetSecretValue`` without boto3), lambda-pool through
@@ -215,6 +216,7 @@ conn = AwsWrapperConnection.connect(
     "host={host} port={port} dbname={db} user={user} sslmode=require",
     plugins="iam",
     iam_region={_REGION!r},
+    iam_host="bench.cluster-abc123.{_REGION}.rds.amazonaws.com",
     wrapper_dialect="pg",
 )
 cursor = conn.cursor()
