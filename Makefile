@@ -16,8 +16,8 @@ endif
 PYTHON_EXE = $(eval PYTHON_EXE := $(shell \
 	$(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
 	ls -d "$$(pyenv root 2>/dev/null)"/versions/*/bin/$(PYTHON) 2>/dev/null | sort -V | tail -n 1))$(PYTHON_EXE)
-PYTHON_VERSION = $(eval PYTHON_VERSION := $(shell \
-	$(PYTHON_EXE) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null))$(PYTHON_VERSION)
+PYTHON_VERSION = $(eval PYTHON_VERSION := $(if $(PYTHON_EXE),$(shell \
+	$(PYTHON_EXE) -c 'import sys; print("%d.%d" % sys.version_info[:2])')))$(PYTHON_VERSION)
 VENV ?= .venv-$(PYTHON_VERSION)
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
