@@ -24,6 +24,7 @@ applications that use it pay for it.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import weakref
 from collections.abc import Callable
@@ -431,10 +432,57 @@ def _install_disconnect_rules(engine: Engine) -> None:
             context.is_disconnect = True
 
 
+def _libpq_form(text: str) -> URL:
+    """A PostgreSQL URL string read by lambda-pool's parser, as a SQLAlchemy ``URL``.
+
+    So the adapter takes what libpq takes (``postgres://``, several hosts in the host
+    part, key=value strings; several hosts become SQLAlchemy's ``?host=h1:5432&host=h2``)
+    with the same checks, and malformed text raises lambda-pool's ``ArgumentError``,
+    which never repeats a password."""
+    from lambda_pool.url import make_url as libpq_make_url
+
+    ours = libpq_make_url(text)
+    query = {k: v for k, v in ours.query.items() if k not in ("host", "port")}
+    hosts = ours.query.get("host")
+    if hosts is not None:
+        host_list = [hosts] if isinstance(hosts, str) else list(hosts)
+        ports = ours.query.get("port", ())
+        port_list = [ports] if isinstance(ports, str) else list(ports)
+        port_list += [""] * (len(host_list) - len(port_list))
+        query["host"] = tuple(
+            f"{host}:{port}" if port else host
+            for host, port in zip(host_list, port_list, strict=False)
+        )
+    return URL.create(
+        ours.drivername,
+        username=ours.username,
+        password=ours.password,
+        host=ours.host,
+        port=ours.port,
+        database=ours.database,
+        query=query,
+    )
+
+
 def _normalise_url(url: str | URL) -> URL:
-    parsed = make_url(url)
+    from lambda_pool.conninfo import looks_like_conninfo
+
+    if isinstance(url, str) and (
+        looks_like_conninfo(url) or re.match(r"\s*postgres(ql)?(\+(psycopg|asyncpg))?://", url)
+    ):
+        # lambda-pool's parser: libpq's forms, values checked, and errors that never
+        # repeat the password (SQLAlchemy's quote the text they choke on, and read an
+        # unescaped '@' in a password as the start of the host).
+        parsed = _libpq_form(url)
+    else:
+        parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
+    query_password = parsed.query.get("password")
+    if isinstance(query_password, str):
+        # libpq's ?password= wins over the user-info one; as the URL's password it is
+        # masked in SQLAlchemy's repr, which shows every query value.
+        parsed = parsed.set(password=query_password).difference_update_query(["password"])
     return parsed
 
 

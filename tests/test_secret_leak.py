@@ -33,7 +33,15 @@ from lambda_pool.testing.postgres import PostgresServer
 PASSWORD = "Qz7 leak@pw:/?#'" + secrets.token_hex(6)
 WRONG = "Wr0ng leak@pw:/" + secrets.token_hex(6)
 ROLE = "lp_leak_role"
-LOGGERS = ("", "psycopg", "botocore", "aws_lambda_powertools", "lambda_pool", "asyncio")
+LOGGERS = (
+    "",
+    "psycopg",
+    "botocore",
+    "aws_lambda_powertools",
+    "lambda_pool",
+    "asyncio",
+    "sqlalchemy",
+)
 
 
 def _forms(secret: str) -> list[str]:
@@ -253,11 +261,40 @@ def test_init_errors_from_malformed_urls_never_show_the_password(
     assert isinstance(error, ArgumentError)
     assert "LAMBDA_POOL_DATABASE_URL" in str(error)
     evidence.expect_error(lambda: create_engine(url))
+    from lambda_pool import sqlalchemy as adapter
+
+    evidence.expect_error(lambda: adapter.create_engine(url))
     report = doctor.run(url)
     out = io.StringIO()
     doctor.print_report(report, out)
     evidence.add(report, out.getvalue())
     assert [check.step for check in report.checks] == ["url"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_sqlalchemy_adapter_never_shows_the_password(
+    form: str,
+    role: str,
+    embedded_postgres: PostgresServer,
+    closed_port: int,
+    evidence: Evidence,
+) -> None:
+    from sqlalchemy import text
+
+    from lambda_pool import sqlalchemy as adapter
+
+    for password in (PASSWORD, WRONG):
+        engine = adapter.create_engine(
+            _url(form, embedded_postgres, password, closed_port), echo="debug"
+        )
+        evidence.add(engine, engine.url, str(engine.url), engine.pool)
+        if password == PASSWORD:
+            with engine.connect() as conn:
+                evidence.add(conn, conn.execute(text("SELECT current_user")).scalar())
+        else:
+            evidence.expect_error(engine.connect)
+        engine.dispose()
+    assert any(record.name.startswith("sqlalchemy") for record in evidence.records)
 
 
 def test_asyncpg_engine_and_failed_connect_never_show_the_password(
