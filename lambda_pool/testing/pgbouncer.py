@@ -31,6 +31,7 @@ from lambda_pool.testing.postgres import (
     _tail,
     _unprivileged_user,
     _url,
+    scratch_parent,
 )
 
 if TYPE_CHECKING:
@@ -229,7 +230,9 @@ class PgBouncer:
     def _start_locked(self, binary: str) -> None:
         self._owner_pid = os.getpid()
         atexit.register(self.stop)
-        tmp = Path(tempfile.mkdtemp(prefix="lambda-pool-pgbouncer-"))
+        # As root pgbouncer runs as nobody, who must reach this directory (not a private
+        # TMPDIR): scratch_parent() knows where.
+        tmp = Path(tempfile.mkdtemp(prefix="lambda-pool-pgbouncer-", dir=scratch_parent()))
         self._tmpdir = tmp
         run_as = _unprivileged_user()
         spawn: dict[str, Any] = {"cwd": str(tmp)}
