@@ -4,7 +4,8 @@ Options: ``--quick`` (few iterations, for the smoke test), ``--json PATH``,
 ``--database-url URL`` (else ``$DATABASE_URL``, else a throw-away embedded
 PostgreSQL on loopback), ``--only SECTION`` (repeatable: ``import``, ``checkout``,
 ``invocation``, ``async``, ``coldstart``; ``async`` is the asyncio checkout and invocation
-tables; ``coldstart`` runs its own embedded server and moto server; ``fleet``, run
+tables; ``coldstart`` runs its own embedded server and moto server; ``deploy``, run only
+when named, measures the ``sam build`` output into docs/deploy.md; ``fleet``, run
 only when named, rewrites docs/scale.md through benchmarks/fleet.py; ``reliability``, also
 only when named, rewrites docs/reliability.md through benchmarks/reliability.py).
 """
@@ -88,7 +89,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=(*SECTIONS, "fleet", "reliability"),
+        choices=(*SECTIONS, "fleet", "reliability", "deploy"),
         help="run only this section (repeatable; default: all); 'async' is the asyncio "
         "checkout and invocation sections; 'fleet' (only when asked) runs the fleet "
         "scenarios and rewrites docs/scale.md",
@@ -126,6 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     settings = QUICK if args.quick else FULL
     wanted = tuple(args.only) if args.only else SECTIONS
+    if "deploy" in wanted:
+        # Cold `import app` of the sam build output (benchmarks/deploy.py, docs/deploy.md).
+        from benchmarks import deploy
+
+        deploy.main(["--quick"] if args.quick else [])
+        wanted = tuple(name for name in wanted if name != "deploy")
+        if not wanted:
+            return 0
     if "fleet" in wanted:
         # Its own page (docs/scale.md, benchmarks/fleet.py), not a table of this run.
         from benchmarks import fleet
