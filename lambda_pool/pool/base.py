@@ -846,6 +846,7 @@ class Pool(abc.ABC):
             # The parent's lock may have been held by a thread that does not exist here.
             self._lock = threading.Lock()
             self._cond = threading.Condition(self._lock)
+            self._first_connect_lock = threading.Lock()
             self._sync_waiters = 0
             self._async_waiters = []
             dropped = self._slots.forget_all()
