@@ -726,6 +726,9 @@ def test_rotation_is_optional_and_rotates_the_generated_secret(
     assert hosted["RotationType"] == "PostgreSQLSingleUser"
     assert hosted["VpcSubnetIds"] == NETWORK["SubnetIds"]
     assert hosted["VpcSecurityGroupIds"] == "<ref:RotationSecurityGroup>"
+    # New passwords leave out the same URL- and shell-unsafe characters as the first one.
+    generated = stack.resources["AppUserSecret"]["Properties"]["GenerateSecretString"]
+    assert hosted["ExcludeCharacters"] == generated["ExcludeCharacters"]
     # The rotation function logs in to the database (not the proxy): host and port.
     secret = json.loads(
         stack.resources["AppUserSecret"]["Properties"]["GenerateSecretString"][
