@@ -535,6 +535,9 @@ def main(args: Any) -> int:
     except InvokeError as exc:
         print(f"lambda-pool invoke: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the context managers above have stopped everything
+        print("lambda-pool invoke: interrupted", file=sys.stderr)
+        return 130
 
 
 def add_arguments(parser: Any) -> None:
