@@ -106,18 +106,24 @@ def test_nullpool_fleet_connects_once_per_invocation() -> None:
 
 
 def test_over_capacity_fleet_fails_with_capacity_errors_only() -> None:
-    # 8 slots, 3 reserved for superusers: 5 warm containers fit, the other 3 cannot.
+    # 8 slots, 3 reserved for superusers, 1 taken by the coordinator's own session: 4 warm
+    # containers fit, the others cannot.
     with targets.embedded(max_connections=8) as target:
         result = run_fleet(
             FleetConfig(containers=8, ramp_s=0.5, sustain_s=1.0, think_ms=20.0), target
         )
     failed = [r for r in result.records if not r.outcome.ok]
     assert failed, "a fleet past max_connections must see refusals"
-    assert all(r.outcome.capacity for r in failed), {r.outcome.error for r in failed}
+    # Refused for capacity after the retries, or a retry's connect cut short by the deadline.
+    assert all(
+        r.outcome.capacity or r.outcome.error_type == "lambda_pool.DeadlineExceededError (connect)"
+        for r in failed
+    ), {(r.outcome.error_type, r.outcome.error) for r in failed}
+    assert any(r.outcome.capacity for r in failed)
     assert result.rows_inserted == _ok(result)
-    assert max(s.total for s in result.samples) <= 5
+    assert max(s.total for s in result.samples) <= 4
     summary = summarize(result)
-    assert summary["invocations"]["capacity_errors"] == len(failed)
+    assert summary["invocations"]["capacity_errors"] == sum(r.outcome.capacity for r in failed)
 
 
 @pytest.mark.skipif(
@@ -249,9 +255,11 @@ def test_fleet_against_a_url_counts_its_own_sessions_by_application_name(
     assert code == 0
     document = json.loads(out_json.read_text())
     assert document["target"] == "url"
-    assert document["invocations"]["ok"] == document["rows_inserted"]
-    assert document["frozen"]["at_freeze"]["server_backends"] == 3
-    assert document["frozen"]["at_freeze"]["held_by_frozen_containers"] == 3
+    assert document["invocations"]["ok"] == document["rows_inserted"], document["invocations"]
+    assert document["frozen"]["at_freeze"] == {
+        "server_backends": 3,
+        "held_by_frozen_containers": 3,
+    }, document
 
 
 def test_unreachable_database_is_a_clear_error_without_the_password() -> None:

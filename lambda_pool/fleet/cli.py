@@ -166,8 +166,9 @@ def open_target(args: argparse.Namespace) -> Iterator[Any]:
         yield target
 
 
-def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run the fleet the options describe; print the table, write JSON/SVG when asked."""
+    out = out if out is not None else sys.stdout  # read now: tests and shells replace it
     from lambda_pool.fleet.report import format_table, summarize
     from lambda_pool.fleet.run import FleetConfig, run_fleet
 

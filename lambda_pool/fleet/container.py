@@ -30,7 +30,8 @@ _MESSAGE_LIMIT = 240
 def describe_error(exc: BaseException) -> tuple[str, str, bool]:
     """``(type name, first line of the message, is a capacity error)`` for the report.
 
-    Driver messages name host, port and user, never the password.
+    The type name carries the step a deadline error names (``DeadlineExceededError
+    (connect)``). Driver messages name host, port and user, never the password.
     """
     from lambda_pool.dialects.base import is_capacity_message
 
@@ -41,6 +42,9 @@ def describe_error(exc: BaseException) -> tuple[str, str, bool]:
         capacity = getattr(cause, "sqlstate", None) == "53300" or is_capacity_message(cause)
         cause = cause.__cause__
     name = type(exc).__module__.split(".")[0] + "." + type(exc).__qualname__
+    step = getattr(exc, "step", None)
+    if isinstance(step, str) and step:
+        name += f" ({step})"
     text = str(exc).strip().splitlines()
     return name, (text[0] if text else "")[:_MESSAGE_LIMIT], capacity
 

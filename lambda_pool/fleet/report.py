@@ -118,6 +118,10 @@ def summarize(result: FleetResult) -> dict[str, Any]:
         "connects": {
             "total": connects,
             "per_invocation": _round(connects / len(records) if records else None, 3),
+            # Failed invocations may have ended before their connect completed.
+            "per_ok_invocation": _round(
+                sum(r.outcome.connects for r in ok) / len(ok) if ok else None, 3
+            ),
             "by_phase": connects_by_phase,
         },
         "backends": {
