@@ -20,7 +20,10 @@ How long to keep trying depends on whether the work has a deadline
   sleep is shortened to leave room for it.  When it does not fit, lambda-pool gives up
   *before* the deadline with :class:`~lambda_pool.exc.CapacityExhaustedError` (how many
   attempts, how long, the server's last refusal as ``__cause__``) rather than have the
-  invocation killed mid-connect.  ``connect_retries=0`` still turns retrying off.
+  invocation killed mid-connect.  It is a ``DeadlineExceededError`` of the ``connect``
+  step, and is raised too when a retry started in time is cut short by the deadline (a
+  slow server under a storm): after refusals for capacity, that is what ran out.
+  ``connect_retries=0`` still turns retrying off.
 * **Without one** (plain scripts, ``create_engine`` outside the decorator) the count
   rules: ``connect_retries`` retries (default 3), never past :data:`MAX_TOTAL_SECONDS`,
   and after the last attempt the driver's own error propagates unchanged (its message
@@ -43,7 +46,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from lambda_pool import deadlines
-from lambda_pool.exc import ArgumentError, CapacityExhaustedError
+from lambda_pool.exc import ArgumentError, CapacityExhaustedError, DeadlineExceededError
 
 __all__ = [
     "DEFAULT_CONNECT_RETRIES",
@@ -192,19 +195,30 @@ def connect_retry_from_kwargs(kw: Mapping[str, Any], *, is_async: bool) -> Conne
 
 
 def _exhausted(
-    attempts: int, elapsed: float, remaining: float, slowest: float
+    attempts: int, elapsed: float, remaining: float, slowest: float, *, cut: bool = False
 ) -> CapacityExhaustedError:
     bound = deadlines.current()
     source = bound.source if bound is not None else "deadline"
     elapsed_ms = int(elapsed * 1000)
     remaining_ms = max(0, int(remaining * 1000))
+    if cut:
+        refused = attempts - 1
+        ending = (
+            f"the server refused {refused} connect attempt(s) for lack of connection slots "
+            f"(capacity exhausted) and the last attempt did not finish in the time left; "
+            f"{elapsed_ms} ms in all."
+        )
+    else:
+        ending = (
+            f"the server refused all {attempts} connect attempt(s) over {elapsed_ms} ms for "
+            f"lack of connection slots (capacity exhausted), and the {remaining_ms} ms left "
+            f"are less than one more attempt takes (about {int(slowest * 1000)} ms)."
+        )
     message = (
-        f"no database connection slot came free before the {source}: the server refused "
-        f"all {attempts} connect attempt(s) over {elapsed_ms} ms for lack of connection "
-        f"slots (capacity exhausted), and the {remaining_ms} ms left are less than one more "
-        f"attempt takes (about {int(slowest * 1000)} ms). The server's last refusal is the "
-        "cause. Put RDS Proxy or PgBouncer in front of the database, raise its "
-        "max_connections, or cap the function's concurrency (ReservedConcurrentExecutions)"
+        f"no database connection slot came free before the {source}: {ending} The server's "
+        "last refusal is the cause. Put RDS Proxy or PgBouncer in front of the database, "
+        "raise its max_connections, or cap the function's concurrency "
+        "(ReservedConcurrentExecutions)"
     )
     return CapacityExhaustedError(
         message, attempts=attempts, elapsed_ms=elapsed_ms, remaining_ms=remaining_ms
@@ -214,13 +228,26 @@ def _exhausted(
 class _Attempts:
     """The state of one retried connect, shared by the blocking and asyncio shells."""
 
-    __slots__ = ("count", "retry", "slowest", "started")
+    __slots__ = ("count", "last_refusal", "retry", "slowest", "started")
 
     def __init__(self, retry: ConnectRetry) -> None:
         self.retry = retry
         self.started = retry.clock()
         self.count = 0
         self.slowest = 0.0
+        self.last_refusal: BaseException | None = None
+
+    def cut_by_deadline(self, exc: DeadlineExceededError) -> None:
+        """A retry the deadline cut short (a connect started in time, then slower than
+        the ones before): after capacity refusals that is still capacity exhaustion, and
+        the caller should hear so; a first attempt cut short is the deadline's own error."""
+        if self.last_refusal is None or isinstance(exc, CapacityExhaustedError):
+            return
+        now = self.retry.clock()
+        remaining = deadlines.remaining()
+        raise _exhausted(
+            self.count + 1, now - self.started, remaining or 0.0, self.slowest, cut=True
+        ) from self.last_refusal
 
     def refused(self, began: float, exc: BaseException) -> float:
         """After a capacity refusal: the sleep before the next attempt.
@@ -230,6 +257,7 @@ class _Attempts:
         """
         retry = self.retry
         now = retry.clock()
+        self.last_refusal = exc
         self.count += 1
         self.slowest = max(self.slowest, now - began)
         elapsed = now - self.started
@@ -276,6 +304,9 @@ def retry_connect_sync(
         began = retry.clock()
         try:
             return connect()
+        except DeadlineExceededError as exc:
+            attempts.cut_by_deadline(exc)
+            raise
         except Exception as exc:
             if not is_capacity_error(exc):
                 raise
@@ -294,6 +325,9 @@ async def retry_connect_async(
         began = retry.clock()
         try:
             return await connect()
+        except DeadlineExceededError as exc:
+            attempts.cut_by_deadline(exc)
+            raise
         except Exception as exc:
             if not is_capacity_error(exc):
                 raise

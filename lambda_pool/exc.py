@@ -61,19 +61,19 @@ class DeadlineExceededError(LambdaPoolError, builtins.TimeoutError):
         self.remaining_ms = remaining_ms
 
 
-class CapacityExhaustedError(LambdaPoolError):
-    """No connection slot came free within the invocation's deadline: every connect was
-    refused for lack of connection slots (the last refusal is ``__cause__``).
+class CapacityExhaustedError(DeadlineExceededError):
+    """No connection slot came free within the invocation's deadline: the connects were
+    refused for lack of connection slots (the server's last refusal is ``__cause__``).
 
-    ``attempts``: connects tried; ``elapsed_ms``: time spent on them and the backoff
-    between them; ``remaining_ms``: time left when lambda-pool gave up (less than one
-    more connect attempt would take).
+    A :class:`DeadlineExceededError` of the ``connect`` step: code that handles running
+    out of time handles this too.  ``attempts``: connects tried (the last one may have
+    been cut by the deadline instead of refused); ``elapsed_ms``: time spent on them and
+    the backoff between them; ``remaining_ms``: time left when lambda-pool gave up.
     """
 
     def __init__(
         self, message: str, *, attempts: int = 0, elapsed_ms: int = 0, remaining_ms: int = 0
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, step="connect", remaining_ms=remaining_ms)
         self.attempts = attempts
         self.elapsed_ms = elapsed_ms
-        self.remaining_ms = remaining_ms

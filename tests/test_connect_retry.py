@@ -306,12 +306,47 @@ def test_with_a_deadline_capacity_exhaustion_fails_before_it_naming_attempts_and
     error = exhausted.value
     assert error.attempts == len(attempts) >= 2
     assert 0 < error.elapsed_ms <= 1000 and error.remaining_ms >= 0
-    assert f"all {error.attempts} connect attempt(s)" in str(error)
     assert "capacity exhausted" in str(error)
+    assert error.step == "connect"
     assert isinstance(error.__cause__, psycopg.OperationalError)
     assert "too many connections for role" in str(error.__cause__)
     texts = [str(error), *(record.getMessage() for record in caplog.records)]
     assert all(PASSWORD not in text for text in texts)
+
+
+def test_a_retry_cut_short_by_the_deadline_still_reports_capacity_exhausted(
+    role_dsn: str, held: Any
+) -> None:
+    """Refused for capacity, then the retry hangs (a silent network; on a storm, a server
+    too slow to answer in time): the deadline ends it, and the error says capacity ran
+    out, with the server's refusal as the cause."""
+    from lambda_pool.exc import DeadlineExceededError
+    from lambda_pool.testing.faults import FaultProxy
+
+    with FaultProxy.in_front_of(role_dsn) as proxy:
+
+        def silence_then_sleep(seconds: float) -> None:
+            proxy.black_hole()  # the next attempt will hang
+            time.sleep(seconds)
+
+        engine = create_engine(
+            proxy.url_for(role_dsn),
+            connect_retry_backoff=0.01,
+            connect_retry_sleep=silence_then_sleep,
+        )
+        try:
+            with pytest.raises(CapacityExhaustedError) as exhausted, lambda_pool.deadline(1.5):
+                engine.connect()
+        finally:
+            proxy.pass_through()
+            engine.dispose()
+    error = exhausted.value
+    assert error.attempts == 2
+    assert "last attempt did not finish" in str(error)
+    assert isinstance(error.__cause__, psycopg.OperationalError)
+    assert "too many connections for role" in str(error.__cause__)
+    assert isinstance(error.__context__, DeadlineExceededError)
+    assert isinstance(error, DeadlineExceededError) and error.step == "connect"
 
 
 def test_async_engine_with_a_deadline_fails_with_capacity_exhausted(
