@@ -19,7 +19,9 @@
 LAMBDA_PYTHON ?= 3.12
 # x86_64 or arm64, as template.yaml's Architecture parameter (SAM does not pass it to make).
 LAMBDA_ARCHITECTURE ?= x86_64
-PYTHON ?= python$(LAMBDA_PYTHON)
+# Not PYTHON: the repository Makefile takes PYTHON=... on its command line, and make
+# passes command-line variables on to every make below it (MAKEFLAGS), sam build's too.
+LAMBDA_BUILD_PYTHON ?= python$(LAMBDA_PYTHON)
 
 SAMPLE_DIR := $(abspath $(dir $(firstword $(MAKEFILE_LIST))))
 REPO := $(abspath $(SAMPLE_DIR)/../..)
@@ -29,21 +31,21 @@ PLATFORM_ARCH := $(if $(filter arm64,$(LAMBDA_ARCHITECTURE)),aarch64,x86_64)
 # empty for none.
 define build_function
 	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set: run this through 'sam build'" >&2; exit 2; }
-	@$(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if v == "$(LAMBDA_PYTHON)" else "$(PYTHON) is Python " + v + ", the functions run $(LAMBDA_PYTHON): set PYTHON=python$(LAMBDA_PYTHON)")' \
-	  || { echo "sam build needs Python $(LAMBDA_PYTHON) (the functions' runtime) as $(PYTHON) on PATH" >&2; exit 2; }
+	@$(LAMBDA_BUILD_PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if v == "$(LAMBDA_PYTHON)" else "$(LAMBDA_BUILD_PYTHON) is Python " + v + ", the functions run $(LAMBDA_PYTHON): set LAMBDA_BUILD_PYTHON=python$(LAMBDA_PYTHON)")' \
+	  || { echo "sam build needs Python $(LAMBDA_PYTHON) (the functions' runtime) as $(LAMBDA_BUILD_PYTHON) on PATH" >&2; exit 2; }
 	set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
 	mkdir -p "$$work/src"; \
 	cp "$(REPO)/pyproject.toml" "$(REPO)/README.md" "$$work/src/"; \
-	cp -R "$(REPO)/lambda_pool" "$$work/src/lambda_pool"; \
+	cp -R -L "$(REPO)/lambda_pool" "$$work/src/lambda_pool"; \
 	find "$$work/src" -name __pycache__ -prune -exec rm -rf {} +; \
-	$(PYTHON) -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$$work/dist" "$$work/src"; \
+	$(LAMBDA_BUILD_PYTHON) -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$$work/dist" "$$work/src"; \
 	wheel=$$(ls "$$work"/dist/lambda_pool-*.whl); \
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-compile \
+	$(LAMBDA_BUILD_PYTHON) -m pip install --quiet --disable-pip-version-check --no-compile \
 	  --target "$(ARTIFACTS_DIR)" --upgrade \
 	  --implementation cp --python-version $(LAMBDA_PYTHON) --only-binary=:all: \
 	  --platform manylinux2014_$(PLATFORM_ARCH) --platform manylinux_2_28_$(PLATFORM_ARCH) \
 	  "$$wheel$(if $(1),[$(1)])"
 	cp "$(SAMPLE_DIR)/app.py" "$(ARTIFACTS_DIR)/app.py"
 	rm -rf "$(ARTIFACTS_DIR)/bin"
-	$(PYTHON) -m compileall -q -f -j 0 --invalidation-mode checked-hash "$(ARTIFACTS_DIR)" >/dev/null
+	$(LAMBDA_BUILD_PYTHON) -m compileall -q -f -j 0 --invalidation-mode checked-hash "$(ARTIFACTS_DIR)" >/dev/null
 endef

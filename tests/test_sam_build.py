@@ -140,11 +140,14 @@ def sam_build(tmp_path_factory: pytest.TempPathFactory, runtime_python: str) -> 
         **os.environ,
         # The Makefiles run python3.12 (samples/function.mk): the one found goes first.
         "PATH": os.pathsep.join([str(Path(runtime_python).parent), os.environ.get("PATH", "")]),
-        "PYTHON": runtime_python,
+        "LAMBDA_BUILD_PYTHON": runtime_python,
         "SAM_CLI_TELEMETRY": "0",
         "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
     }
-    env.pop("VIRTUAL_ENV", None)
+    # Under `make test`, make's own variables (MAKEFLAGS: PYTHON=... and the like) would
+    # reach the Makefiles sam build runs.
+    for name in ("VIRTUAL_ENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
+        env.pop(name, None)
     done = subprocess.run(
         [sam, "build"],
         cwd=project,
