@@ -154,6 +154,13 @@ def _may_cancel(conn: Any) -> bool:
         return False
 
 
+def _driver_repr(conn: Any, public: str) -> str:
+    """psycopg's repr naming its public class: the subclass only adds the deadline, and
+    logs and pool events keep showing the type users know."""
+    own = f"{type(conn).__module__}.{type(conn).__qualname__}"
+    return str(psycopg.Connection.__repr__(conn)).replace(own, public, 1)
+
+
 def _exceeded(
     conn: Any, bound: deadlines.Deadline, left: float, cause: str
 ) -> DeadlineExceededError:
@@ -199,6 +206,9 @@ class DeadlineConnection(psycopg.Connection[Any]):
         with deadlines.step("commit"):
             super().commit()
 
+    def __repr__(self) -> str:
+        return _driver_repr(self, "psycopg.Connection")
+
     def rollback(self) -> None:
         with deadlines.step("rollback"):
             super().rollback()
@@ -240,6 +250,9 @@ class AsyncDeadlineConnection(psycopg.AsyncConnection[Any]):
     async def commit(self) -> None:
         with deadlines.step("commit"):
             await super().commit()
+
+    def __repr__(self) -> str:
+        return _driver_repr(self, "psycopg.AsyncConnection")
 
     async def rollback(self) -> None:
         with deadlines.step("rollback"):
