@@ -82,6 +82,14 @@ class Deadline:
             "opened afresh; if the server or network is slow, raise the function's timeout "
             "or make the work smaller"
         )
+        if step == "commit":
+            # The COMMIT may have reached the server with only its reply lost: a caller
+            # that retries blindly could write twice (docs/reliability.md measures it).
+            message += (
+                ". Whether the transaction committed is unknown: the COMMIT may have "
+                "reached the server and only its answer was lost; check before writing "
+                "again, or make the write idempotent"
+            )
         return DeadlineExceededError(message, step=step, remaining_ms=left_ms)
 
     def __repr__(self) -> str:
