@@ -57,7 +57,7 @@ def _strip_bytecode(folder: Path) -> None:
         shutil.rmtree(cache)
 
 
-def _zip_like_sam(folder: Path, archive: Path) -> None:
+def zip_like_sam(folder: Path, archive: Path) -> None:
     """Every file with the 1980-01-01 date and its permissions, as SAM's make_zip writes."""
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
         for path in sorted(folder.rglob("*")):
@@ -68,7 +68,7 @@ def _zip_like_sam(folder: Path, archive: Path) -> None:
                 zipped.writestr(info, path.read_bytes())
 
 
-def _unzip_with_dates(archive: Path, into: Path) -> None:
+def unzip_with_dates(archive: Path, into: Path) -> None:
     """Unpack keeping each entry's date (zipfile alone would date them now)."""
     with zipfile.ZipFile(archive) as zipped:
         for info in zipped.infolist():
@@ -92,9 +92,9 @@ def _package(built: Path, variant: str, python: str, workdir: Path) -> Path:
             timeout=600,
         )
     archive = workdir / "function.zip"
-    _zip_like_sam(staged, archive)
+    zip_like_sam(staged, archive)
     task = workdir / "task"
-    _unzip_with_dates(archive, task)
+    unzip_with_dates(archive, task)
     return task
 
 
@@ -126,10 +126,15 @@ def _import_ms(python: str, task: Path, runtime_packages: Path) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def runtime_version(build_dir: Path) -> str:
+    """``3.12``: the Python of the built functions (from the built template)."""
+    return read_function_spec(build_dir / FUNCTIONS[0]).python_version
+
+
 def measure(build_dir: Path, repeats: int) -> dict[str, dict[str, float]]:
     """Median cold ``import app`` in ms, per function and variant."""
     results: dict[str, dict[str, float]] = {}
-    version = read_function_spec(build_dir / FUNCTIONS[0]).python_version
+    version = runtime_version(build_dir)
     with LambdaRuntime(version) as runtime:
         for function in FUNCTIONS:
             built = build_dir / function
@@ -152,7 +157,7 @@ def measure(build_dir: Path, repeats: int) -> dict[str, dict[str, float]]:
     return results
 
 
-def table(results: dict[str, dict[str, float]], repeats: int) -> str:
+def table(results: dict[str, dict[str, float]], repeats: int, version: str) -> str:
     lines = [
         "| Function | " + " | ".join(f"`import app`, {v}" for v in VARIANTS) + " | saved |",
         "|---|" + "---:|" * (len(VARIANTS) + 1),
@@ -165,8 +170,8 @@ def table(results: dict[str, dict[str, float]], repeats: int) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     lines += [
         "",
-        f"Median of {repeats} new interpreters each; {when}, Python "
-        f"{platform.python_version()} driver, {os.cpu_count()} CPUs, load {load:.1f}. "
+        f"Median of {repeats} new Python {version} interpreters each; {when}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f}. "
         "Absolute figures depend on the machine (Lambda's CPU share grows with memory); "
         "the columns compare within one run.",
     ]
@@ -191,8 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
-    results = measure(args.build_dir.resolve(), repeats)
-    text = table(results, repeats)
+    build_dir = args.build_dir.resolve()
+    if not (build_dir / FUNCTIONS[0]).is_dir():
+        print(f"{build_dir} holds no built functions: run 'sam build' first", file=sys.stderr)
+        return 2
+    results = measure(build_dir, repeats)
+    text = table(results, repeats, runtime_version(build_dir))
     print()
     print(text)
     if not (args.quick or args.no_write):
