@@ -661,7 +661,16 @@ def _git_head() -> str:
         )
     except OSError:
         return "?"
-    return out.stdout.strip() or "?"
+    head = out.stdout.strip() or "?"
+    changed = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "lambda_pool"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    ).stdout.strip()
+    # The run measures the working tree: say when it differs from the commit.
+    return f"{head} + uncommitted changes" if changed else head
 
 
 def _versions() -> dict[str, str]:
