@@ -636,6 +636,19 @@ def _recommendations(by: dict[str, dict[str, Any]]) -> list[str]:
             "`client_connection_check_interval` so a query of a killed container stops early."
         )
     lines += [
+        "- **Keep PgBouncer's pool (`default_pool_size` x databases x users, plus every other "
+        "client) below `max_connections` - reserved.** When the server refuses one of "
+        "PgBouncer's logins, PgBouncer answers every client of that pool with `server login "
+        "has been failing, try again later (server_login_retry)` for `server_login_retry` "
+        "(15 s by default); psycopg raises it as `ProtocolViolation`, which is not a capacity "
+        "error lambda-pool retries.",
+        "- **Keep the transaction's client unstarved.** In transaction mode a transaction "
+        "holds its server connection while its client thinks between statements; a client "
+        "starved of CPU (or doing slow work inside the transaction) holds it longer, other "
+        "clients queue, invocations reach their deadline mid-transaction, PgBouncer closes "
+        "those server connections and opens new ones (TLS and authentication again), which "
+        "adds load. On this 2-core machine that is what a fleet without think time runs "
+        "into; do slow work before `BEGIN`, not inside the transaction.",
         "- **Through PgBouncer**, set `server_idle_timeout` to return idle server "
         "connections and `client_idle_timeout` (longer than the function's idle gaps) to drop "
         "the client connections of environments Lambda has discarded; PgBouncer's "
