@@ -631,9 +631,10 @@ def _recommendations(by: dict[str, dict[str, Any]]) -> list[str]:
             "than the gap between invocations turns warm invocations into cold connects; one "
             "longer than Lambda's typical idle keep-alive frees nothing. Minutes, not seconds: "
             "a few times the function's usual inter-arrival time. Also set "
-            "`idle_in_transaction_session_timeout` (a container frozen mid-transaction, e.g. "
-            "killed at its deadline, holds locks) and, PostgreSQL 14+, "
-            "`client_connection_check_interval` so a query of a killed container stops early."
+            "`idle_in_transaction_session_timeout` (code outside `@with_connection()` that "
+            "returns with a transaction open would be frozen holding its locks) and, "
+            "PostgreSQL 14+, `client_connection_check_interval` (a query of a container "
+            "killed at its deadline otherwise runs to its end)."
         )
     lines += [
         "- **Keep PgBouncer's pool (`default_pool_size` x databases x users, plus every other "
