@@ -13,6 +13,7 @@ heals, the next invocation working at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -242,3 +243,33 @@ def test_queue_pool_async_engine_black_hole_fails_the_statement(scene: Scene, sc
         await engine.dispose()
 
     _run(scenario)
+
+
+def _sleeping_queries(scene: Scene) -> list[str]:
+    return [
+        str(b["query"])
+        for b in scene.server.backends(scene.app)
+        if b["state"] == "active" and "pg_sleep" in str(b["query"])
+    ]
+
+
+def test_a_slow_query_on_a_healthy_network_is_cancelled_on_the_server_at_the_deadline(
+    scene: Scene, scheme: str
+) -> None:
+    """No black hole: the query is just longer than the deadline.  The client stops
+    waiting by the deadline and its cancel request reaches the server, so the query does
+    not run on after the invocation (holding locks and a connection slot)."""
+
+    async def scenario() -> None:
+        engine = create_async_engine(scene.url(scheme))
+        await _fails_by_the_deadline(lambda: _write(engine, scene, 1, "sleep"), "statement")
+        await engine.dispose()
+
+    _run(scenario)
+    # pg_sleep(5) would run ~3 s more without the cancel; look for 2 s.
+    watch = Stopwatch()
+    while _sleeping_queries(scene) and watch.seconds() < 2:
+        time.sleep(0.05)
+    assert _sleeping_queries(scene) == []
+    assert scene.server.wait_for_backend_count(0, scene.app) == 0
+    assert scene.rows() == 0

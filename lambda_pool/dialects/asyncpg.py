@@ -65,6 +65,8 @@ _TYPED_KEYS: dict[str, type] = {
     "target_session_attrs": str,
 }
 _CLOSE_TIMEOUT = 5.0
+# At most this much of the time left is kept for asyncpg's cancel request.
+_CANCEL_RESERVE = 0.1
 #: Seconds ``asyncpg.connect`` may take when nothing else says (asyncpg's own: 60).
 ASYNCPG_CONNECT_TIMEOUT = 10.0
 
@@ -242,12 +244,14 @@ async def asyncpg_bounded(conn: Any, work: Awaitable[T], step_name: str) -> T:
     """Await ``work`` (I/O on ``conn``) until the current deadline at most.
 
     asyncpg waits on asyncio futures, so ``asyncio.wait_for`` can stop it (Python 3.10
-    has no ``asyncio.timeout``).  When the deadline passes first the connection is
-    terminated (:func:`asyncpg_terminate`: socket shut down, no await) before the
-    cancelled operation is abandoned, so asyncpg does not open a second connection to
-    send a cancel request into the same silent network, and
-    :class:`~lambda_pool.exc.DeadlineExceededError` names ``step_name`` (or the step
-    already under way, see :func:`lambda_pool.deadlines.step`).
+    has no ``asyncio.timeout``).  The wait ends a little before the deadline (0.1 s, or
+    a tenth of the time left when that is less): cancelling a running statement makes
+    asyncpg send a cancel request on a new connection, and the time kept lets that
+    request out, so a query that is merely slow stops on the server (in a black hole the
+    request is lost too).  Then the connection is terminated
+    (:func:`asyncpg_terminate`: socket shut down, no await; it also cancels asyncpg's
+    pending cancel task) and :class:`~lambda_pool.exc.DeadlineExceededError` names
+    ``step_name`` (or the step already under way, see :func:`lambda_pool.deadlines.step`).
     """
     bound = deadlines.current()
     if bound is None:
@@ -259,19 +263,32 @@ async def asyncpg_bounded(conn: Any, work: Awaitable[T], step_name: str) -> T:
             work.close()
         asyncpg_terminate(conn)
         raise bound.exceeded(name, started_with, "no time was left")
+    reserve = min(_CANCEL_RESERVE, left / 10)
     try:
-        return await asyncio.wait_for(work, left)
+        return await asyncio.wait_for(work, left - reserve)
     except DeadlineExceededError:
         raise
     except (asyncio.TimeoutError, TimeoutError):
-        if bound.remaining() > 0.005:
+        if bound.remaining() > reserve + 0.01:
             raise  # the driver's own timeout (command_timeout), not the deadline
+        await _let_cancel_requests_out(conn, bound.remaining())
         asyncpg_terminate(conn)
         # One loop turn: the tasks terminate() cancelled (a pending cancel request) end.
         await asyncio.sleep(0)
         raise bound.exceeded(
             name, started_with, "the server did not answer (the network may be a black hole)"
         ) from None
+
+
+async def _let_cancel_requests_out(conn: Any, budget: float) -> None:
+    """Wait up to ``budget`` seconds for the cancel requests asyncpg started for ``conn``.
+
+    asyncpg keeps them in ``Connection._cancellations`` (private, looked up
+    defensively: without it the connection is only terminated).
+    """
+    tasks = [task for task in getattr(conn, "_cancellations", ()) if not task.done()]
+    if tasks and budget > 0:
+        await asyncio.wait(tasks, timeout=budget)
 
 
 class AsyncpgDialect(AsyncDialect):
