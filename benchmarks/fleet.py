@@ -166,6 +166,20 @@ def _scenarios(scale: float) -> list[Scenario]:
             "postgres",
             direct_max,
         ),
+        Scenario(
+            "spawn-interpreters",
+            "A fresh interpreter per container (--start-method spawn), warm cache",
+            FleetConfig(
+                containers=n(10),
+                start_method="spawn",
+                ramp_s=s(3),
+                sustain_s=s(5),
+                think_ms=500,
+                deadline_ms=5000,
+            ),
+            "postgres",
+            direct_max,
+        ),
     ]
 
 
@@ -526,7 +540,9 @@ def write_page(results: Sequence[dict[str, Any]], meta: dict[str, Any], path: Pa
         "saturates the CPU here; scenarios with many containers use a think time between "
         "invocations so the run measures connection counts rather than CPU starvation.",
         "- `fidelity-ric` runs the same handler through the real `awslambdaric` behind a "
-        "local Runtime API (`LocalLambda`); its counts should match the process containers'.",
+        "local Runtime API (`LocalLambda`); its counts should match the process containers'. "
+        "`spawn-interpreters` starts every container as a fresh interpreter that imports "
+        "everything itself, as a Lambda environment does (compare its Init and memory).",
         "",
     ]
     lines += [
