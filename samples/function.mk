@@ -33,19 +33,21 @@ define build_function
 	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set: run this through 'sam build'" >&2; exit 2; }
 	@$(LAMBDA_BUILD_PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if v == "$(LAMBDA_PYTHON)" else "$(LAMBDA_BUILD_PYTHON) is Python " + v + ", the functions run $(LAMBDA_PYTHON): set LAMBDA_BUILD_PYTHON=python$(LAMBDA_PYTHON)")' \
 	  || { echo "sam build needs Python $(LAMBDA_PYTHON) (the functions' runtime) as $(LAMBDA_BUILD_PYTHON) on PATH" >&2; exit 2; }
-	set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	@echo "lambda-pool: $@ -> $(ARTIFACTS_DIR): lambda-pool[$(1)] from $(REPO), Python $(LAMBDA_PYTHON) $(LAMBDA_ARCHITECTURE)"
+	@set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
 	mkdir -p "$$work/src"; \
 	cp "$(REPO)/pyproject.toml" "$(REPO)/README.md" "$$work/src/"; \
 	cp -R -L "$(REPO)/lambda_pool" "$$work/src/lambda_pool"; \
 	find "$$work/src" -name __pycache__ -prune -exec rm -rf {} +; \
 	$(LAMBDA_BUILD_PYTHON) -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$$work/dist" "$$work/src"; \
 	wheel=$$(ls "$$work"/dist/lambda_pool-*.whl); \
-	$(LAMBDA_BUILD_PYTHON) -m pip install --quiet --disable-pip-version-check --no-compile \
+	$(LAMBDA_BUILD_PYTHON) -m pip install --quiet --disable-pip-version-check --no-compile --root-user-action=ignore \
 	  --target "$(ARTIFACTS_DIR)" --upgrade \
 	  --implementation cp --python-version $(LAMBDA_PYTHON) --only-binary=:all: \
 	  --platform manylinux2014_$(PLATFORM_ARCH) --platform manylinux_2_28_$(PLATFORM_ARCH) \
 	  "$$wheel$(if $(1),[$(1)])"
-	cp "$(SAMPLE_DIR)/app.py" "$(ARTIFACTS_DIR)/app.py"
-	rm -rf "$(ARTIFACTS_DIR)/bin"
-	$(LAMBDA_BUILD_PYTHON) -m compileall -q -f -j 0 --invalidation-mode checked-hash "$(ARTIFACTS_DIR)" >/dev/null
+	@cp "$(SAMPLE_DIR)/app.py" "$(ARTIFACTS_DIR)/app.py"
+	@rm -rf "$(ARTIFACTS_DIR)/bin"
+	@echo "lambda-pool: $@: hash-checked bytecode (compileall --invalidation-mode checked-hash)"
+	@$(LAMBDA_BUILD_PYTHON) -m compileall -q -f -j 0 --invalidation-mode checked-hash "$(ARTIFACTS_DIR)" >/dev/null
 endef
