@@ -38,6 +38,7 @@ __all__ = [
     "ProcessContainer",
     "RuntimeContainer",
     "memory_of",
+    "run_id",
 ]
 
 #: What the fork server imports once for every container (the libraries, not the handler).

@@ -148,6 +148,7 @@ def summarize(result: FleetResult) -> dict[str, Any]:
             "rss_max": max(memory_rss, default=None),
             "pss_mean": _round(sum(memory_pss) / len(memory_pss) if memory_pss else None, 0),
             "pss_total": sum(memory_pss) if memory_pss else None,
+            "coordinator_rss": (result.coordinator_memory or {}).get("rss_kb"),
         },
         "init_ms": {
             "count": len(result.init_ms),
@@ -240,7 +241,8 @@ def format_table(summary: dict[str, Any]) -> str:
         f"memory       per container RSS {_cell((mem['rss_mean'] or 0) / 1024)} MiB "
         f"(max {_cell((mem['rss_max'] or 0) / 1024)}), PSS {_cell((mem['pss_mean'] or 0) / 1024)}"
         f" MiB; fleet PSS {_cell((mem['pss_total'] or 0) / 1024)} MiB"
-        f" over {mem['containers_measured']} containers"
+        f" over {mem['containers_measured']} containers; coordinator RSS "
+        f"{_cell((mem['coordinator_rss'] or 0) / 1024)} MiB"
     )
     init = summary["init_ms"]
     lines.append(f"init         p50 {_cell(init['p50'])} ms, p95 {_cell(init['p95'])} ms")

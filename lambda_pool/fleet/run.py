@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -154,6 +155,8 @@ class FleetResult:
     backends_after_stop: int | None
     pooler: dict[str, Any]
     elapsed_s: float
+    #: The coordinator's own RSS/PSS after the traffic (its thread per container included).
+    coordinator_memory: dict[str, int] | None = None
 
 
 class _Clock:
@@ -183,10 +186,11 @@ def _sampler(
     target: Target, clock: _Clock, interval: float, stop: threading.Event, out: list[Sample]
 ) -> None:
     while not stop.is_set():
+        found: BackendSample | None
         try:
-            found: BackendSample = target.sample()
+            found = target.sample()
         except Exception:  # a sample lost to a busy or restarting server: try again
-            found = None  # type: ignore[assignment]
+            found = None
         if found is not None:
             out.append(
                 Sample(
@@ -319,6 +323,7 @@ def run_fleet(
     memory: list[dict[str, int]] = []
     frozen: dict[str, Any] = {}
     pooler: dict[str, Any] = {}
+    coordinator: dict[str, int] | None = None
     stop_sampling = threading.Event()
     sampler = threading.Thread(
         target=_sampler,
@@ -371,6 +376,7 @@ def run_fleet(
         phases["burst"] = (traffic_start, ramp_end)
         phases["sustained"] = (ramp_end, max(ramp_end, clock.now()))
         memory = [m for m in (c.memory() for c in containers) if m is not None]
+        coordinator = memory_of(os.getpid())
         pooler["after_sustained"] = target.pooler_stats()
 
         if config.idle_s > 0:
@@ -428,6 +434,7 @@ def run_fleet(
         backends_after_stop=backends_after,
         pooler=pooler,
         elapsed_s=round(clock.now(), 2),
+        coordinator_memory=coordinator,
     )
 
 
@@ -447,10 +454,3 @@ def _settle(target: Target, timeout: float = 5.0) -> int | None:
         if count == 0 or time.monotonic() >= deadline or target.pgbouncer is not None:
             return count
         time.sleep(0.05)
-
-
-def coordinator_memory() -> dict[str, int] | None:
-    """The coordinator's own RSS/PSS."""
-    import os
-
-    return memory_of(os.getpid())
