@@ -47,18 +47,21 @@ passed as a keyword argument, which every Powertools decorator passes through.
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from lambda_pool import deadlines
 from lambda_pool.engine import Connection
 from lambda_pool.exc import ArgumentError, StatementTimeoutError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from lambda_pool.asyncio import AsyncEngine
     from lambda_pool.auth.base import CredentialProvider
     from lambda_pool.config import Settings
     from lambda_pool.engine import Engine
@@ -256,12 +259,10 @@ class InvocationConnection(Connection):
         self._armed = (timeout_ms, remaining_ms)
 
     def _holds_connection(self) -> bool:
-        # After an invalidation and rollback() no connection is checked out until
-        # the next statement; committing then would check one out for nothing.
-        return self._proxy is not None and not self.closed and not self.invalidated
+        return _holds_connection(self)
 
 
-def _is_disconnect(connection: Connection, exc: BaseException) -> bool:
+def _is_disconnect(connection: Any, exc: BaseException) -> bool:
     try:
         dbapi = connection.connection.dbapi_connection
         return bool(connection.engine.dialect.is_disconnect(exc, dbapi))
@@ -269,22 +270,72 @@ def _is_disconnect(connection: Connection, exc: BaseException) -> bool:
         return False
 
 
+def _holds_connection(connection: Any) -> bool:
+    """A connection is checked out and usable: there is work to commit or roll back.
+
+    After an invalidation and rollback() no connection is checked out until the next
+    statement; committing then would check one out for nothing."""
+    return connection._proxy is not None and not connection.closed and not connection.invalidated
+
+
+class _Ending(enum.Enum):
+    """How an invocation's transaction ends (decided here for both shells)."""
+
+    NOTHING = "nothing"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+    #: The handler returned, but its transaction had failed (it caught a database error).
+    ROLLBACK_FAILED = "rollback_failed"
+    INVALIDATE = "invalidate"
+
+
+def _ending_after_return(connection: Any, transaction_failed: Callable[[], bool]) -> _Ending:
+    """The handler returned normally: commit, unless its transaction had failed
+    (PostgreSQL would answer COMMIT with ROLLBACK; say so instead of pretending)."""
+    if not _holds_connection(connection):
+        return _Ending.NOTHING
+    return _Ending.ROLLBACK_FAILED if transaction_failed() else _Ending.COMMIT
+
+
+def _ending_after_error(connection: Any, exc: BaseException) -> _Ending:
+    """The handler raised: a connection the driver reports broken is invalidated (the
+    warm cache opens a new one next time), held work is rolled back."""
+    if connection.closed or connection.invalidated:
+        return _Ending.NOTHING
+    if _is_disconnect(connection, exc):
+        return _Ending.INVALIDATE
+    return _Ending.ROLLBACK if _holds_connection(connection) else _Ending.NOTHING
+
+
+def _report_failed_transaction(instrumentation: Instrumentation | None) -> None:
+    message = (
+        "lambda-pool: the handler returned normally but its transaction had failed "
+        "(a database error was caught); it was rolled back, nothing was committed. "
+        "Call connection.rollback() after catching a database error to continue."
+    )
+    log.warning(message)
+    if instrumentation is not None and instrumentation.logger is not None:
+        instrumentation.logger.warning(message, extra={"lambda_pool_event": "transaction_failed"})
+
+
+def _report_cleanup_failure(cleanup_error: BaseException) -> None:
+    # The session is in an unknown state: the caller drops it rather than hand it out again.
+    log.warning(
+        "lambda-pool: rollback after a handler error failed (%s); invalidating the connection",
+        type(cleanup_error).__name__,
+    )
+
+
 def _end_after_error(connection: Any, exc: BaseException) -> None:
     """Roll back after the handler raised; never raises (the handler's error wins)."""
-    if connection.closed or connection.invalidated:
-        return
     try:
-        if _is_disconnect(connection, exc):
+        ending = _ending_after_error(connection, exc)
+        if ending is _Ending.INVALIDATE:
             connection.invalidate(exc)
-            return
-        if connection._holds_connection():
+        elif ending is _Ending.ROLLBACK:
             connection.rollback()
     except Exception as cleanup_error:
-        # The session is in an unknown state: drop it rather than hand it out again.
-        log.warning(
-            "lambda-pool: rollback after a handler error failed (%s); invalidating the connection",
-            type(cleanup_error).__name__,
-        )
+        _report_cleanup_failure(cleanup_error)
         try:
             if not connection.closed and not connection.invalidated:
                 connection.invalidate(cleanup_error)
@@ -294,24 +345,14 @@ def _end_after_error(connection: Any, exc: BaseException) -> None:
 
 def _commit(connection: Any, instrumentation: Instrumentation | None) -> None:
     """Commit the handler's work (errors propagate: the caller must know it was lost)."""
-    if not connection._holds_connection():
-        return
-    if _transaction_status(connection.driver_connection) == 3:
-        # The handler caught a database error and returned normally: PostgreSQL would
-        # answer COMMIT with ROLLBACK.  Say so instead of pretending to commit.
-        message = (
-            "lambda-pool: the handler returned normally but its transaction had failed "
-            "(a database error was caught); it was rolled back, nothing was committed. "
-            "Call connection.rollback() after catching a database error to continue."
-        )
-        log.warning(message)
-        if instrumentation is not None and instrumentation.logger is not None:
-            instrumentation.logger.warning(
-                message, extra={"lambda_pool_event": "transaction_failed"}
-            )
+    ending = _ending_after_return(
+        connection, lambda: _transaction_status(connection.driver_connection) == 3
+    )
+    if ending is _Ending.ROLLBACK_FAILED:
+        _report_failed_transaction(instrumentation)
         connection.rollback()
-        return
-    connection.commit()
+    elif ending is _Ending.COMMIT:
+        connection.commit()
 
 
 def _close_quietly(connection: Any) -> None:
@@ -324,14 +365,18 @@ def _close_quietly(connection: Any) -> None:
 # ----------------------------------------------------------------------------- decorator
 
 
+def _is_async_handler(fn: Callable[..., Any]) -> bool:
+    """``async def`` (also behind ``functools.wraps`` decorators, or an object whose
+    ``__call__`` is ``async def``): it runs on the container's event loop."""
+    candidates: list[Any] = [fn, getattr(fn, "__call__", None)]  # noqa: B004 (its __call__ itself)
+    with contextlib.suppress(ValueError):  # a __wrapped__ cycle: judge by fn itself
+        candidates.append(inspect.unwrap(fn))
+    return any(inspect.iscoroutinefunction(candidate) for candidate in candidates)
+
+
 def _check_handler(fn: Callable[..., Any]) -> None:
     if not callable(fn):
         raise ArgumentError(f"with_connection() decorates a function, got {fn!r}")
-    if inspect.iscoroutinefunction(fn):
-        raise ArgumentError(
-            "with_connection() decorates a blocking handler; Lambda's Python runtime calls "
-            "handlers synchronously (run asyncio code with asyncio.run inside it)"
-        )
     try:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -378,32 +423,99 @@ def _check_options(statement_timeout: Any, timeout_margin_ms: Any) -> None:
         )
 
 
-def _build_engine(
-    settings: Settings,
-    url: str | URL | None,
-    credentials: CredentialProvider | None,
-    warm: bool,
-    engine_kwargs: dict[str, Any],
-) -> Engine:
-    from lambda_pool.config import credentials_for
-    from lambda_pool.url import make_url
+def _refuse_given_connection(kwargs: dict[str, Any]) -> None:
+    if "connection" in kwargs:
+        raise ArgumentError(
+            "the handler was called with connection= already; with_connection "
+            "provides it (is the decorator applied twice?)"
+        )
 
-    parsed = settings.url() if url is None else make_url(url)
-    provider = credentials if credentials is not None else credentials_for(settings, parsed)
-    options = dict(engine_kwargs)
-    if provider is not None:
-        options["credentials"] = provider
-    if settings.transaction_pooling:
-        options.setdefault("transaction_pooling", True)
-    if warm:
-        from lambda_pool.warm import warm_engine
 
-        if settings.pre_ping_idle_seconds is not None:
+def _fail_fast(deadline: _Deadline, instrumentation: Instrumentation | None) -> None:
+    """Raise :class:`StatementTimeoutError` before the pool is touched (no connect, no
+    checkout) when the invocation has no more time left than the margin."""
+    if deadline.policy != DEADLINE:
+        return
+    remaining = deadline.remaining_ms()
+    if remaining is not None and remaining <= deadline.margin_ms:
+        if instrumentation is not None:
+            instrumentation.statement_timeout(None, remaining, deadline.margin_ms)
+        deadline.timeout_ms()  # raises StatementTimeoutError with the message
+
+
+class _EngineRecipe:
+    """What the decorator's engine is made of, resolved and checked at Init (URL,
+    credentials, options); built for the handler's kind when it is decorated: a blocking
+    :class:`~lambda_pool.engine.Engine` for ``def``, an
+    :class:`~lambda_pool.asyncio.AsyncEngine` for ``async def``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        url: str | URL | None,
+        credentials: CredentialProvider | None,
+        warm: bool,
+        engine_kwargs: dict[str, Any],
+    ) -> None:
+        from lambda_pool.config import credentials_for
+        from lambda_pool.url import make_url
+
+        self.url = settings.url() if url is None else make_url(url)
+        provider = credentials if credentials is not None else credentials_for(settings, self.url)
+        options = dict(engine_kwargs)
+        if provider is not None:
+            options["credentials"] = provider
+        if settings.transaction_pooling:
+            options.setdefault("transaction_pooling", True)
+        if warm and settings.pre_ping_idle_seconds is not None:
             options.setdefault("pre_ping_idle_seconds", settings.pre_ping_idle_seconds)
-        return warm_engine(parsed, **options)
-    from lambda_pool.engine import create_engine
+        self.warm = warm
+        self.options = options
+        self._built: dict[bool, Engine | AsyncEngine] = {}
 
-    return create_engine(parsed, **options)
+    def build(self, is_async: bool) -> Engine | AsyncEngine:
+        """The engine (once per kind: one decorator applied twice shares it)."""
+        engine = self._built.get(is_async)
+        if engine is None:
+            engine = self._make(is_async)
+            self._built[is_async] = engine
+        return engine
+
+    def _make(self, is_async: bool) -> Engine | AsyncEngine:
+        if self.warm:
+            from lambda_pool.warm import warm_async_engine, warm_engine
+
+            factory: Callable[..., Engine | AsyncEngine] = (
+                warm_async_engine if is_async else warm_engine
+            )
+            return factory(self.url, **self.options)
+        if is_async:
+            from lambda_pool.asyncio import create_async_engine
+
+            return create_async_engine(self.url, **self.options)
+        from lambda_pool.engine import create_engine
+
+        return create_engine(self.url, **self.options)
+
+
+def _engine_for(
+    given: Engine | AsyncEngine | None, recipe: _EngineRecipe | None, is_async: bool
+) -> Engine | AsyncEngine:
+    if given is None:
+        assert recipe is not None
+        return recipe.build(is_async)
+    if bool(getattr(given, "_is_async", False)) != is_async:
+        if is_async:
+            raise ArgumentError(
+                "engine= is a blocking Engine but the handler is 'async def'; pass an "
+                "AsyncEngine (lambda_pool.warm.warm_async_engine / "
+                "lambda_pool.asyncio.create_async_engine) or decorate a plain 'def' handler"
+            )
+        raise ArgumentError(
+            "engine= is an AsyncEngine but the handler is a plain 'def'; make the handler "
+            "'async def' (it then receives an AsyncConnection) or pass a blocking Engine"
+        )
+    return given
 
 
 def _install_lifecycle(settings: Settings) -> None:
@@ -423,10 +535,23 @@ def _install_lifecycle(settings: Settings) -> None:
             )
 
 
+class HandlerDecorator(Protocol):
+    """What ``with_connection(...)`` returns: it turns a handler (``def`` or ``async
+    def``) into the plain function Lambda calls."""
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[..., Coroutine[Any, Any, R]], /
+    ) -> Callable[..., R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[..., R], /) -> Callable[..., R]: ...
+
+
 def with_connection(
     url: str | URL | None = None,
     *,
-    engine: Engine | None = None,
+    engine: Engine | AsyncEngine | None = None,
     credentials: CredentialProvider | None = None,
     warm: bool | None = None,
     statement_timeout: str | int | None = DEADLINE,
@@ -435,12 +560,13 @@ def with_connection(
     metrics: Any = None,
     tracer: Any = None,
     **engine_kwargs: Any,
-) -> Callable[[Callable[..., R]], Callable[..., R]]:
+) -> HandlerDecorator:
     """Decorate a Lambda handler so it receives a database connection as ``connection=``.
 
     ``url``: database URL; default ``LAMBDA_POOL_DATABASE_URL`` (see
     :mod:`lambda_pool.config` for every setting).  ``engine``: a ready
-    :class:`lambda_pool.engine.Engine` instead (then ``url``, ``credentials`` and engine
+    :class:`lambda_pool.engine.Engine` (or :class:`lambda_pool.asyncio.AsyncEngine` for
+    an ``async def`` handler) instead (then ``url``, ``credentials`` and engine
     keywords are refused).  ``credentials``: a credential provider; default from
     ``LAMBDA_POOL_AUTH``.  ``warm=True`` uses the warm-container cache
     (:func:`lambda_pool.warm.warm_engine`), ``warm=False`` a ``NullPool`` engine (a
@@ -451,6 +577,11 @@ def with_connection(
     activity to (:func:`lambda_pool.observability.instrument`, once per engine).  Other
     keywords go to ``warm_engine``/``create_engine`` (``connect_args``,
     ``pool_recycle``, ``transaction_pooling``, ``pre_ping_idle_seconds``, …).
+
+    An ``async def`` handler gets an :class:`lambda_pool.asyncio.AsyncConnection` from
+    :func:`lambda_pool.warm.warm_async_engine` (``create_async_engine`` with
+    ``warm=False``) and runs on one event loop kept for the container's life, with the
+    same transaction, deadline and observability rules (:mod:`lambda_pool.handler_async`).
 
     Raises :class:`lambda_pool.exc.ArgumentError` at decoration for bad arguments or
     settings; nothing connects until the first invocation.
@@ -474,37 +605,35 @@ def with_connection(
     from lambda_pool.config import Settings
 
     settings = Settings.from_env()
+    recipe: _EngineRecipe | None = None
     if engine is None:
         use_warm = settings.warm if warm is None else warm
-        engine = _build_engine(settings, url, credentials, use_warm, engine_kwargs)
-    the_engine: Engine = engine
+        recipe = _EngineRecipe(settings, url, credentials, use_warm, engine_kwargs)
     margin_ms = settings.margin_ms if timeout_margin_ms is None else timeout_margin_ms
     _install_lifecycle(settings)
 
     from lambda_pool import observability
 
-    if logger is not None or metrics is not None or tracer is not None:
-        observability.instrument(the_engine, logger=logger, metrics=metrics, tracer=tracer)
+    def engine_for_handler(is_async: bool) -> Any:
+        chosen = _engine_for(engine, recipe, is_async)
+        if logger is not None or metrics is not None or tracer is not None:
+            observability.instrument(chosen, logger=logger, metrics=metrics, tracer=tracer)
+        return chosen
 
-    def decorate(fn: Callable[..., R]) -> Callable[..., R]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         _check_handler(fn)
+        if _is_async_handler(fn):
+            from lambda_pool.handler_async import wrap_async_handler
+
+            return wrap_async_handler(fn, engine_for_handler(True), statement_timeout, margin_ms)
+        the_engine: Engine = engine_for_handler(False)
 
         @functools.wraps(fn)
-        def handler(event: Any, context: Any, *args: Any, **kwargs: Any) -> R:
-            if "connection" in kwargs:
-                raise ArgumentError(
-                    "the handler was called with connection= already; with_connection "
-                    "provides it (is the decorator applied twice?)"
-                )
+        def handler(event: Any, context: Any, *args: Any, **kwargs: Any) -> Any:
+            _refuse_given_connection(kwargs)
             instrumentation = observability.instrumentation_for(the_engine)
             deadline = _Deadline(statement_timeout, margin_ms, context)
-            if deadline.policy == DEADLINE:
-                remaining = deadline.remaining_ms()
-                if remaining is not None and remaining <= margin_ms:
-                    # Fail before the pool is touched: no connect, no checkout.
-                    if instrumentation is not None:
-                        instrumentation.statement_timeout(None, remaining, margin_ms)
-                    deadline.timeout_ms()  # raises StatementTimeoutError with the message
+            _fail_fast(deadline, instrumentation)
             with deadlines.use(_blocking_deadline(context, margin_ms)):
                 started = time.perf_counter()
                 proxy = the_engine.raw_connection()
@@ -530,4 +659,4 @@ def with_connection(
         handler.engine = the_engine  # type: ignore[attr-defined]
         return handler
 
-    return decorate
+    return decorate  # type: ignore[return-value]  # the overloads of HandlerDecorator

@@ -1,0 +1,401 @@
+"""The ``async def`` shell of :func:`lambda_pool.with_connection`: one event loop per
+container, an :class:`~lambda_pool.asyncio.AsyncConnection` per invocation.
+
+::
+
+    from lambda_pool import with_connection
+
+    @with_connection()                      # settings from LAMBDA_POOL_* (lambda_pool.config)
+    async def handler(event, context, connection):
+        row = (await connection.execute("SELECT %s", (1,))).fetchone()
+        return {"value": row[0]}
+
+Lambda's Python runtime calls handlers synchronously, so the decorated ``async def``
+becomes a plain function.  It runs the coroutine with ``run_until_complete`` on the
+container's event loop: created at the first invocation, kept for the environment's
+life (between invocations it is simply not running while Lambda freezes the process),
+made anew in a forked child or when something closed it.  Never ``asyncio.run()`` per
+invocation: an asyncio connection belongs to the loop that opened it (its socket is
+registered with that loop's selector), so a new loop per invocation would make the warm
+cache open a new connection every time (reason ``other_event_loop``).
+
+Called while an event loop is already running in the calling thread (an ``async def``
+test under pytest-asyncio calling ``handler(event, context)``), the invocation still
+runs on the container's loop, in a helper thread, and the caller's thread waits for it
+as for any blocking call: the result and the warm connection are the same as under
+Lambda.  Called from inside the container's own loop (a handler calling a decorated
+handler) it raises :class:`~lambda_pool.exc.InvalidRequestError`: that loop cannot run
+twice.  Calls from several threads run one after another (one loop runs one invocation).
+Tasks a handler starts and does not await stay on the loop, frozen with the environment,
+and go on at the next invocation; await them before returning.
+
+Per invocation, the same rules as the blocking decorator, with its decisions
+(:mod:`lambda_pool.handler`: option checks, settings, the deadline, how the transaction
+ends): fail fast without touching the pool when no time is left; every blocking step
+bounded by ``lambda_pool.deadlines`` (the async engines read the same ContextVar, set
+here inside the invocation's task); ``SET LOCAL statement_timeout`` at the start of each
+transaction and PostgreSQL's cancellation turned into
+:class:`~lambda_pool.exc.StatementTimeoutError`; commit on return, rollback on an
+exception (which reaches the caller unchanged), a broken connection invalidated; the
+connection always returned to the pool, which resets it.
+
+On asyncpg the transaction's ``BEGIN`` and ``SET LOCAL statement_timeout`` go out as one
+simple query (one round trip; through the dialect it would be three: ``BEGIN``, then
+prepare and execute of the ``SET``).  psycopg's ``AsyncConnection`` opens the
+transaction itself, so there it is ``BEGIN`` and the ``SET``, as on the blocking path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from lambda_pool import deadlines
+from lambda_pool.asyncio import AsyncConnection, AsyncEngine
+from lambda_pool.exc import InvalidRequestError, StatementTimeoutError
+from lambda_pool.handler import (
+    _blocking_deadline,
+    _Deadline,
+    _Ending,
+    _ending_after_error,
+    _ending_after_return,
+    _fail_fast,
+    _is_statement_timeout,
+    _refuse_given_connection,
+    _report_cleanup_failure,
+    _report_failed_transaction,
+    _transaction_status,
+)
+from lambda_pool.pool.base import running_loop
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from lambda_pool.observability import Instrumentation
+    from lambda_pool.result import Result
+
+__all__ = ["AsyncInvocationConnection", "container_loop", "wrap_async_handler"]
+
+log = logging.getLogger("lambda_pool.handler")
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------- event loop
+
+
+class _ContainerLoop:
+    """The container's one event loop, made lazily and kept across invocations."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def current(self) -> asyncio.AbstractEventLoop | None:
+        """The loop invocations run on now (``None`` before the first one)."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._pid != os.getpid():
+            return None
+        return loop
+
+    def _checked_fork(self) -> None:
+        if self._pid == os.getpid():
+            return
+        # A forked child: the parent's loop (its selector, its self-pipe, the
+        # connections registered with it) and a lock some parent thread may have held
+        # are not the child's.  The connections are abandoned by the warm pool's own
+        # fork check; the child starts with a new loop.
+        inherited, self._loop = self._loop, None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        if inherited is not None and not inherited.is_running() and not inherited.is_closed():
+            try:
+                inherited.close()  # the child's copies of its descriptors only
+            except Exception:
+                log.debug("lambda-pool: closing the parent's event loop failed", exc_info=True)
+
+    def _loop_for_invocation(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            # Not set as the thread's current loop: nothing else should schedule work
+            # on it between invocations, while the environment may be frozen.
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+        return loop
+
+    def run(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run the coroutine ``make()`` returns on the container's loop, to its end."""
+        self._checked_fork()
+        running = running_loop()
+        if running is None:
+            with self._lock:
+                return self._loop_for_invocation().run_until_complete(make())
+        if running is self._loop:
+            raise InvalidRequestError(
+                "a with_connection() async handler was called from inside the container's "
+                "event loop (a handler calling a decorated handler?); the loop cannot run "
+                "twice at once: await the undecorated coroutine function instead"
+            )
+        return self._run_in_helper_thread(make)
+
+    def _run_in_helper_thread(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        # The caller's thread runs another loop (e.g. a pytest-asyncio test): the
+        # invocation runs on the container's loop in a helper thread, with the caller's
+        # context (an outer lambda_pool.deadline() applies), and the caller waits as for
+        # any blocking call.  The warm connection stays on the one loop it belongs to.
+        context = contextvars.copy_context()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    loop = self._loop_for_invocation()
+                    outcome["result"] = context.run(loop.run_until_complete, make())
+            except BaseException as exc:  # handed to the caller unchanged
+                outcome["error"] = exc
+
+        helper = threading.Thread(target=work, name="lambda-pool-handler", daemon=True)
+        helper.start()
+        helper.join()
+        if "error" in outcome:
+            error: BaseException = outcome["error"]
+            raise error
+        result: T = outcome["result"]
+        return result
+
+
+_container_loop = _ContainerLoop()
+
+
+def container_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop async handlers run on in this process (``None`` before the first
+    invocation); for diagnostics and tests."""
+    return _container_loop.current()
+
+
+# ----------------------------------------------------------------------------- connection
+
+
+def _in_transaction(driver: Any) -> bool | None:
+    """Whether the driver connection has a transaction open (read locally), or ``None``
+    when it cannot tell."""
+    status = _transaction_status(driver)  # psycopg: libpq's status
+    if status is not None:
+        return status != 0
+    probe = getattr(driver, "is_in_transaction", None)  # asyncpg
+    if callable(probe):
+        return bool(probe())
+    return None
+
+
+class AsyncInvocationConnection(AsyncConnection):
+    """An :class:`~lambda_pool.asyncio.AsyncConnection` whose transactions obey the
+    invocation's deadline, as :class:`lambda_pool.handler.InvocationConnection` does for
+    the blocking one (``SET LOCAL statement_timeout`` when a transaction begins, the
+    server's cancellation turned into :class:`StatementTimeoutError`)."""
+
+    _deadline: _Deadline | None = None
+    _instrumentation: Instrumentation | None = None
+    _armed: tuple[int, int | None] | None = None
+    # The last statement failed and nothing ended the transaction since: PostgreSQL has
+    # aborted it (only ROLLBACK succeeds there).  For drivers that do not report the
+    # transaction status (asyncpg).
+    _last_statement_failed = False
+
+    async def execute(self, statement: str, parameters: Any = None) -> Result:
+        await self._arm()
+        try:
+            result = await super().execute(statement, parameters)
+        except Exception as exc:
+            self._last_statement_failed = True
+            armed = self._armed
+            if armed is not None and _is_statement_timeout(exc):
+                raise self._timeout_error(*armed) from exc
+            raise
+        self._last_statement_failed = False
+        return result
+
+    async def commit(self) -> None:
+        await super().commit()
+        self._last_statement_failed = False
+
+    async def rollback(self) -> None:
+        await super().rollback()
+        self._last_statement_failed = False
+
+    def _timeout_error(self, timeout_ms: int, remaining_ms: int | None) -> StatementTimeoutError:
+        assert self._deadline is not None
+        if self._instrumentation is not None:
+            self._instrumentation.statement_timeout(
+                timeout_ms, remaining_ms or 0, self._deadline.margin_ms
+            )
+        return self._deadline.exceeded(timeout_ms, remaining_ms)
+
+    def _transaction_failed(self) -> bool:
+        status = _transaction_status(self.driver_connection)
+        if status is not None:
+            return status == 3
+        return self._last_statement_failed
+
+    async def _arm(self) -> None:
+        """``SET LOCAL statement_timeout`` when a new transaction is about to begin."""
+        deadline = self._deadline
+        if deadline is None or self.closed or self.invalidated:
+            return
+        if self.engine.dialect.name != "postgresql":
+            return  # statement_timeout is PostgreSQL's
+        proxy = await self._live()  # checks one out after rollback() of an invalidation
+        driver = proxy.driver_connection
+        if _in_transaction(driver) is not False or getattr(driver, "autocommit", False):
+            # Inside a transaction it is armed already; in autocommit SET LOCAL would do
+            # nothing (and a session SET would leak to the next invocation).
+            return
+        try:
+            timeout_ms, remaining_ms = deadline.timeout_ms()
+        except StatementTimeoutError:
+            if self._instrumentation is not None:
+                self._instrumentation.statement_timeout(
+                    None, deadline.remaining_ms() or 0, deadline.margin_ms
+                )
+            raise
+        if timeout_ms is None:
+            self._armed = None
+            return
+        # An int we computed, never user text: safe to format into the statement (SET
+        # takes no bind parameters).
+        setting = f"SET LOCAL statement_timeout = {int(timeout_ms)}"
+        if self.engine.dialect.driver == "asyncpg":
+            await self._begin_with(f"BEGIN; {setting}", proxy)
+        else:
+            await super().execute(setting)
+        self._armed = (timeout_ms, remaining_ms)
+
+    async def _begin_with(self, statements: str, proxy: Any) -> None:
+        """Open the transaction with ``statements`` as one simple query (asyncpg), with
+        the rules every statement has: bounded by the deadline, logged by ``echo``, a
+        disconnect invalidates the connection."""
+        from lambda_pool.dialects.asyncpg import asyncpg_bounded
+
+        driver = proxy.driver_connection
+        self.engine._log_statement(statements)
+        self._begun = True  # close() rolls back (ConnectionCore's flag)
+        try:
+            await asyncpg_bounded(driver, driver.execute(statements), "statement")
+        except Exception as exc:
+            if self.engine.dialect.is_disconnect(exc, proxy.dbapi_connection):
+                await self.invalidate(exc)
+            raise
+
+
+async def _end_after_error(connection: AsyncInvocationConnection, exc: BaseException) -> None:
+    """Roll back after the handler raised; never raises (the handler's error wins)."""
+    try:
+        ending = _ending_after_error(connection, exc)
+        if ending is _Ending.INVALIDATE:
+            await connection.invalidate(exc)
+        elif ending is _Ending.ROLLBACK:
+            await connection.rollback()
+    except Exception as cleanup_error:
+        _report_cleanup_failure(cleanup_error)
+        try:
+            if not connection.closed and not connection.invalidated:
+                await connection.invalidate(cleanup_error)
+        except Exception:
+            log.debug("lambda-pool: invalidation after a failed rollback failed", exc_info=True)
+
+
+async def _commit(
+    connection: AsyncInvocationConnection, instrumentation: Instrumentation | None
+) -> None:
+    """Commit the handler's work (errors propagate: the caller must know it was lost)."""
+    ending = _ending_after_return(connection, connection._transaction_failed)
+    if ending is _Ending.ROLLBACK_FAILED:
+        _report_failed_transaction(instrumentation)
+        await connection.rollback()
+    elif ending is _Ending.COMMIT:
+        await connection.commit()
+
+
+async def _close_quietly(connection: AsyncInvocationConnection) -> None:
+    try:
+        await connection.close()
+    except Exception:
+        log.warning("lambda-pool: returning the connection to the pool failed", exc_info=True)
+
+
+# ----------------------------------------------------------------------------- decorator
+
+
+async def _invoke(
+    fn: Callable[..., Any],
+    engine: AsyncEngine,
+    statement_timeout: str | int | None,
+    margin_ms: int,
+    event: Any,
+    context: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    from lambda_pool import observability
+
+    instrumentation = observability.instrumentation_for(engine)
+    deadline = _Deadline(statement_timeout, margin_ms, context)
+    _fail_fast(deadline, instrumentation)
+    # Set inside the invocation's task, so only this invocation's work sees it.
+    with deadlines.use(_blocking_deadline(context, margin_ms)):
+        started = time.perf_counter()
+        connection = AsyncInvocationConnection(engine)
+        await connection.start()
+        wait_ms = (time.perf_counter() - started) * 1000.0
+        connection._deadline = deadline if statement_timeout is not None else None
+        connection._instrumentation = instrumentation
+        if instrumentation is not None:
+            instrumentation.checkout_waited(wait_ms, connection.connection.dbapi_connection)
+        try:
+            try:
+                await connection._arm()
+                result = fn(event, context, *args, connection=connection, **kwargs)
+                if inspect.isawaitable(result):
+                    # ``async def``, or a wrapper (a decorator below this one) returning
+                    # the coroutine.
+                    result = await result
+            except BaseException as exc:
+                await _end_after_error(connection, exc)
+                raise
+            await _commit(connection, instrumentation)
+            return result
+        finally:
+            await _close_quietly(connection)
+
+
+def wrap_async_handler(
+    fn: Callable[..., Any],
+    engine: AsyncEngine,
+    statement_timeout: str | int | None,
+    margin_ms: int,
+) -> Callable[..., Any]:
+    """The plain function Lambda calls for the ``async def`` handler ``fn`` (called by
+    :func:`lambda_pool.with_connection`, which checked the arguments and built
+    ``engine``)."""
+    assert isinstance(engine, AsyncEngine)
+
+    @functools.wraps(fn)
+    def handler(event: Any, context: Any, *args: Any, **kwargs: Any) -> Any:
+        _refuse_given_connection(kwargs)
+        return _container_loop.run(
+            lambda: _invoke(fn, engine, statement_timeout, margin_ms, event, context, args, kwargs)
+        )
+
+    # functools.wraps copied fn's attributes: a marker from inspect.markcoroutinefunction
+    # would make this plain function look like a coroutine function.
+    handler.__dict__.pop("_is_coroutine_marker", None)
+    # Tests and diagnostics reach the engine through the handler.
+    handler.engine = engine  # type: ignore[attr-defined]
+    return handler
