@@ -557,8 +557,9 @@ def write_page(results: Sequence[dict[str, Any]], meta: dict[str, Any], path: Pa
         "per container instead (every import paid per container, as on Lambda, at the cost "
         "of memory and start time).",
         "",
-        "| scenario | containers | RSS per container MiB | PSS per container MiB | fleet PSS MiB |",
-        "|---|---:|---:|---:|---:|",
+        "| scenario | containers | RSS per container MiB | PSS per container MiB "
+        "| fleet PSS MiB | coordinator RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         mem = r["memory_kb"]
@@ -566,7 +567,8 @@ def write_page(results: Sequence[dict[str, Any]], meta: dict[str, Any], path: Pa
             f"| {r['scenario']['id']} | {mem['containers_measured']} "
             f"| {_fmt((mem['rss_mean'] or 0) / 1024, 1)} "
             f"| {_fmt((mem['pss_mean'] or 0) / 1024, 1)} "
-            f"| {_fmt((mem['pss_total'] or 0) / 1024, 0)} |"
+            f"| {_fmt((mem['pss_total'] or 0) / 1024, 0)} "
+            f"| {_fmt((mem.get('coordinator_rss') or 0) / 1024, 0)} |"
         )
     lines.append("")
     path.write_text("\n".join(lines) + "\n")
