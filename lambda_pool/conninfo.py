@@ -31,8 +31,11 @@ from lambda_pool.exc import ArgumentError
 __all__ = [
     "LAMBDA_POOL_QUERY_KEYS",
     "check_params",
+    "check_port_text",
     "is_secret_key",
     "is_secret_query_key",
+    "libpq_keywords",
+    "looks_like_conninfo",
     "mask_params",
     "parse_conninfo",
     "split_host_list",

@@ -410,7 +410,7 @@ def _check_options(statement_timeout: Any, timeout_margin_ms: Any) -> None:
     ):
         raise ArgumentError(
             f"statement_timeout={statement_timeout!r}: use 'deadline' (the invocation's "
-            "remaining time minus the margin), a number of milliseconds from 1 to "
+            "remaining time minus the margin), a number of milliseconds > 0 and at most "
             f"{_MAX_STATEMENT_TIMEOUT_MS} (PostgreSQL's limit), or None"
         )
     if timeout_margin_ms is not None and (

