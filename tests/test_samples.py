@@ -348,7 +348,11 @@ def test_async_sample_leaks_no_session_state_into_the_next_invocation(
         async with fn.module.engine.connect() as conn:
             return str((await conn.execute("SHOW statement_timeout")).scalar())
 
-    loop = fn.module._LOOP
+    # The event loop the decorated async handler runs on (one per container).
+    from lambda_pool.handler_async import container_loop
+
+    loop = container_loop()
+    assert loop is not None
     loop.run_until_complete(leave_state_behind())
     assert fn.warm({})["reused"] is True
     assert loop.run_until_complete(statement_timeout()) == "0"
