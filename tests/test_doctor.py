@@ -318,3 +318,18 @@ def test_python_m_lambda_pool_and_version() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("lambda-pool ")
     assert result.stdout.split()[1][0].isdigit()
+
+
+def test_asyncpg_urls_and_key_value_strings_are_checked_through_libpq(
+    embedded_postgres: PostgresServer,
+) -> None:
+    pg = embedded_postgres
+    asyncpg_url = pg.dsn.replace("postgresql://", "postgresql+asyncpg://") + "?command_timeout=5"
+    conninfo = (
+        f"host=127.0.0.1 port={pg.port} dbname={pg.dbname} user={pg.user} password='{pg.password}'"
+    )
+    for url in (asyncpg_url, conninfo):
+        report = doctor.run(url)
+        assert report.ok, report.checks
+        assert pg.password not in repr(report)
+        assert _statuses(report)["authentication"] == "ok"
