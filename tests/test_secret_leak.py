@@ -377,3 +377,21 @@ def test_secrets_manager_flow_at_botocore_debug_never_shows_the_password(
     finally:
         parameters.clear_caches()
         DEFAULT_PROVIDERS.pop("secrets", None)
+
+
+def test_connect_args_named_like_secrets_are_masked_wherever_shown() -> None:
+    from lambda_pool.auth import Credentials, StaticCredentials
+
+    args = {
+        "sslpassword": PASSWORD,
+        "passwd": PASSWORD,
+        "api_token": PASSWORD,
+        "secret": PASSWORD,
+        "sslmode": "require",
+    }
+    credentials = Credentials("app", PASSWORD, None, args)
+    provider = StaticCredentials("app", PASSWORD, connect_args=args)
+    shown = repr(credentials) + str(credentials) + repr(provider) + repr(provider.get())
+    for form in _forms(PASSWORD):
+        assert form not in shown
+    assert "'sslmode': 'require'" in shown
