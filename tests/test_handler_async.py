@@ -9,6 +9,7 @@ import io
 import json
 import signal
 import textwrap
+import threading
 import time
 import traceback
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from deadline_support import Scene, scene
+from support import in_forked_child
 
 from lambda_pool import deadlines, exc, with_connection
 from lambda_pool.asyncio import AsyncConnection, create_async_engine
@@ -429,6 +431,62 @@ def test_called_from_inside_the_container_loop_is_refused(
     assert inner({}, lambda_context()) == 1
 
 
+def test_a_forked_child_runs_on_its_own_new_loop_and_connection(
+    app_url: str, lambda_context: MakeContext
+) -> None:
+    @with_connection()
+    async def handler(event: Any, context: Any, connection: AsyncConnection) -> dict[str, Any]:
+        return {"pid": await backend_pid(connection), "loop": asyncio.get_running_loop()}
+
+    parent = handler({}, lambda_context())
+
+    def in_child() -> int:
+        first = handler({}, lambda_context())
+        again = handler({}, lambda_context())
+        assert first["loop"] is not parent["loop"]  # the parent's loop is not the child's
+        assert again["loop"] is first["loop"]  # and the child's own is kept
+        assert first["pid"] != parent["pid"]  # nor the parent's connection
+        assert again["pid"] == first["pid"]
+        return int(first["pid"])
+
+    child_backend = in_forked_child(in_child)
+    assert child_backend != parent["pid"]
+    # The parent's loop and connection are untouched by the child.
+    after = handler({}, lambda_context())
+    assert after["loop"] is parent["loop"]
+    assert after["pid"] == parent["pid"]
+
+
+def test_calls_from_several_threads_run_one_after_another_on_the_one_loop(
+    app_url: str, lambda_context: MakeContext
+) -> None:
+    running = 0
+    most = 0
+
+    @with_connection()
+    async def handler(event: Any, context: Any, connection: AsyncConnection) -> int:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return id(asyncio.get_running_loop())
+
+    loops: list[int] = []
+
+    def call() -> None:
+        loops.append(handler({}, lambda_context()))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loops) == 4
+    assert len(set(loops)) == 1
+    assert most == 1
+
+
 # ----------------------------------------------------------------------------- options
 
 
@@ -523,6 +581,28 @@ def test_powertools_logger_outside_the_decorator(
     assert len(checkouts) == 2
 
 
+def test_powertools_decorator_inside_ours_is_awaited(
+    app_url: str, lambda_context: MakeContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aws_lambda_powertools import Logger
+
+    monkeypatch.delenv("POWERTOOLS_DEV", raising=False)
+    stream = io.StringIO()
+    logger = Logger(service=f"lp-{uuid.uuid4().hex[:8]}", stream=stream)
+
+    # Powertools' wrapper is a plain function returning the coroutine: still awaited.
+    @with_connection()
+    @logger.inject_lambda_context
+    async def handler(event: Any, context: Any, connection: AsyncConnection) -> int:
+        logger.info("in the handler")
+        return await backend_pid(connection)
+
+    context = lambda_context()
+    assert isinstance(handler({}, context), int)
+    (line,) = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    assert line["function_request_id"] == context.aws_request_id
+
+
 # ----------------------------------------------------------------------------- round trips
 
 
@@ -534,36 +614,60 @@ def _replies_per_warm_invocation(handler: Callable[..., Any], scene: Scene) -> i
     return scene.proxy.counters().replies
 
 
+@pytest.mark.parametrize("statements", [0, 1, 3])
 def test_a_warm_async_invocation_makes_no_more_round_trips_than_a_sync_one(
-    scene: Scene, monkeypatch: pytest.MonkeyPatch, record_property: Callable[[str, Any], None]
+    scene: Scene,
+    statements: int,
+    monkeypatch: pytest.MonkeyPatch,
+    record_property: Callable[[str, Any], None],
 ) -> None:
+    """Server replies through the fault proxy (one per round trip) of the third, warm
+    invocation of a handler running ``statements`` one-row SELECTs."""
     for name in _SETTINGS:
         monkeypatch.delenv(name, raising=False)
 
-    @with_connection(scene.url("postgresql", application_name=scene.app + "s"))
-    def sync_handler(event: Any, context: Any, connection: Connection) -> int:
-        return int(connection.execute("SELECT 1").scalar())
+    def url(scheme: str, tag: str) -> str:
+        return scene.url(scheme, application_name=f"{scene.app}{tag}")
 
-    @with_connection(scene.url("postgresql", application_name=scene.app + "p"))
+    @with_connection(url("postgresql", "s"))
+    def sync_handler(event: Any, context: Any, connection: Connection) -> int:
+        return sum(
+            int(connection.execute("SELECT %s::int", (n,)).scalar()) for n in range(statements)
+        )
+
+    async def body(connection: AsyncConnection) -> int:
+        total = 0
+        for n in range(statements):
+            total += int((await connection.execute("SELECT %s::int", (n,))).scalar())
+        return total
+
+    @with_connection(url("postgresql", "p"))
     async def psycopg_handler(event: Any, context: Any, connection: AsyncConnection) -> int:
-        return int((await connection.execute("SELECT 1")).scalar())
+        return await body(connection)
 
     counts = {
         "sync": _replies_per_warm_invocation(sync_handler, scene),
         "psycopg_async": _replies_per_warm_invocation(psycopg_handler, scene),
     }
-    if pytest.importorskip("asyncpg"):
+    pytest.importorskip("asyncpg")
 
-        @with_connection(scene.url("postgresql+asyncpg", application_name=scene.app + "a"))
-        async def asyncpg_handler(event: Any, context: Any, connection: AsyncConnection) -> int:
-            return int((await connection.execute("SELECT 1")).scalar())
+    @with_connection(url("postgresql+asyncpg", "a"))
+    async def asyncpg_handler(event: Any, context: Any, connection: AsyncConnection) -> int:
+        return await body(connection)
 
-        counts["asyncpg"] = _replies_per_warm_invocation(asyncpg_handler, scene)
+    counts["asyncpg"] = _replies_per_warm_invocation(asyncpg_handler, scene)
     record_property("round_trips", counts)
-    print("round trips of a warm invocation running one SELECT:", counts)
-    assert counts["sync"] > 0
-    assert counts["psycopg_async"] <= counts["sync"]
-    assert counts["asyncpg"] <= counts["sync"]
+    print(f"round trips of a warm invocation running {statements} SELECTs: {counts}")
+    # The decorator's own share (BEGIN, SET LOCAL statement_timeout, COMMIT, the reset):
+    # the same on psycopg, one fewer on asyncpg (BEGIN and SET in one simple query).
+    assert counts["psycopg_async"] == counts["sync"]
+    overhead_sync = counts["sync"] - statements
+    # asyncpg itself needs two round trips per statement with parameters (prepare,
+    # then bind/execute: its statement cache is off on warm connections).
+    overhead_asyncpg = counts["asyncpg"] - 2 * statements
+    assert overhead_asyncpg == overhead_sync - 1
+    if statements <= 1:
+        assert counts["asyncpg"] <= counts["sync"]
 
 
 # ----------------------------------------------------------------------------- runtime
