@@ -39,6 +39,10 @@ creates the engine (no I/O: nothing connects before the first invocation), insta
 the shutdown hooks and, with ``LAMBDA_POOL_REGISTER_EXTENSION=1``, registers an internal
 extension so SIGTERM reaches the process.
 
+An ``async def`` handler is decorated the same way: it receives an
+:class:`~lambda_pool.asyncio.AsyncConnection` and runs on one event loop kept for the
+container's life, with the decisions made here (:mod:`lambda_pool.handler_async`).
+
 Stacking with Powertools: put ``@with_connection()`` innermost (closest to the
 function) so the checkout is inside the traced, logged handler and its metrics exist
 before ``@metrics.log_metrics`` flushes.  Other orders work as well: the connection is

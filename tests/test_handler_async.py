@@ -506,6 +506,27 @@ def test_warm_false_closes_the_connection_after_each_invocation(
     assert type(handler.engine.pool).__name__ == "NullPool"  # type: ignore[attr-defined]
 
 
+def test_lambda_pool_settings_reach_the_async_engine(
+    app_url: str, lambda_context: MakeContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAMBDA_POOL_PRE_PING_IDLE_SECONDS", "0")  # ping every checkout
+    monkeypatch.setenv("LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS", "1500")
+    monkeypatch.setenv("LAMBDA_POOL_TRANSACTION_POOLING", "1")
+
+    @with_connection()
+    async def handler(event: Any, context: Any, connection: AsyncConnection) -> str:
+        return str((await connection.execute("SHOW statement_timeout")).scalar())
+
+    timeout = handler({}, lambda_context(remaining_ms=4000))
+    handler({}, lambda_context(remaining_ms=4000))
+    engine = handler.engine  # type: ignore[attr-defined]
+    # 4000 ms - 1500 ms margin - at most 200 ms allowance.
+    millis = int(timeout[:-2]) if timeout.endswith("ms") else int(float(timeout[:-1]) * 1000)
+    assert 2000 <= millis <= 2500
+    assert engine.transaction_pooling is True
+    assert engine.pool.stats.pre_pings == 1  # the second, warm checkout
+
+
 def test_engine_of_the_wrong_kind_is_refused_at_decoration(app_url: str) -> None:
     blocking = create_engine(app_url.replace("+asyncpg", ""))
     asynchronous = create_async_engine(app_url)
