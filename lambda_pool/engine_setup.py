@@ -572,6 +572,19 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
     pool_arguments = _pool_arguments(poolclass, kw, configuration)
 
     connect_args: dict[str, Any] = dict(kw.get("connect_args") or {})
+    if dialect.name == "postgresql":
+        # A value the driver would refuse at the first connect fails here, at Init.
+        from lambda_pool.conninfo import check_params
+
+        check_params(
+            {
+                key: str(value)
+                for key, value in connect_args.items()
+                if isinstance(value, (str, int, float)) and not isinstance(value, bool)
+            },
+            dialect.driver,
+            source="connect_args",
+        )
     if transaction_pooling:
         connect_args.update(_transaction_pooling_args(dialect, connect_args))
     cparams = dialect.merge_connect_args(dialect.create_connect_args(driver_url), connect_args)

@@ -245,3 +245,45 @@ def test_demo_quotes_a_crafted_database_name_instead_of_running_it(
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
     assert setting is not None and setting[0] == [f"search_path={role}"]
     assert injected is None
+
+
+@pytest.mark.parametrize(
+    ("connect_args", "fragment"),
+    [
+        ({"sslmode": "garbage"}, "connect_args sslmode='garbage' is not one of"),
+        ({"connect_timeout": "abc"}, "connect_args connect_timeout='abc'"),
+        ({"connect_timeout": 2.5}, "connect_args connect_timeout='2.5' is not a whole"),
+        ({"options": "-c a='b"}, "connect_args options has an unclosed quote"),
+        ({"target_session_attrs": "writer"}, "connect_args target_session_attrs='writer'"),
+        ({"port": 70000}, "connect_args port must be an integer"),
+    ],
+)
+def test_connect_args_values_the_driver_would_refuse_fail_at_create_engine(
+    app_url: str, connect_args: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(ArgumentError) as info:
+        create_engine(app_url, connect_args=connect_args)
+    assert fragment in str(info.value)
+
+
+async def test_asyncpg_connect_args_values_fail_at_create_async_engine(app_url: str) -> None:
+    url = app_url.replace("postgresql://", "postgresql+asyncpg://")
+    with pytest.raises(ArgumentError, match="connect_args connect_timeout='soon' is not a number"):
+        create_async_engine(url, connect_args={"connect_timeout": "soon"})
+    with pytest.raises(ArgumentError, match="connect_args options has an unclosed quote"):
+        create_async_engine(url, connect_args={"options": "-c a='b"})
+    # asyncpg takes fractions of a second.
+    engine = create_async_engine(url, connect_args={"connect_timeout": 2.5})
+    async with engine.connect() as conn:
+        assert (await conn.execute("SELECT 1")).scalar() == 1
+    await engine.dispose()
+
+
+def test_valid_connect_args_values_connect(app_url: str) -> None:
+    engine = create_engine(
+        app_url,
+        connect_args={"connect_timeout": 5, "keepalives_idle": "30", "options": "-c work_mem=8MB"},
+    )
+    with engine.connect() as conn:
+        assert conn.execute("SHOW work_mem").scalar() == "8MB"
+    engine.dispose()
