@@ -1,0 +1,197 @@
+"""Session reset on return: nothing one invocation set in the session reaches the next.
+
+``ROLLBACK`` then ``DISCARD ALL`` (only the rollback behind a transaction pooler), written
+once as a generator of driver calls (:func:`g_reset_session`) that ``WarmPool`` performs
+in either mode and :func:`reset_session` / :func:`areset_session` run outside a pool;
+plus the connect keywords that keep the drivers' statement caches consistent with it
+(:func:`warm_connect_args`).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+from collections.abc import Callable, Generator, Mapping
+from typing import Any
+
+from lambda_pool.exc import InvalidRequestError
+from lambda_pool.pool import core as pool_core
+from lambda_pool.warm.driver import _is_asyncpg, _is_psycopg
+
+# The session reset is written once, as a generator of driver calls, like the pool's
+# procedures (lambda_pool.pool.base): each step is ``(DRIVER_CALL, fn)``; a sync runner
+# calls ``fn()``, an async runner calls it and awaits the result.  WarmPool's shells
+# perform these steps; reset_session() and areset_session() run them outside a pool.
+
+
+class _DriverStep(enum.Enum):
+    CALL = "driver call"
+
+
+DRIVER_CALL = _DriverStep.CALL
+DriverStep = tuple[_DriverStep, Callable[[], Any]]
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> DriverStep:
+    return (DRIVER_CALL, functools.partial(fn, *args, **kwargs))
+
+
+def _asyncpg_reset_statement(conn: Any, statement: str) -> Any:
+    """``conn.execute(statement)`` ending by the current deadline (a coroutine)."""
+    from lambda_pool.dialects.asyncpg import asyncpg_bounded
+
+    return asyncpg_bounded(conn, conn.execute(statement), "reset on return")
+
+
+def g_reset_session(conn: Any, *, discard: bool = True) -> Generator[DriverStep, Any, None]:
+    """The steps of :func:`reset_session` (sync or async driver), for a runner to perform."""
+    if _is_psycopg(conn):
+        if int(conn.info.transaction_status) != 0:
+            yield _call(conn.rollback)
+        if not discard:
+            return
+        was_autocommit = bool(conn.autocommit)
+        if not was_autocommit:
+            # set_autocommit(): the property is read-only on psycopg's AsyncConnection.
+            yield _call(conn.set_autocommit, True)
+        try:
+            yield _call(conn.execute, "DISCARD ALL", prepare=False)
+        finally:
+            if not was_autocommit:
+                yield _call(conn.set_autocommit, False)
+        if conn.prepare_threshold is not None:
+            _clear_psycopg_prepared_cache(conn)
+        return
+    if _is_asyncpg(conn):
+        # Conn.execute() without arguments is the simple query protocol: no statement is
+        # prepared for these two.
+        # Bounded by the deadline here: asyncpg has no wait of its own to bound (psycopg's
+        # connection class bounds its waits itself).
+        if conn.is_in_transaction():
+            yield _call(_asyncpg_reset_statement, conn, "ROLLBACK")
+        if not discard:
+            return
+        yield _call(_asyncpg_reset_statement, conn, "DISCARD ALL")
+        _clear_asyncpg_statement_cache(conn)
+        return
+    # Generic DB-API connection: a rollback is all a driver-neutral reset can do.
+    yield _call(conn.rollback)
+
+
+def reset_session(conn: Any, *, discard: bool = True) -> None:
+    """Leave ``conn`` as a new session would be, so nothing leaks to the next invocation.
+
+    ``ROLLBACK`` first (a no-op when already idle), then ``DISCARD ALL``, which resets
+    ``SET`` parameters and ``SET SESSION AUTHORIZATION``, drops temporary tables,
+    deallocates prepared statements, closes cursors, ``UNLISTEN *`` and releases advisory
+    locks (it includes ``pg_advisory_unlock_all()``; no separate call needed).  PostgreSQL
+    refuses ``DISCARD ALL`` inside a transaction block, hence the rollback before it and
+    the autocommit switch around it (psycopg would otherwise open a transaction for it).
+
+    ``discard=False`` (transaction pooling behind PgBouncer / RDS Proxy) only rolls back:
+    ``DISCARD`` pins an RDS Proxy session, and such setups must not leave session state.
+
+    psycopg's client-side prepared-statement cache: psycopg clears it when it sees the
+    command status ``DISCARD ALL``, but only if that statement text is new to its
+    statement counter (``psycopg/_preparing.py``: ``validate()`` runs for first-seen
+    queries only), so from the second ``DISCARD ALL`` on it can keep names of statements
+    the server just dropped and fail with *prepared statement "_pg3_0" does not exist*.
+    Warm connections are therefore opened with ``prepare_threshold=None`` (no automatic
+    server-side preparation; :func:`warm_connect_args`); when a user turns preparation back
+    on, the cache is cleared here after the discard.
+
+    asyncpg's statement cache has the same hazard, worse: see
+    :func:`_clear_asyncpg_statement_cache`.  This function is for blocking connections;
+    :func:`areset_session` runs the same steps on an asyncio one.
+    """
+
+    def perform(step: Any) -> Any:
+        result = step[1]()
+        if inspect.isawaitable(result):
+            _discard_awaitable(result)
+            raise InvalidRequestError(
+                "reset_session() got an asyncio connection: use 'await areset_session()'"
+            )
+        return result
+
+    pool_core.drive(g_reset_session(conn, discard=discard), perform)
+
+
+async def areset_session(conn: Any, *, discard: bool = True) -> None:
+    """:func:`reset_session` for an asyncio connection (psycopg ``AsyncConnection``, asyncpg)."""
+
+    async def perform(step: Any) -> Any:
+        result = step[1]()
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    await pool_core.drive_async(g_reset_session(conn, discard=discard), perform)
+
+
+def _discard_awaitable(value: Any) -> None:
+    close = getattr(value, "close", None)
+    if callable(close):
+        close()  # no "coroutine was never awaited" warning
+
+
+def _clear_psycopg_prepared_cache(conn: Any) -> None:
+    # psycopg has no public call for this; its PrepareManager.clear() is what psycopg
+    # itself runs after ROLLBACK and DISCARD ALL.  If a future psycopg renames it, turn
+    # preparation off for this connection instead: stale names must never be used.
+    manager = getattr(conn, "_prepared", None)
+    clear = getattr(manager, "clear", None)
+    if callable(clear):
+        clear()
+    else:
+        conn.prepare_threshold = None
+
+
+def _clear_asyncpg_statement_cache(conn: Any) -> None:
+    """Forget asyncpg's cached prepared statements after ``DISCARD ALL`` deallocated them.
+
+    asyncpg prepares the statements of ``fetch()``/``execute(query, *args)``… as named
+    server-side statements kept in a per-connection cache (``statement_cache_size``,
+    default 100) and is not told about ``DISCARD ALL`` (which includes ``DEALLOCATE
+    ALL``); the next use of a cached one fails with ``InvalidSQLStatementNameError``
+    (*prepared statement "__asyncpg_stmt_1__" does not exist*), an error asyncpg does
+    not retry (it re-prepares only on ``InvalidCachedStatementError``).  Its maintainers
+    keep ``DISCARD ALL`` out of asyncpg's own pool reset for this reason
+    (MagicStack/asyncpg#270), and its FAQ answers prepared-statement errors with
+    ``statement_cache_size=0``.  Warm asyncpg connections are therefore opened with
+    ``statement_cache_size=0`` (asyncpg then uses unnamed statements only; see
+    :func:`warm_connect_args`), like psycopg's ``prepare_threshold=None``.  When a user
+    turns the cache back on, it is emptied here with ``_drop_local_statement_cache()``,
+    the private method asyncpg itself calls when it drops a connection's cache; the
+    closes asyncpg then sends for the dropped statements are harmless (closing a
+    statement that does not exist is not an error in PostgreSQL).  If that method is
+    gone, the reset fails, so the pool closes the connection instead of keeping it
+    inconsistent.
+    """
+    if not getattr(conn, "_stmt_cache_enabled", True):
+        return
+    drop = getattr(conn, "_drop_local_statement_cache", None)
+    if not callable(drop):
+        raise InvalidRequestError(
+            "cannot empty asyncpg's statement cache after DISCARD ALL; open warm asyncpg "
+            "connections with statement_cache_size=0"
+        )
+    drop()
+
+
+def warm_connect_args(
+    connect_args: Mapping[str, Any] | None, *, psycopg: bool, asyncpg: bool = False
+) -> dict[str, Any]:
+    """Driver keywords for a warm connection: automatic server-side preparation off.
+
+    psycopg: ``prepare_threshold=None``; asyncpg: ``statement_cache_size=0``; a value the
+    caller gave is kept.  See :func:`reset_session` and
+    :func:`_clear_asyncpg_statement_cache` for why.
+    """
+    args = dict(connect_args or {})
+    if psycopg:
+        args.setdefault("prepare_threshold", None)
+    if asyncpg:
+        args.setdefault("statement_cache_size", 0)
+    return args
