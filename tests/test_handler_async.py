@@ -415,6 +415,20 @@ def test_called_from_inside_a_running_loop_runs_on_the_container_loop(
     assert inside["pid"] == outside["pid"]
 
 
+async def test_a_pytest_asyncio_test_calls_the_handler_as_lambda_would(
+    app_url: str, lambda_context: MakeContext
+) -> None:
+    @with_connection()
+    async def handler(event: Any, context: Any, connection: AsyncConnection) -> dict[str, Any]:
+        return {"pid": await backend_pid(connection), "loop": asyncio.get_running_loop()}
+
+    first = handler({}, lambda_context())
+    second = handler({}, lambda_context())
+    assert first["loop"] is not asyncio.get_running_loop()  # not the test's loop
+    assert first["loop"] is second["loop"] is container_loop()
+    assert first["pid"] == second["pid"]
+
+
 def test_called_from_inside_the_container_loop_is_refused(
     app_url: str, lambda_context: MakeContext
 ) -> None:
