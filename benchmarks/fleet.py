@@ -389,11 +389,12 @@ def _section(r: dict[str, Any], plot_dir: str) -> list[str]:
     return lines
 
 
-#: What a refused connect may end as: the retries gave up, or the deadline ended the
-#: attempt in progress.
-_CAPACITY_FAILURES = frozenset(
-    {"lambda_pool.CapacityExhaustedError", "lambda_pool.DeadlineExceededError (connect)"}
-)
+def _is_capacity_failure(error: str) -> bool:
+    """What a refused connect may end as: the retries gave up (whatever step the error
+    names), or the deadline ended the connect attempt in progress."""
+    return error.startswith("lambda_pool.CapacityExhaustedError") or (
+        error == "lambda_pool.DeadlineExceededError (connect)"
+    )
 
 
 def write_page(results: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
@@ -478,7 +479,7 @@ def write_page(results: Sequence[dict[str, Any]], meta: dict[str, Any], path: Pa
         "connect attempt within the retries that the deadline cut short",
         lambda r: (
             r["invocations"]["failed"] > 0
-            and all(name in _CAPACITY_FAILURES for name in r["invocations"]["errors"])
+            and all(_is_capacity_failure(name) for name in r["invocations"]["errors"])
             and r["invocations"]["timed_out"] == 0
             and (r["invocations"]["failed_after_ms"]["max"] or 0) < r["config"]["deadline_ms"]
         ),
