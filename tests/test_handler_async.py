@@ -541,6 +541,40 @@ def test_lambda_pool_settings_reach_the_async_engine(
     assert engine.pool.stats.pre_pings == 1  # the second, warm checkout
 
 
+def test_behind_pgbouncer_in_transaction_mode_with_the_environment_setting(
+    pgbouncer: Any, scheme: str, lambda_context: MakeContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in _SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(
+        "LAMBDA_POOL_DATABASE_URL", pgbouncer.dsn.replace("postgresql://", f"{scheme}://", 1)
+    )
+    monkeypatch.setenv("LAMBDA_POOL_TRANSACTION_POOLING", "1")
+
+    @with_connection()
+    async def handler(event: Any, context: Any, connection: AsyncConnection) -> list[Any]:
+        if event.get("sleep"):
+            await connection.execute("SELECT pg_sleep(%s)", (event["sleep"],))
+        seen = []
+        for i in range(3):  # three transactions, each on whichever server session is free
+            row = (
+                await connection.execute(
+                    "SELECT %s::int * 2, current_setting('statement_timeout')", (i,)
+                )
+            ).one()
+            seen.append((row[0], row[1] != "0"))
+            await connection.commit()
+        return seen
+
+    assert [handler({}, lambda_context()) for _ in range(3)] == [
+        [(0, True), (2, True), (4, True)]
+    ] * 3
+    with pytest.raises(exc.StatementTimeoutError):
+        handler({"sleep": 10}, lambda_context(remaining_ms=1500))
+    assert handler({}, lambda_context()) == [(0, True), (2, True), (4, True)]
+    assert handler.engine.transaction_pooling is True  # type: ignore[attr-defined]
+
+
 def test_engine_of_the_wrong_kind_is_refused_at_decoration(app_url: str) -> None:
     blocking = create_engine(app_url.replace("+asyncpg", ""))
     asynchronous = create_async_engine(app_url)
