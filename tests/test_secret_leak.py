@@ -103,11 +103,32 @@ class _Capture(logging.Handler):
         self.evidence.texts.append(repr(record.__dict__))
 
 
+def _logging_state() -> dict[str, tuple[list[logging.Handler], int]]:
+    loggers = [logging.getLogger()] + [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    return {logger.name: (list(logger.handlers), logger.level) for logger in loggers}
+
+
+def _restore_logging(before: dict[str, tuple[list[logging.Handler], int]]) -> None:
+    """Undo what the flow did to logging: echo=True and Powertools add handlers bound
+    to this test's captured stdout, which later tests must not write to."""
+    for name, (handlers, _level) in _logging_state().items():
+        logger = logging.getLogger(name) if name != "root" else logging.getLogger()
+        kept, old_level = before.get(name, ([], logging.NOTSET))
+        for handler in handlers:
+            if handler not in kept:
+                logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
 @pytest.fixture
 def evidence(capsys: pytest.CaptureFixture[str]) -> Iterator[Evidence]:
     found = Evidence()
     handler = _Capture(found)
-    previous = {name: logging.getLogger(name).level for name in LOGGERS}
+    before = _logging_state()
     root = logging.getLogger()
     root.addHandler(handler)
     for name in LOGGERS:
@@ -115,9 +136,7 @@ def evidence(capsys: pytest.CaptureFixture[str]) -> Iterator[Evidence]:
     try:
         yield found
     finally:
-        root.removeHandler(handler)
-        for name, level in previous.items():
-            logging.getLogger(name).setLevel(level)
+        _restore_logging(before)
         out, err = capsys.readouterr()
         found.add(out, err)
     found.assert_no_secret()
