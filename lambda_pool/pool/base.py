@@ -30,8 +30,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lambda_pool import event
+from lambda_pool import deadlines, event
 from lambda_pool.exc import (
+    DeadlineExceededError,
     DisconnectionError,
     InvalidRequestError,
     ResourceClosedError,
@@ -41,7 +42,7 @@ from lambda_pool.exc import (
 )
 from lambda_pool.pool import core
 from lambda_pool.pool.core import Acquire, Op, Stale, Step
-from lambda_pool.pool.dialect import AsyncDefaultDialect, DefaultDialect
+from lambda_pool.pool.dialect import AsyncDefaultDialect, DefaultDialect, idle_probe
 
 if TYPE_CHECKING:  # pragma: no cover - asyncio is imported where an async pool needs it
     import asyncio
@@ -190,15 +191,18 @@ _ConnectionRecord = ConnectionPoolEntry
 class PoolProxiedConnection:
     """A checked-out connection: forwards to the DB-API connection, returns it on ``close()``."""
 
+    # Defaults on the class: a checkout sets only the two attributes below (every
+    # checkout makes a proxy), the others are written when they change.
+    _detached: Any = None  # the DB-API connection once detach() ran
+    _detached_info: dict[Any, Any] | None = None
+    _closed = False
+    _nested = 1  # SingletonThreadPool hands the same proxy to nested checkouts
+    # The engine's Connection rolled back before close(): no second rollback.
+    _transaction_reset = False
+
     def __init__(self, pool: Pool, record: ConnectionPoolEntry) -> None:
         self._pool = pool
         self._record: ConnectionPoolEntry | None = record
-        self._detached: Any = None  # the DB-API connection once detach() ran
-        self._detached_info: dict[Any, Any] | None = None
-        self._closed = False
-        self._nested = 1  # SingletonThreadPool hands the same proxy to nested checkouts
-        # The engine's Connection rolled back before close(): no second rollback.
-        self._transaction_reset = False
 
     # --- the connection ---------------------------------------------------------------
 
@@ -270,17 +274,16 @@ class PoolProxiedConnection:
         self._nested -= 1  # _release_nested(), inline: this is every return's path
         if self._nested > 0:
             return
-        self._pool._run_sync(
-            self._pool._g_checkin(self, transaction_was_reset or self._transaction_reset)
-        )
+        self._pool._return_sync(self, transaction_was_reset or self._transaction_reset)
 
     async def aclose(self, *, transaction_was_reset: bool = False) -> None:
         """``close()`` for either mode, awaiting the reset and close of an async connection."""
         if self._closed or self._release_nested():
             return
-        await self._pool._run_any(
-            self._pool._g_checkin(self, transaction_was_reset or self._transaction_reset)
-        )
+        if self._pool._is_async:
+            await self._pool._return_async(self, transaction_was_reset or self._transaction_reset)
+        else:
+            self._pool._return_sync(self, transaction_was_reset or self._transaction_reset)
 
     def _release_nested(self) -> bool:
         self._nested -= 1
@@ -495,6 +498,25 @@ class Pool(abc.ABC):
         # StaticPool's slots (returns of a connection others still use skip the reset),
         # found once here rather than by an isinstance() check at every return.
         self._static_slots = self._slots if isinstance(self._slots, core.StaticSlots) else None
+        # The quick paths (see _take_idle and _return_quickly) make the procedures'
+        # decisions inline when a checkout or return needs no I/O; only for the pool
+        # classes whose procedures are these ones (WarmPool, say, adds its own steps).
+        cls = type(self)
+        self._quick_checkout = (
+            type(self._slots) is core.QueueSlots
+            and cls._g_checkout is Pool._g_checkout
+            and cls._g_prepare is Pool._g_prepare
+        )
+        self._quick_return = (
+            self._static_slots is None
+            and cls._g_checkin is Pool._g_checkin
+            and cls._g_reset is Pool._g_reset
+        )
+        # A rollback that would send nothing (no transaction open) is skipped only with
+        # lambda-pool's dialects, whose do_rollback is the driver's rollback(): a
+        # user's dialect still sees every call.
+        self._skip_idle_rollback = type(dialect).__module__.startswith("lambda_pool.")
+        self._idle_probes: dict[type, Callable[[Any], bool] | None] = {}
 
     # --- subclass hooks -----------------------------------------------------------------
 
@@ -517,13 +539,25 @@ class Pool(abc.ABC):
         """Check a connection out (sync pools)."""
         if self._is_async:
             raise InvalidRequestError("This pool has an async creator: use 'await pool.aconnect()'")
-        return self._run_sync(self._g_checkout())
+        taken = self._checkout_quickly()
+        if taken is None:
+            return self._run_sync(self._g_checkout())
+        if isinstance(taken, PoolProxiedConnection):
+            return taken
+        record, proxy, raised = taken
+        return self._run_sync(self._g_hand_out(Acquire.TAKE, record, proxy, raised))
 
     async def aconnect(self) -> PoolProxiedConnection:
         """Check a connection out (async pools)."""
         if not self._is_async:
             raise InvalidRequestError("This pool has a sync creator: use 'pool.connect()'")
-        return await self._run_async(self._g_checkout())
+        taken = self._checkout_quickly()
+        if taken is None:
+            return await self._run_async(self._g_checkout())
+        if isinstance(taken, PoolProxiedConnection):
+            return taken
+        record, proxy, raised = taken
+        return await self._run_async(self._g_hand_out(Acquire.TAKE, record, proxy, raised))
 
     def dispose(self) -> None:
         """Close every idle connection; checked-out ones are handled when they come back."""
@@ -871,6 +905,10 @@ class Pool(abc.ABC):
             self._check_fork()
         started = time.monotonic()
         deadline: core.Deadline | None = None  # made when the checkout has to wait
+        # The invocation's deadline (lambda_pool.deadline(), @with_connection) bounds
+        # the wait too: a Lambda function that waits past it is killed mid-request.
+        invocation: deadlines.Deadline | None = None
+        started_with = 0.0
         key = threading.get_ident()
         while True:
             with self._lock:
@@ -880,14 +918,40 @@ class Pool(abc.ABC):
                 break
             if deadline is None:
                 deadline = core.Deadline(started, self._timeout)
-            if deadline.expired(time.monotonic()):
+                invocation = deadlines.current()
+                if invocation is not None:
+                    started_with = invocation.remaining()
+            now = time.monotonic()
+            if deadline.expired(now):
                 raise PoolTimeoutError(self._timeout_message())
-            yield Op.WAIT, (version, deadline.remaining(time.monotonic()))
+            wait = deadline.remaining(now)
+            if invocation is not None:
+                left = invocation.remaining()
+                if left <= 0:
+                    raise self._checkout_deadline_error(invocation, started_with)
+                if wait is None or left < wait:
+                    wait = left
+            yield Op.WAIT, (version, wait)
         assert record is not None
         proxy = PoolProxiedConnection(self, record)
+        return (yield from self._g_hand_out(kind, record, proxy))
+
+    def _g_hand_out(
+        self,
+        kind: Acquire,
+        record: ConnectionPoolEntry,
+        proxy: PoolProxiedConnection,
+        raised: BaseException | None = None,
+    ) -> Proc[PoolProxiedConnection]:
+        """Prepare an acquired record and hand it out; on failure the slot comes back.
+        ``raised``: what the quick path's ``checkout`` listeners raised (see
+        :meth:`_hand_out_quickly`), handled as the procedure would have."""
         try:
             if kind is not Acquire.SHARED:
-                yield from self._g_prepare(record, proxy)
+                if raised is None:
+                    yield from self._g_prepare(record, proxy)
+                else:
+                    yield from self._g_prepare(record, proxy, raised=raised)
             else:
                 # A second user of StaticPool's one connection: SQLAlchemy fires
                 # ``checkout`` for it too (no staleness check or ping: it is in use).
@@ -924,14 +988,182 @@ class Pool(abc.ABC):
     def _timeout_message(self) -> str:
         return core.timeout_message(0, 0, self._timeout)
 
-    def _g_prepare(self, record: ConnectionPoolEntry, proxy: PoolProxiedConnection) -> Proc[None]:
-        reason = core.stale_reason(
-            now=time.time(),
-            has_connection=record.dbapi_connection is not None,
-            starttime=record.starttime,
-            recycle=self._recycle,
-            pool_invalidated_at=self._invalidate_time,
-            soft_invalidated_at=record.soft_invalidate_time,
+    def _checkout_deadline_error(
+        self, invocation: deadlines.Deadline, started_with: float
+    ) -> DeadlineExceededError:
+        """The pool's timeout message, cut short by the invocation's deadline: a
+        :class:`DeadlineExceededError` of step ``"checkout"`` (no connection was taken,
+        none is discarded), so handlers that catch running out of time catch this too."""
+        left_ms = max(0, int(started_with * 1000))
+        return DeadlineExceededError(
+            f"{self._timeout_message()}; the wait was cut short by the {invocation.source}: "
+            f"the checkout began waiting with {left_ms} ms left and no connection came "
+            "back in time. Return connections sooner, raise pool_size or max_overflow, "
+            "or give the function more time",
+            step="checkout",
+            remaining_ms=left_ms,
+        )
+
+    # --- quick paths: the procedures' decisions, inline, when no I/O is needed ----------
+
+    def _checkout_quickly(
+        self,
+    ) -> (
+        PoolProxiedConnection
+        | tuple[ConnectionPoolEntry, PoolProxiedConnection, BaseException | None]
+        | None
+    ):
+        """QueuePool's checkout of an idle record that is neither stale nor to be pinged:
+        ``acquire()`` and :meth:`_g_prepare`'s decisions inline, then ``checkout``.
+
+        Returns the proxy when done; ``None`` when there is no idle record (the
+        procedure connects, waits or times out); ``(record, proxy, raised)`` when the
+        record needs the procedure (``raised`` None: replace or ping it) or a
+        ``checkout`` listener raised ``raised`` (the procedure handles it as its own).
+        """
+        if not self._quick_checkout or _forks != self._forks_seen:
+            return None
+        slots: core.QueueSlots[ConnectionPoolEntry] = self._slots  # type: ignore[assignment]
+        with self._lock:
+            idle = slots.idle
+            if not idle:
+                return None
+            record = idle.pop() if slots.use_lifo else idle.popleft()
+            slots.out += 1
+        proxy = PoolProxiedConnection(self, record)
+        dbapi = record.dbapi_connection
+        starttime = record.starttime
+        if (
+            self._pre_ping
+            or dbapi is None
+            or (self._recycle > -1 and time.time() - starttime > self._recycle)
+            or self._invalidate_time > starttime
+            or record.soft_invalidate_time > starttime
+        ):
+            return record, proxy, None
+        record.fresh = False
+        listeners = self._listeners("checkout")
+        if listeners:
+            try:
+                for listener in listeners:
+                    listener(dbapi, record, proxy)
+            except BaseException as exc:
+                return record, proxy, exc
+        logger = self._logger
+        if logger.debug_forced or logger.logger.isEnabledFor(logging.DEBUG):
+            logger.debug("Connection %r checked out from pool", dbapi)
+        return proxy
+
+    def _return_sync(self, proxy: PoolProxiedConnection, transaction_was_reset: bool) -> None:
+        """:meth:`_g_checkin` for a sync pool, the common case inline."""
+        record = proxy._record
+        if (
+            record is None
+            or not self._quick_return
+            or _forks != self._forks_seen
+            or record._epoch != self._epoch
+            or record.dbapi_connection is None
+        ):
+            self._run_sync(self._g_checkin(proxy, transaction_was_reset))
+            return
+        proxy._closed = True
+        dbapi = record.dbapi_connection
+        try:
+            listeners = self._listeners("reset")
+            if listeners:
+                self._fire_reset(listeners, dbapi, record, transaction_was_reset)
+            step = self._reset_step(dbapi, transaction_was_reset)
+            if step is not None:
+                self._perform_sync((step, dbapi))
+        except BaseException as exc:
+            self._run_sync(self._g_reset_failed(record, exc))
+            return
+        listeners = self._listeners("checkin")
+        try:
+            for listener in listeners:
+                listener(dbapi, record)
+        finally:
+            with self._lock:
+                keep = self._slots.release(record)
+                if self._sync_waiters or self._async_waiters:
+                    self._notify_locked()
+            if not keep:
+                self._run_sync(self._g_close_connection(record))
+
+    async def _return_async(
+        self, proxy: PoolProxiedConnection, transaction_was_reset: bool
+    ) -> None:
+        """:meth:`_return_sync` for an async pool: the reset's I/O awaited."""
+        record = proxy._record
+        if (
+            record is None
+            or not self._quick_return
+            or _forks != self._forks_seen
+            or record._epoch != self._epoch
+            or record.dbapi_connection is None
+        ):
+            await self._run_async(self._g_checkin(proxy, transaction_was_reset))
+            return
+        proxy._closed = True
+        dbapi = record.dbapi_connection
+        try:
+            listeners = self._listeners("reset")
+            if listeners:
+                self._fire_reset(listeners, dbapi, record, transaction_was_reset)
+            step = self._reset_step(dbapi, transaction_was_reset)
+            if step is not None:
+                await self._perform_async((step, dbapi))
+        except BaseException as exc:
+            await self._run_async(self._g_reset_failed(record, exc))
+            return
+        listeners = self._listeners("checkin")
+        try:
+            for listener in listeners:
+                listener(dbapi, record)
+        finally:
+            with self._lock:
+                keep = self._slots.release(record)
+                if self._sync_waiters or self._async_waiters:
+                    self._notify_locked()
+            if not keep:
+                await self._run_async(self._g_close_connection(record))
+
+    @staticmethod
+    def _fire_reset(
+        listeners: list[Any],
+        dbapi: Any,
+        record: ConnectionPoolEntry | None,
+        transaction_was_reset: bool,
+    ) -> None:
+        state = PoolResetState(
+            transaction_was_reset=transaction_was_reset,
+            terminate_only=False,
+            asyncio_safe=True,
+        )
+        for listener in listeners:
+            listener(dbapi, record, state)
+
+    def _g_prepare(
+        self,
+        record: ConnectionPoolEntry,
+        proxy: PoolProxiedConnection,
+        *,
+        raised: BaseException | None = None,
+    ) -> Proc[None]:
+        """Replace a stale connection, ping, fire ``checkout`` (retrying on a disconnect).
+        ``raised``: the quick path checked staleness and ran the listeners, which raised
+        this; the procedure takes over from there."""
+        reason = (
+            None
+            if raised is not None
+            else core.stale_reason(
+                now=time.time(),
+                has_connection=record.dbapi_connection is not None,
+                starttime=record.starttime,
+                recycle=self._recycle,
+                pool_invalidated_at=self._invalidate_time,
+                soft_invalidated_at=record.soft_invalidate_time,
+            )
         )
         if reason is not None:
             if reason is not Stale.NO_CONNECTION:
@@ -946,6 +1178,9 @@ class Pool(abc.ABC):
         while True:
             fresh, record.fresh = record.fresh, False
             try:
+                if raised is not None:
+                    first, raised = raised, None
+                    raise first
                 if self._pre_ping and not fresh:
                     yield from self._g_ping(record)
                 self._fire("checkout", record.dbapi_connection, record, proxy)
@@ -1114,17 +1349,7 @@ class Pool(abc.ABC):
             try:
                 yield from self._g_reset(dbapi, record, transaction_was_reset, False)
             except BaseException as exc:
-                # The caller is done with this connection: a broken one is replaced, not
-                # reported; an interruption (KeyboardInterrupt, a cancelled task) still
-                # propagates, but only after the slot came back.
-                self._logger.error("Exception during reset or similar", exc_info=True)
-                interrupted = not isinstance(exc, Exception)
-                try:
-                    yield from self._g_invalidate(record, exc, interrupted=interrupted)
-                finally:
-                    yield from self._g_release(record, fire_checkin)
-                if interrupted:
-                    raise
+                yield from self._g_reset_failed(record, exc, fire_checkin)
                 return
         # _g_release, inline: this is every return's path.
         try:
@@ -1136,6 +1361,21 @@ class Pool(abc.ABC):
                 self._notify_locked()
             if not keep:
                 yield from self._g_close_connection(record)
+
+    def _g_reset_failed(
+        self, record: ConnectionPoolEntry, exc: BaseException, fire_checkin: bool = True
+    ) -> Proc[None]:
+        """The reset on return raised ``exc``: the caller is done with this connection,
+        so a broken one is replaced, not reported; an interruption (KeyboardInterrupt, a
+        cancelled task) still propagates, but only after the slot came back."""
+        self._logger.error("Exception during reset or similar", exc_info=True)
+        interrupted = not isinstance(exc, Exception)
+        try:
+            yield from self._g_invalidate(record, exc, interrupted=interrupted)
+        finally:
+            yield from self._g_release(record, fire_checkin)
+        if interrupted:
+            raise exc
 
     def _g_release(self, record: ConnectionPoolEntry, fire_checkin: bool = True) -> Proc[None]:
         """``checkin`` event, then the slot back to the pool (or closed if not kept)."""
@@ -1167,15 +1407,35 @@ class Pool(abc.ABC):
             )
             for listener in listeners:
                 listener(dbapi, record, state)
-        # SQLAlchemy's rules: a rollback is skipped when the caller already ended the
-        # transaction; a commit is not.
-        if self._reset_on_return == core.RESET_ROLLBACK:
-            if not transaction_was_reset:
-                self._logger.debug("Connection %r being returned to pool; rollback", dbapi)
-                yield Op.ROLLBACK, dbapi
-        elif self._reset_on_return == core.RESET_COMMIT:
+        step = self._reset_step(dbapi, transaction_was_reset)
+        if step is not None:
+            yield step, dbapi
+
+    def _reset_step(self, dbapi: Any, transaction_was_reset: bool) -> Op | None:
+        """The I/O of the reset on return: SQLAlchemy's rules (a rollback is skipped when
+        the caller already ended the transaction; a commit is not), and no rollback
+        when the driver shows no transaction open (it would send nothing; the log line
+        stays, as the reset is the same)."""
+        mode = self._reset_on_return
+        if mode == core.RESET_ROLLBACK:
+            if transaction_was_reset:
+                return None
+            logger = self._logger
+            if logger.debug_forced or logger.logger.isEnabledFor(logging.DEBUG):
+                logger.debug("Connection %r being returned to pool; rollback", dbapi)
+            if self._skip_idle_rollback:
+                kind = type(dbapi)
+                try:
+                    probe = self._idle_probes[kind]
+                except KeyError:
+                    probe = self._idle_probes[kind] = idle_probe(kind)
+                if probe is not None and probe(dbapi):
+                    return None
+            return Op.ROLLBACK
+        if mode == core.RESET_COMMIT:
             self._logger.debug("Connection %r being returned to pool; commit", dbapi)
-            yield Op.COMMIT, dbapi
+            return Op.COMMIT
+        return None
 
     def _g_close_detached(
         self, proxy: PoolProxiedConnection, transaction_was_reset: bool

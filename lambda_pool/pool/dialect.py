@@ -13,6 +13,7 @@ psycopg or asyncpg connection behaves the same whichever dialect the pool has.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -176,3 +177,35 @@ class AsyncDefaultDialect(_GenericDialect):
         from lambda_pool.dialects.psycopg_async import AsyncPsycopgDialect
 
         return AsyncPsycopgDialect().do_cancel(dbapi_connection, timeout)
+
+
+def _psycopg_idle(dbapi_connection: Any) -> bool:
+    # libpq's PQTRANS_IDLE is 0; a closed or broken connection reads UNKNOWN (4) or
+    # INERROR, so it still gets its rollback (and the error that invalidates it).
+    return bool(dbapi_connection.pgconn.transaction_status == 0)
+
+
+def _sqlite_idle(dbapi_connection: Any) -> bool:
+    return not dbapi_connection.in_transaction
+
+
+def idle_probe(dbapi_type: type) -> Callable[[Any], bool] | None:
+    """A test that a connection of ``dbapi_type`` has no transaction open, so that the
+    rollback of the reset on return would send nothing (psycopg's and sqlite3's
+    ``rollback()`` return at once then); ``None`` for drivers without a cheap one.
+
+    psycopg_pool's ``putconn()`` makes the same test and skips the call; the pool does
+    the same only with lambda-pool's own dialects, whose ``do_rollback`` is the
+    driver's ``rollback()`` (a user's dialect still sees every call).
+    """
+    # psycopg's connections and their subclasses (the deadline-bounded ones), by class
+    # name so that nothing here imports a driver.
+    if any(
+        klass.__name__ == "BaseConnection" and klass.__module__.startswith("psycopg")
+        for klass in dbapi_type.__mro__
+    ):
+        return _psycopg_idle
+    driver = dbapi_type.__module__.partition(".")[0]
+    if driver in ("sqlite3", "_sqlite3") and hasattr(dbapi_type, "in_transaction"):
+        return _sqlite_idle
+    return None
