@@ -107,6 +107,10 @@ def summarize(result: FleetResult) -> dict[str, Any]:
             "capacity_errors": sum(1 for r in failed if r.outcome.capacity),
             "errors": dict(errors.most_common()),
             "error_examples": examples,
+            # Lambda would have ended these with "Task timed out" instead of the error.
+            "failed_past_deadline": sum(
+                1 for r in failed if r.outcome.duration_ms > config.deadline_ms
+            ),
             "failed_after_ms": {
                 "p50": _round(percentile(failure_timing, 0.5)),
                 "max": _round(max(failure_timing) if failure_timing else None),
