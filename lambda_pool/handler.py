@@ -61,7 +61,13 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from lambda_pool import deadlines
+from lambda_pool.dialects.psycopg import (
+    psycopg_commit_then,
+    psycopg_execute_opening,
+    psycopg_opens_in_pipeline,
+)
 from lambda_pool.engine import Connection
+from lambda_pool.engine_core import ConnOp
 from lambda_pool.exc import ArgumentError, StatementTimeoutError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
@@ -212,9 +218,17 @@ class InvocationConnection(Connection):
     _deadline: _Deadline | None = None
     _instrumentation: Instrumentation | None = None
     _armed: tuple[int, int | None] | None = None
+    # Set for one statement: it opens the transaction, sent with BEGIN and these
+    # statements in one round trip (psycopg_execute_opening).
+    _opening: list[str] | None = None
+    # Set for the final commit: the session reset sent in the same message.
+    _commit_then: str | None = None
 
     def execute(self, statement: str, parameters: Any = None) -> Any:
-        self._arm()
+        opening = self._opening_prelude()
+        if opening is None:
+            self._arm()
+        self._opening = opening
         try:
             return super().execute(statement, parameters)
         except Exception as exc:
@@ -224,6 +238,70 @@ class InvocationConnection(Connection):
                 error = self._timeout_error(timeout_ms, remaining_ms)
                 raise error from exc
             raise
+        finally:
+            self._opening = None
+
+    def _perform(self, step: Any) -> Any:
+        op, arg = step
+        if op is ConnOp.EXECUTE and self._opening is not None:
+            prelude, self._opening = self._opening, None
+            dbapi, sql, params = arg
+            return psycopg_execute_opening(dbapi, sql, params, prelude)
+        if op is ConnOp.COMMIT and self._commit_then is not None:
+            statements, self._commit_then = self._commit_then, None
+            with deadlines.step("commit"):
+                if psycopg_commit_then(arg, statements):
+                    _session_reset_done(self.engine, self._proxy)
+            return None
+        return super()._perform(step)
+
+    def _opening_prelude(self) -> list[str] | None:
+        """The statements to send with ``BEGIN`` and the next statement, when that
+        statement opens a transaction on a blocking psycopg connection (else ``None``:
+        the ordinary path, ``BEGIN`` and ``SET LOCAL`` each a round trip)."""
+        proxy = self._proxy
+        if proxy is None or self.closed or self.invalidated:
+            return None
+        if self.engine.dialect.name != "postgresql" or self.engine.dialect.driver != "psycopg":
+            return None
+        if not psycopg_opens_in_pipeline(proxy.driver_connection):
+            return None
+        deadline = self._deadline
+        if deadline is None:
+            self._armed = None
+            return []
+        timeout_ms, remaining_ms = self._timeout_now(deadline)
+        if timeout_ms is None:
+            self._armed = None
+            return []
+        self._armed = (timeout_ms, remaining_ms)
+        # An int we computed, never user text (SET does not take bind parameters).
+        return [f"SET LOCAL statement_timeout = {int(timeout_ms)}"]
+
+    def _timeout_now(self, deadline: _Deadline) -> tuple[int | None, int | None]:
+        try:
+            return deadline.timeout_ms()
+        except StatementTimeoutError:
+            if self._instrumentation is not None:
+                self._instrumentation.statement_timeout(
+                    None, deadline.remaining_ms() or 0, deadline.margin_ms
+                )
+            raise
+
+    def _commit_for_return(self) -> None:
+        """Commit before the connection goes back to the pool: with the warm pool's
+        session reset in the same message when it offers one (one round trip)."""
+        proxy = self._proxy
+        if (
+            proxy is not None
+            and self.engine.dialect.driver == "psycopg"
+            and _transaction_status(proxy.driver_connection) == 2  # in a transaction
+        ):
+            self._commit_then = _session_reset_after_commit(self.engine, proxy)
+        try:
+            self.commit()
+        finally:
+            self._commit_then = None
 
     def _timeout_error(self, timeout_ms: int, remaining_ms: int | None) -> StatementTimeoutError:
         assert self._deadline is not None
@@ -246,14 +324,7 @@ class InvocationConnection(Connection):
             # Inside a transaction it is armed already; in autocommit SET LOCAL
             # would do nothing (and a session SET would leak to the next invocation).
             return
-        try:
-            timeout_ms, remaining_ms = deadline.timeout_ms()
-        except StatementTimeoutError:
-            if self._instrumentation is not None:
-                self._instrumentation.statement_timeout(
-                    None, deadline.remaining_ms() or 0, deadline.margin_ms
-                )
-            raise
+        timeout_ms, remaining_ms = self._timeout_now(deadline)
         if timeout_ms is None:
             self._armed = None
             return
@@ -264,6 +335,23 @@ class InvocationConnection(Connection):
 
     def _holds_connection(self) -> bool:
         return _holds_connection(self)
+
+
+def _session_reset_after_commit(engine: Any, proxy: Any) -> str | None:
+    """The warm pool's session reset to send right after the final ``COMMIT``, or
+    ``None`` (another pool, a separate connection, transaction pooling)."""
+    from lambda_pool.warm import WarmPool
+
+    pool = engine.pool
+    return pool.session_reset_after_commit(proxy) if isinstance(pool, WarmPool) else None
+
+
+def _session_reset_done(engine: Any, proxy: Any) -> None:
+    from lambda_pool.warm import WarmPool
+
+    pool = engine.pool
+    if isinstance(pool, WarmPool) and proxy is not None:
+        pool.mark_session_reset(proxy)
 
 
 def _is_disconnect(connection: Any, exc: BaseException) -> bool:
@@ -356,7 +444,7 @@ def _commit(connection: Any, instrumentation: Instrumentation | None) -> None:
         _report_failed_transaction(instrumentation)
         connection.rollback()
     elif ending is _Ending.COMMIT:
-        connection.commit()
+        connection._commit_for_return()
 
 
 def _close_quietly(connection: Any) -> None:
@@ -649,7 +737,8 @@ def with_connection(
                     instrumentation.checkout_waited(wait_ms, proxy.dbapi_connection)
                 try:
                     try:
-                        connection._arm()
+                        # Nothing is sent before the handler's first statement: it
+                        # opens the transaction (with SET LOCAL statement_timeout).
                         result = fn(event, context, *args, connection=connection, **kwargs)
                     except BaseException as exc:
                         _end_after_error(connection, exc)

@@ -29,11 +29,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
 __all__ = [
     "PsycopgDialect",
     "PsycopgRules",
+    "psycopg_commit_then",
     "psycopg_connect_args",
+    "psycopg_execute_opening",
     "psycopg_is_auth_failure",
     "psycopg_is_capacity_error",
     "psycopg_is_disconnect",
     "psycopg_is_executing",
+    "psycopg_opens_in_pipeline",
     "psycopg_terminate",
 ]
 
@@ -212,6 +215,101 @@ def psycopg_exec_result(cursor: Any, rows: list[tuple[Any, ...]]) -> ExecResult:
         return ExecResult((), [], cursor.rowcount, returns_rows=False)
     keys = tuple(column.name for column in cursor.description)
     return ExecResult(keys, rows, cursor.rowcount, returns_rows=True)
+
+
+# The text of SyntaxError psycopg gets when a multi-statement text goes through the
+# extended protocol (as every statement in pipeline mode does).
+_MULTIPLE_COMMANDS = "cannot insert multiple commands into a prepared statement"
+
+
+def psycopg_opens_in_pipeline(conn: Any) -> bool:
+    """Whether :func:`psycopg_execute_opening` can begin a transaction on blocking ``conn``.
+
+    The connection must be idle outside autocommit with psycopg's default ``BEGIN`` (no
+    isolation level, read-only or deferrable setting, which would change that
+    statement), not already in a pipeline, and expose the flag the fast path restores
+    (``_autocommit``: see :func:`psycopg_execute_opening`).
+    """
+    return (
+        not conn.autocommit
+        and int(conn.info.transaction_status) == 0
+        and conn.isolation_level is None
+        and conn.read_only is None
+        and conn.deferrable is None
+        and getattr(conn, "_pipeline", None) is None
+        and isinstance(getattr(conn, "_autocommit", None), bool)
+    )
+
+
+def psycopg_execute_opening(
+    conn: Any,
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any] | None,
+    prelude: Sequence[str],
+) -> ExecResult:
+    """Begin a transaction on ``conn`` and run ``prelude`` then ``sql`` in one round trip.
+
+    psycopg sends ``BEGIN`` as a round trip of its own before a transaction's first
+    statement, even in pipeline mode (it syncs after it).  Here ``BEGIN``, each
+    ``prelude`` statement (e.g. ``SET LOCAL statement_timeout``) and ``sql`` are queued
+    in one pipeline and sent with a single Sync.  To keep psycopg from adding its own
+    ``BEGIN``, the connection is switched to autocommit (allowed: it is idle) for the
+    pipeline; afterwards the transaction we began is open, where psycopg refuses to
+    switch back, so only the flag its setter would set (``_autocommit``) is restored:
+    nothing else depends on it, and from then on psycopg sees an open transaction as
+    after its own ``BEGIN``.  A statement error is raised here, by the statement that
+    caused it (the transaction is then failed, as it would be otherwise).
+
+    A text holding several statements cannot go through the extended protocol: when the
+    server says so, the transaction (which ran nothing else) is rolled back and the
+    statements are sent the ordinary way, one round trip each.
+    """
+    from psycopg.rows import tuple_row
+
+    # Checked by the caller (psycopg_opens_in_pipeline): idle, default BEGIN.
+    conn.autocommit = True
+    with conn.cursor(row_factory=tuple_row) as cursor:
+        try:
+            with conn.pipeline():
+                cursor.execute("BEGIN")
+                for statement in prelude:
+                    cursor.execute(statement)
+                cursor.execute(sql, params)
+        except Exception as exc:
+            if _MULTIPLE_COMMANDS not in str(exc) or conn.closed:
+                raise
+            conn._autocommit = False
+            conn.rollback()
+            for statement in prelude:
+                cursor.execute(statement)
+            cursor.execute(sql, params)
+        finally:
+            conn._autocommit = False
+        rows = cursor.fetchall() if cursor.description is not None else []
+        return psycopg_exec_result(cursor, rows)
+
+
+def psycopg_commit_then(conn: Any, statements: str) -> bool:
+    """``COMMIT``, then ``statements``, as one simple query (one round trip).
+
+    Raises the ``COMMIT``'s own error when it failed (the server then rolled the
+    transaction back and skipped the rest).  Returns whether ``statements`` all
+    succeeded too: after a committed transaction a failure there is not the caller's
+    to hear about; the caller then resets the session the ordinary way.
+    """
+    from psycopg import errors, generators
+
+    with conn.lock:
+        conn.pgconn.send_query(f"COMMIT; {statements}".encode(conn.info.encoding))
+        results = conn.wait(generators.execute(conn.pgconn))
+    failed = [r for r in results if r.status == _FATAL_ERROR]
+    if results and results[0].status == _FATAL_ERROR:
+        raise errors.error_from_result(results[0], encoding=conn.info.encoding)
+    return len(results) > 1 and not failed
+
+
+# libpq's PGRES_FATAL_ERROR (psycopg.pq.ExecStatus.FATAL_ERROR), by value: no import.
+_FATAL_ERROR = 7
 
 
 class PsycopgRules:

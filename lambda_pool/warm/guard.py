@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
 # "Credentials ↔ engine"); WARM_INFO_KEY holds this module's per-connection bookkeeping.
 CREDENTIALS_EXPIRE_AT = "lambda_pool.credentials_expire_at"
 WARM_INFO_KEY = "lambda_pool.warm"
+# Set by WarmPool.mark_session_reset() between the invocation's COMMIT (sent with the
+# session reset) and the return of the connection, which then sends nothing more.
+SESSION_RESET_KEY = "lambda_pool.warm.session_reset"
 
 
 @dataclasses.dataclass

@@ -44,9 +44,31 @@ def _asyncpg_reset_statement(conn: Any, statement: str) -> Any:
     return asyncpg_bounded(conn, conn.execute(statement), "reset on return")
 
 
-def g_reset_session(conn: Any, *, discard: bool = True) -> Generator[DriverStep, Any, None]:
-    """The steps of :func:`reset_session` (sync or async driver), for a runner to perform."""
+#: What ``DISCARD ALL`` does, as the statements PostgreSQL documents it equal to
+#: (https://www.postgresql.org/docs/current/sql-discard.html), each of which, unlike
+#: ``DISCARD ALL``, may run inside the implicit transaction of a multi-statement query:
+#: so they can follow the invocation's ``COMMIT`` in the same message (one round trip).
+SESSION_RESET_STATEMENTS = (
+    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; "
+    "UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; "
+    "DISCARD SEQUENCES"
+)
+
+
+def g_reset_session(
+    conn: Any, *, discard: bool = True, discarded: bool = False
+) -> Generator[DriverStep, Any, None]:
+    """The steps of :func:`reset_session` (sync or async driver), for a runner to perform.
+
+    ``discarded``: :data:`SESSION_RESET_STATEMENTS` already ran after the last commit
+    (sent with it); when the connection is still idle nothing is sent again, only the
+    driver's statement cache is emptied as after ``DISCARD ALL``.
+    """
     if _is_psycopg(conn):
+        if discarded and int(conn.info.transaction_status) == 0:
+            if conn.prepare_threshold is not None:
+                _clear_psycopg_prepared_cache(conn)
+            return
         if int(conn.info.transaction_status) != 0:
             yield _call(conn.rollback)
         if not discard:

@@ -19,6 +19,7 @@ from lambda_pool.pool.core import Acquire, Op
 from lambda_pool.warm.driver import _running_loop, abandon_inherited_connection
 from lambda_pool.warm.guard import (
     CREDENTIALS_EXPIRE_AT,
+    SESSION_RESET_KEY,
     WARM_INFO_KEY,
     WarmConnectionInfo,
     WarmGuard,
@@ -31,7 +32,12 @@ from lambda_pool.warm.policy import (
     ReusePolicy,
     pre_ping_idle_seconds_from_env,
 )
-from lambda_pool.warm.reset import DRIVER_CALL, _discard_awaitable, g_reset_session
+from lambda_pool.warm.reset import (
+    DRIVER_CALL,
+    SESSION_RESET_STATEMENTS,
+    _discard_awaitable,
+    g_reset_session,
+)
 from lambda_pool.warm.stats import WarmStats
 
 
@@ -284,11 +290,20 @@ class WarmPool(Pool):
         return proxy
 
     def _g_prepare(
-        self, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+        self,
+        record: ConnectionPoolEntry,
+        proxy: PoolProxiedConnection,
+        *,
+        raised: BaseException | None = None,
     ) -> Generator[Any, Any, None]:
         if self._warm_slots().is_warm(record) and record.dbapi_connection is not None:
+            # Only the return right after the marking may rely on it.
+            record.info.pop(SESSION_RESET_KEY, None)
             yield from self._g_vet(record)
-        yield from super()._g_prepare(record, proxy)
+        if raised is None:
+            yield from super()._g_prepare(record, proxy)
+        else:
+            yield from super()._g_prepare(record, proxy, raised=raised)
 
     def _g_vet(self, record: ConnectionPoolEntry) -> Generator[Any, Any, None]:
         info = record.info.get(WARM_INFO_KEY)
@@ -389,10 +404,12 @@ class WarmPool(Pool):
         ):
             return
         info = record.info.get(WARM_INFO_KEY)
+        discarded = bool(record.info.pop(SESSION_RESET_KEY, False))
         try:
             yield from g_reset_session(
                 self._dialect.get_driver_connection(record.dbapi_connection),
                 discard=not self._transaction_pooling,
+                discarded=discarded,
             )
         except Exception as exc:
             # The caller already has its result; close now, reconnect at next checkout.
@@ -401,6 +418,28 @@ class WarmPool(Pool):
             return
         if isinstance(info, WarmConnectionInfo):
             self._guard.mark_returned(info)
+
+    # -- the session reset sent with the invocation's commit ----------------------------
+
+    def session_reset_after_commit(self, proxy: PoolProxiedConnection) -> str | None:
+        """The statements that reset the session (:data:`SESSION_RESET_STATEMENTS`) when
+        ``proxy``'s connection is this pool's kept one and is reset with ``DISCARD ALL``
+        on return; else ``None``.
+
+        ``with_connection`` sends them in the same message as its final ``COMMIT`` and
+        then calls :meth:`mark_session_reset`, so the return sends nothing more.
+        """
+        record = proxy.record
+        if self._transaction_pooling or record is None or not self._warm_slots().is_warm(record):
+            return None
+        return SESSION_RESET_STATEMENTS
+
+    def mark_session_reset(self, proxy: PoolProxiedConnection) -> None:
+        """The session was reset right after the last commit: the return (next) need
+        not send ``DISCARD ALL``; it still does if the connection is not idle then."""
+        record = proxy.record
+        if record is not None and self._warm_slots().is_warm(record):
+            record.info[SESSION_RESET_KEY] = True
 
     def status(self) -> str:
         slots = self._warm_slots()
