@@ -39,10 +39,15 @@ transaction and PostgreSQL's cancellation turned into
 exception (which reaches the caller unchanged), a broken connection invalidated; the
 connection always returned to the pool, which resets it.
 
-On asyncpg the transaction's ``BEGIN`` and ``SET LOCAL statement_timeout`` go out as one
-simple query (one round trip; through the dialect it would be three: ``BEGIN``, then
-prepare and execute of the ``SET``).  psycopg's ``AsyncConnection`` opens the
-transaction itself, so there it is ``BEGIN`` and the ``SET``, as on the blocking path.
+Round trips, as on the blocking path: nothing is sent before the handler's first
+statement.  On psycopg's ``AsyncConnection`` the statement that opens a transaction goes
+out with ``BEGIN`` and ``SET LOCAL statement_timeout`` in one pipeline (one round trip),
+and the final ``COMMIT`` carries the warm pool's session reset when the pool offers it
+(``session_reset_after_commit``), so the return sends nothing more.  On asyncpg,
+``BEGIN`` and ``SET LOCAL`` go out as one simple query (the dialect would send ``BEGIN``
+alone there anyway); asyncpg itself needs two round trips per statement (prepare, then
+bind and execute), which no shell can save.  The psycopg helpers here are the asyncio
+twins of the blocking ones in :mod:`lambda_pool.dialects.psycopg`.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lambda_pool import deadlines
 from lambda_pool.asyncio import AsyncConnection, AsyncEngine
+from lambda_pool.engine_core import ConnOp, Step
 from lambda_pool.exc import InvalidRequestError, StatementTimeoutError
 from lambda_pool.handler import (
     _blocking_deadline,
@@ -77,6 +83,9 @@ from lambda_pool.handler import (
 from lambda_pool.pool.base import running_loop
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from collections.abc import Mapping, Sequence
+
+    from lambda_pool.dialects.base import ExecResult
     from lambda_pool.observability import Instrumentation
     from lambda_pool.result import Result
 
@@ -195,6 +204,97 @@ def _in_transaction(driver: Any) -> bool | None:
     return None
 
 
+# The text of the SyntaxError psycopg gets when a multi-statement text goes through the
+# extended protocol (as every statement in a pipeline does).
+_MULTIPLE_COMMANDS = "cannot insert multiple commands into a prepared statement"
+# libpq's PGRES_FATAL_ERROR (psycopg.pq.ExecStatus.FATAL_ERROR), by value: no import.
+_FATAL_ERROR = 7
+
+
+def _psycopg_opens_in_pipeline(conn: Any) -> bool:
+    """Whether :func:`_psycopg_execute_opening` may begin a transaction on ``conn``:
+    idle outside autocommit, psycopg's default ``BEGIN`` (no isolation level, read-only
+    or deferrable setting), not in a pipeline, with the flag the fast path restores."""
+    return (
+        not conn.autocommit
+        and int(conn.info.transaction_status) == 0
+        and conn.isolation_level is None
+        and conn.read_only is None
+        and conn.deferrable is None
+        and getattr(conn, "_pipeline", None) is None
+        and isinstance(getattr(conn, "_autocommit", None), bool)
+    )
+
+
+async def _psycopg_execute_opening(
+    conn: Any,
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any] | None,
+    prelude: Sequence[str],
+) -> ExecResult:
+    """``BEGIN``, ``prelude`` and ``sql`` in one pipeline: one round trip.
+
+    psycopg sends its own ``BEGIN`` as a round trip of its own (it syncs after it, even
+    in a pipeline), so the idle connection is switched to autocommit for the pipeline
+    and the ``BEGIN`` is ours; afterwards only the flag psycopg's setter would set
+    (``_autocommit``) is restored, as psycopg refuses to switch inside the transaction
+    now open (from then on it sees an open transaction as after its own ``BEGIN``).  A
+    text of several statements cannot go through the extended protocol: then the
+    transaction (which ran nothing else) is rolled back and everything goes the
+    ordinary way.
+    """
+    from psycopg.rows import tuple_row
+
+    from lambda_pool.dialects.psycopg import psycopg_exec_result
+
+    await conn.set_autocommit(True)  # idle: no I/O
+    async with conn.cursor(row_factory=tuple_row) as cursor:
+        try:
+            async with conn.pipeline():
+                await cursor.execute("BEGIN")
+                for statement in prelude:
+                    await cursor.execute(statement)
+                await cursor.execute(sql, params)
+        except Exception as exc:
+            if _MULTIPLE_COMMANDS not in str(exc) or conn.closed:
+                raise
+            conn._autocommit = False
+            await conn.rollback()
+            for statement in prelude:
+                await cursor.execute(statement)
+            await cursor.execute(sql, params)
+        finally:
+            conn._autocommit = False
+        rows = await cursor.fetchall() if cursor.description is not None else []
+        return psycopg_exec_result(cursor, rows)
+
+
+async def _psycopg_commit_then(conn: Any, statements: str) -> bool:
+    """``COMMIT`` then ``statements`` as one simple query (one round trip).
+
+    Raises the ``COMMIT``'s own error (the server then skipped the rest); returns
+    whether ``statements`` succeeded too (if not, the pool resets the session the
+    ordinary way on return: the commit is done, that failure is not the handler's)."""
+    from psycopg import errors, generators
+
+    async with conn.lock:
+        conn.pgconn.send_query(f"COMMIT; {statements}".encode(conn.info.encoding))
+        results = await conn.wait(generators.execute(conn.pgconn))
+    if results and results[0].status == _FATAL_ERROR:
+        raise errors.error_from_result(results[0], encoding=conn.info.encoding)
+    return len(results) > 1 and all(result.status != _FATAL_ERROR for result in results)
+
+
+def _session_reset_after_commit(engine: AsyncEngine, proxy: Any) -> str | None:
+    """The pool's session reset to send with the final ``COMMIT`` (the warm pool offers
+    one for its kept connection), or ``None``."""
+    offer = getattr(engine.pool, "session_reset_after_commit", None)
+    if not callable(offer):
+        return None
+    statements = offer(proxy)
+    return statements if isinstance(statements, str) else None
+
+
 class AsyncInvocationConnection(AsyncConnection):
     """An :class:`~lambda_pool.asyncio.AsyncConnection` whose transactions obey the
     invocation's deadline, as :class:`lambda_pool.handler.InvocationConnection` does for
@@ -209,8 +309,17 @@ class AsyncInvocationConnection(AsyncConnection):
     # transaction status (asyncpg).
     _last_statement_failed = False
 
+    # Set for one statement: it opens the transaction, sent with BEGIN and these
+    # statements in one round trip (psycopg).
+    _opening: list[str] | None = None
+    # Set for the final commit: the session reset sent in the same message (psycopg).
+    _commit_then: str | None = None
+
     async def execute(self, statement: str, parameters: Any = None) -> Result:
-        await self._arm()
+        opening = self._opening_prelude()
+        if opening is None:
+            await self._arm()
+        self._opening = opening
         try:
             result = await super().execute(statement, parameters)
         except Exception as exc:
@@ -219,8 +328,75 @@ class AsyncInvocationConnection(AsyncConnection):
             if armed is not None and _is_statement_timeout(exc):
                 raise self._timeout_error(*armed) from exc
             raise
+        finally:
+            self._opening = None
         self._last_statement_failed = False
         return result
+
+    async def _perform(self, step: Step) -> Any:
+        op, arg = step
+        if op is ConnOp.EXECUTE and self._opening is not None:
+            prelude, self._opening = self._opening, None
+            dbapi, sql, params = arg
+            return await _psycopg_execute_opening(dbapi, sql, params, prelude)
+        if op is ConnOp.COMMIT and self._commit_then is not None:
+            statements, self._commit_then = self._commit_then, None
+            with deadlines.step("commit"):
+                if await _psycopg_commit_then(arg, statements):
+                    mark = getattr(self.engine.pool, "mark_session_reset", None)
+                    if callable(mark) and self._proxy is not None:
+                        mark(self._proxy)
+            return None
+        return await super()._perform(step)
+
+    def _opening_prelude(self) -> list[str] | None:
+        """The statements to send with ``BEGIN`` and the next statement when it opens a
+        transaction on a psycopg connection already checked out (no I/O here); else
+        ``None``: the ordinary path (:meth:`_arm`)."""
+        proxy = self._proxy
+        if proxy is None or self.closed or self.invalidated:
+            return None
+        dialect = self.engine.dialect
+        if dialect.name != "postgresql" or dialect.driver != "psycopg":
+            return None
+        if not _psycopg_opens_in_pipeline(proxy.driver_connection):
+            return None
+        deadline = self._deadline
+        if deadline is None:
+            self._armed = None
+            return []
+        timeout_ms, remaining_ms = self._timeout_now(deadline)
+        if timeout_ms is None:
+            self._armed = None
+            return []
+        self._armed = (timeout_ms, remaining_ms)
+        # An int we computed, never user text (SET takes no bind parameters).
+        return [f"SET LOCAL statement_timeout = {int(timeout_ms)}"]
+
+    def _timeout_now(self, deadline: _Deadline) -> tuple[int | None, int | None]:
+        try:
+            return deadline.timeout_ms()
+        except StatementTimeoutError:
+            if self._instrumentation is not None:
+                self._instrumentation.statement_timeout(
+                    None, deadline.remaining_ms() or 0, deadline.margin_ms
+                )
+            raise
+
+    async def _commit_for_return(self) -> None:
+        """Commit before the connection goes back to the pool, with the pool's session
+        reset in the same message when it offers one (psycopg: one round trip)."""
+        proxy = self._proxy
+        if (
+            proxy is not None
+            and self.engine.dialect.driver == "psycopg"
+            and _transaction_status(proxy.driver_connection) == 2  # in a transaction
+        ):
+            self._commit_then = _session_reset_after_commit(self.engine, proxy)
+        try:
+            await self.commit()
+        finally:
+            self._commit_then = None
 
     async def commit(self) -> None:
         await super().commit()
@@ -257,14 +433,7 @@ class AsyncInvocationConnection(AsyncConnection):
             # Inside a transaction it is armed already; in autocommit SET LOCAL would do
             # nothing (and a session SET would leak to the next invocation).
             return
-        try:
-            timeout_ms, remaining_ms = deadline.timeout_ms()
-        except StatementTimeoutError:
-            if self._instrumentation is not None:
-                self._instrumentation.statement_timeout(
-                    None, deadline.remaining_ms() or 0, deadline.margin_ms
-                )
-            raise
+        timeout_ms, remaining_ms = self._timeout_now(deadline)
         if timeout_ms is None:
             self._armed = None
             return
@@ -320,7 +489,7 @@ async def _commit(
         _report_failed_transaction(instrumentation)
         await connection.rollback()
     elif ending is _Ending.COMMIT:
-        await connection.commit()
+        await connection._commit_for_return()
 
 
 async def _close_quietly(connection: AsyncInvocationConnection) -> None:
@@ -360,7 +529,8 @@ async def _invoke(
             instrumentation.checkout_waited(wait_ms, connection.connection.dbapi_connection)
         try:
             try:
-                await connection._arm()
+                # Nothing is sent before the handler's first statement: it opens the
+                # transaction (with SET LOCAL statement_timeout).
                 result = fn(event, context, *args, connection=connection, **kwargs)
                 if inspect.isawaitable(result):
                     # ``async def``, or a wrapper (a decorator below this one) returning
