@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import contextvars
+import types
+from collections.abc import AsyncIterator, Coroutine, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -185,7 +187,53 @@ class AsyncConnection(ConnectionCore["AsyncEngine"]):
 
     async def __aexit__(self, *exc_info: object) -> None:
         # Shielded: a cancelled task must still give its connection back.
-        await asyncio.shield(self.close())
+        await _shielded(self.close())
+
+
+async def _shielded(coro: Coroutine[Any, Any, None]) -> None:
+    """``await asyncio.shield(coro)``, with no task when ``coro`` ends without waiting.
+
+    A coroutine can only be cancelled where it waits.  Returning a connection that
+    needs no I/O (the common case) ends at its first step, and a task for it would cost
+    more than the return itself; when it does wait, the rest runs in a shielded task,
+    as ``asyncio.shield`` runs it.  Every step runs in one copy of the caller's context
+    (a task's own), so a context variable set before the wait is reset after it.
+    """
+    context = contextvars.copy_context()
+    try:
+        first = context.run(coro.send, None)
+    except StopIteration:
+        return
+
+    async def rest() -> None:
+        await _continue(coro, first, context)
+
+    await asyncio.shield(rest())
+
+
+@types.coroutine
+def _continue(
+    coro: Coroutine[Any, Any, None], first: Any, context: contextvars.Context
+) -> Generator[Any, Any, None]:
+    """Drive a coroutine already started by :func:`_shielded` from the task running this:
+    hand the task what ``coro`` waits on, send back what the task resumes it with."""
+    step = first
+    while True:
+        try:
+            sent = yield step
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                step = context.run(coro.throw, exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            step = context.run(coro.send, sent)
+        except StopIteration:
+            return
 
 
 class AsyncEngine(EngineBase[AsyncDialect]):

@@ -186,3 +186,72 @@ def test_async_return_inside_a_transaction_rolls_it_back_and_idle_sends_none(
         await pool.adispose()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_task_cancelled_while_its_connection_closes_still_returns_it_clean(
+    embedded_postgres: PostgresServer, unique_application_name: str
+) -> None:
+    from lambda_pool.asyncio import create_async_engine
+
+    url = embedded_postgres.dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    async def scenario() -> None:
+        engine = create_async_engine(url, pool_size=1, max_overflow=0)
+
+        pids: list[int] = []
+
+        async def invocation() -> None:
+            async with engine.connect() as conn:
+                await conn.execute("SELECT 1")  # a transaction is open: the close awaits
+                pids.append(conn.connection.dbapi_connection.info.backend_pid)
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()  # delivered at the close's first wait
+
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(invocation())
+        for _ in range(200):
+            if engine.pool.checkedin() == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert (engine.pool.checkedin(), engine.pool.checkedout()) == (1, 0)
+        async with engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            # The same connection: its close finished (shielded), it was not terminated.
+            assert dbapi.info.backend_pid == pids[0]
+        await engine.dispose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_async_connection_closing_without_io_needs_no_task(
+    embedded_postgres: PostgresServer,
+) -> None:
+    from lambda_pool.asyncio import create_async_engine
+
+    url = embedded_postgres.dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    async def scenario() -> None:
+        engine = create_async_engine(url, pool_size=1, max_overflow=0)
+        async with engine.connect():
+            pass
+        before = len(asyncio.all_tasks())
+        made: list[object] = []
+        loop = asyncio.get_running_loop()
+        factory = loop.get_task_factory()
+
+        def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> Any:
+            made.append(coro)
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(counting)
+        try:
+            async with engine.connect():
+                pass
+        finally:
+            loop.set_task_factory(factory)
+        assert made == [] and len(asyncio.all_tasks()) == before
+        await engine.dispose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
