@@ -255,54 +255,6 @@ class InvocationConnection(Connection):
             return None
         return super()._perform(step)
 
-    def _opening_prelude(self) -> list[str] | None:
-        """The statements to send with ``BEGIN`` and the next statement, when that
-        statement opens a transaction on a blocking psycopg connection (else ``None``:
-        the ordinary path, ``BEGIN`` and ``SET LOCAL`` each a round trip)."""
-        proxy = self._proxy
-        if proxy is None or self.closed or self.invalidated:
-            return None
-        if self.engine.dialect.name != "postgresql" or self.engine.dialect.driver != "psycopg":
-            return None
-        if not psycopg_opens_in_pipeline(proxy.driver_connection):
-            return None
-        deadline = self._deadline
-        if deadline is None:
-            self._armed = None
-            return []
-        timeout_ms, remaining_ms = self._timeout_now(deadline)
-        if timeout_ms is None:
-            self._armed = None
-            return []
-        self._armed = (timeout_ms, remaining_ms)
-        # An int we computed, never user text (SET does not take bind parameters).
-        return [f"SET LOCAL statement_timeout = {int(timeout_ms)}"]
-
-    def _timeout_now(self, deadline: _Deadline) -> tuple[int | None, int | None]:
-        try:
-            return deadline.timeout_ms()
-        except StatementTimeoutError:
-            if self._instrumentation is not None:
-                self._instrumentation.statement_timeout(
-                    None, deadline.remaining_ms() or 0, deadline.margin_ms
-                )
-            raise
-
-    def _commit_for_return(self) -> None:
-        """Commit before the connection goes back to the pool: with the warm pool's
-        session reset in the same message when it offers one (one round trip)."""
-        proxy = self._proxy
-        if (
-            proxy is not None
-            and self.engine.dialect.driver == "psycopg"
-            and _transaction_status(proxy.driver_connection) == 2  # in a transaction
-        ):
-            self._commit_then = _session_reset_after_commit(self.engine, proxy)
-        try:
-            self.commit()
-        finally:
-            self._commit_then = None
-
     def _timeout_error(self, timeout_ms: int, remaining_ms: int | None) -> StatementTimeoutError:
         assert self._deadline is not None
         if self._instrumentation is not None:
@@ -310,6 +262,18 @@ class InvocationConnection(Connection):
                 timeout_ms, remaining_ms or 0, self._deadline.margin_ms
             )
         return self._deadline.exceeded(timeout_ms, remaining_ms)
+
+    def _opening_prelude(self) -> list[str] | None:
+        return _opening_prelude(self)
+
+    def _commit_for_return(self) -> None:
+        """Commit before the connection goes back to the pool: with the warm pool's
+        session reset in the same message when it offers one (one round trip)."""
+        self._commit_then = _reset_to_send_with_commit(self)
+        try:
+            self.commit()
+        finally:
+            self._commit_then = None
 
     def _arm(self) -> None:
         """``SET LOCAL statement_timeout`` when a new transaction is about to begin."""
@@ -324,7 +288,7 @@ class InvocationConnection(Connection):
             # Inside a transaction it is armed already; in autocommit SET LOCAL
             # would do nothing (and a session SET would leak to the next invocation).
             return
-        timeout_ms, remaining_ms = self._timeout_now(deadline)
+        timeout_ms, remaining_ms = _timeout_now(self, deadline)
         if timeout_ms is None:
             self._armed = None
             return
@@ -335,6 +299,60 @@ class InvocationConnection(Connection):
 
     def _holds_connection(self) -> bool:
         return _holds_connection(self)
+
+
+def _timeout_now(connection: Any, deadline: _Deadline) -> tuple[int | None, int | None]:
+    """``deadline.timeout_ms()``, reporting a fail-fast to the instrumentation."""
+    try:
+        return deadline.timeout_ms()
+    except StatementTimeoutError:
+        if connection._instrumentation is not None:
+            connection._instrumentation.statement_timeout(
+                None, deadline.remaining_ms() or 0, deadline.margin_ms
+            )
+        raise
+
+
+def _opens_in_pipeline(connection: Any) -> bool:
+    """The next statement opens a transaction on a psycopg connection (blocking or
+    asyncio) that can send ``BEGIN`` and the prelude with it (psycopg_opens_in_pipeline)."""
+    proxy = connection._proxy
+    if proxy is None or connection.closed or connection.invalidated:
+        return False
+    dialect = connection.engine.dialect
+    if dialect.name != "postgresql" or dialect.driver != "psycopg":
+        return False
+    return psycopg_opens_in_pipeline(proxy.driver_connection)
+
+
+def _opening_prelude(connection: Any) -> list[str] | None:
+    """The statements to send with ``BEGIN`` and the next statement when it opens a
+    transaction on a psycopg connection (all in one round trip); else ``None``: the
+    ordinary path (``_arm``), ``BEGIN`` and ``SET LOCAL`` each a round trip.  Sets
+    ``connection._armed`` as ``_arm`` does."""
+    if not _opens_in_pipeline(connection):
+        return None
+    deadline = connection._deadline
+    timeout_ms, remaining_ms = (
+        (None, None) if deadline is None else _timeout_now(connection, deadline)
+    )
+    if timeout_ms is None:
+        connection._armed = None
+        return []
+    connection._armed = (timeout_ms, remaining_ms)
+    # An int we computed, never user text (SET does not take bind parameters).
+    return [f"SET LOCAL statement_timeout = {int(timeout_ms)}"]
+
+
+def _reset_to_send_with_commit(connection: Any) -> str | None:
+    """The session reset to send in the final ``COMMIT``'s message: psycopg, a
+    transaction open, and the warm pool offering it; else ``None``."""
+    proxy = connection._proxy
+    if proxy is None or connection.engine.dialect.driver != "psycopg":
+        return None
+    if _transaction_status(proxy.driver_connection) != 2:  # not in a transaction
+        return None
+    return _session_reset_after_commit(connection.engine, proxy)
 
 
 def _session_reset_after_commit(engine: Any, proxy: Any) -> str | None:

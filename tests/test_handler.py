@@ -115,9 +115,10 @@ def test_handler_receives_connection_as_keyword_in_a_transaction(
         row2 = connection.execute("SELECT now() = statement_timestamp()").fetchone()
         return f"{row[0]} {row2[0]}"
 
-    # now() is the transaction's start: it differs from the statement's time only
-    # when both statements run in one transaction.
-    assert handler({}, lambda_context()) == "False False"
+    # now() is the transaction's start: a later statement's time differs from it only
+    # when both statements run in one transaction.  (The first statement travels in
+    # BEGIN's message, so its own time is the transaction's start.)
+    assert handler({}, lambda_context()) == "True False"
     assert issubclass(seen["type"], Connection)
 
 

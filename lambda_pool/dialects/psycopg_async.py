@@ -13,9 +13,15 @@ from typing import Any
 
 from lambda_pool.deadlines import step
 from lambda_pool.dialects.base import AsyncDialect, ExecResult
-from lambda_pool.dialects.psycopg import PsycopgRules, psycopg_exec_result
+from lambda_pool.dialects.psycopg import (
+    PsycopgRules,
+    commit_then_outcome,
+    opening_outcome,
+    opening_query,
+    psycopg_exec_result,
+)
 
-__all__ = ["AsyncPsycopgDialect"]
+__all__ = ["AsyncPsycopgDialect", "apsycopg_commit_then", "apsycopg_execute_opening"]
 
 
 class AsyncPsycopgDialect(PsycopgRules, AsyncDialect):
@@ -69,3 +75,40 @@ class AsyncPsycopgDialect(PsycopgRules, AsyncDialect):
             await cursor.execute(sql, params)
             rows = await cursor.fetchall() if cursor.description is not None else []
             return psycopg_exec_result(cursor, rows)
+
+
+async def apsycopg_execute_opening(
+    conn: Any,
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any] | None,
+    prelude: Sequence[str],
+) -> ExecResult:
+    """:func:`lambda_pool.dialects.psycopg.psycopg_execute_opening` for psycopg's
+    ``AsyncConnection``: ``BEGIN``, ``prelude`` (and ``sql`` when it takes no parameters)
+    in one simple query, ``sql`` with parameters after it."""
+    from psycopg import generators
+
+    query, with_statement = opening_query(sql, params, prelude)
+    async with conn.lock:
+        conn.pgconn.send_query(query)
+        results = await conn.wait(generators.execute(conn.pgconn))
+    outcome = opening_outcome(conn, results, len(prelude), with_statement)
+    if outcome is not None:
+        return outcome
+    from psycopg.rows import tuple_row
+
+    async with conn.cursor(row_factory=tuple_row) as cursor:
+        await cursor.execute(sql, params)
+        rows = await cursor.fetchall() if cursor.description is not None else []
+        return psycopg_exec_result(cursor, rows)
+
+
+async def apsycopg_commit_then(conn: Any, statements: str) -> bool:
+    """:func:`lambda_pool.dialects.psycopg.psycopg_commit_then` for psycopg's
+    ``AsyncConnection``: ``COMMIT`` and ``statements`` in one simple query."""
+    from psycopg import generators
+
+    async with conn.lock:
+        conn.pgconn.send_query(f"COMMIT; {statements}".encode(conn.info.encoding))
+        results = await conn.wait(generators.execute(conn.pgconn))
+    return commit_then_outcome(results, conn.info.encoding)
