@@ -39,15 +39,15 @@ transaction and PostgreSQL's cancellation turned into
 exception (which reaches the caller unchanged), a broken connection invalidated; the
 connection always returned to the pool, which resets it.
 
-Round trips, as on the blocking path: nothing is sent before the handler's first
-statement.  On psycopg's ``AsyncConnection`` the statement that opens a transaction goes
-out with ``BEGIN`` and ``SET LOCAL statement_timeout`` in one pipeline (one round trip),
-and the final ``COMMIT`` carries the warm pool's session reset when the pool offers it
-(``session_reset_after_commit``), so the return sends nothing more.  On asyncpg,
-``BEGIN`` and ``SET LOCAL`` go out as one simple query (the dialect would send ``BEGIN``
-alone there anyway); asyncpg itself needs two round trips per statement (prepare, then
-bind and execute), which no shell can save.  The psycopg helpers here are the asyncio
-twins of the blocking ones in :mod:`lambda_pool.dialects.psycopg`.
+Round trips, as on the blocking path and with its helpers
+(:mod:`lambda_pool.dialects.psycopg_async`): nothing is sent before the handler's first
+statement.  On psycopg's ``AsyncConnection`` the statement that opens a transaction
+goes out after ``BEGIN`` and ``SET LOCAL statement_timeout`` in one simple query (in the
+same message when it takes no parameters), and the final ``COMMIT`` carries the warm
+pool's session reset when the pool offers it (``session_reset_after_commit``), so the
+return sends nothing more.  On asyncpg, ``BEGIN`` and ``SET LOCAL`` go out as one simple
+query (the dialect would send ``BEGIN`` alone there anyway); asyncpg itself needs two
+round trips per statement (prepare, then bind and execute), which no shell can save.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lambda_pool import deadlines
 from lambda_pool.asyncio import AsyncConnection, AsyncEngine
+from lambda_pool.dialects.psycopg import psycopg_opens_in_pipeline
+from lambda_pool.dialects.psycopg_async import apsycopg_commit_then, apsycopg_execute_opening
 from lambda_pool.engine_core import ConnOp, Step
 from lambda_pool.exc import InvalidRequestError, StatementTimeoutError
 from lambda_pool.handler import (
@@ -83,9 +85,6 @@ from lambda_pool.handler import (
 from lambda_pool.pool.base import running_loop
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
-    from collections.abc import Mapping, Sequence
-
-    from lambda_pool.dialects.base import ExecResult
     from lambda_pool.observability import Instrumentation
     from lambda_pool.result import Result
 
@@ -204,69 +203,6 @@ def _in_transaction(driver: Any) -> bool | None:
     return None
 
 
-async def _psycopg_execute_opening(
-    conn: Any,
-    sql: str,
-    params: Sequence[Any] | Mapping[str, Any] | None,
-    prelude: Sequence[str],
-) -> ExecResult:
-    """``BEGIN``, ``prelude`` and ``sql`` in one pipeline: one round trip (the asyncio
-    twin of :func:`lambda_pool.dialects.psycopg.psycopg_execute_opening`).
-
-    psycopg sends its own ``BEGIN`` as a round trip of its own (it syncs after it, even
-    in a pipeline), so the idle connection is switched to autocommit for the pipeline
-    and the ``BEGIN`` is ours; afterwards only the flag psycopg's setter would set
-    (``_autocommit``) is restored, as psycopg refuses to switch inside the transaction
-    now open (from then on it sees an open transaction as after its own ``BEGIN``).  A
-    text of several statements cannot go through the extended protocol: then the
-    transaction (which ran nothing else) is rolled back and everything goes the
-    ordinary way.
-    """
-    from psycopg.rows import tuple_row
-
-    from lambda_pool.dialects.psycopg import _MULTIPLE_COMMANDS, psycopg_exec_result
-
-    await conn.set_autocommit(True)  # idle: no I/O
-    async with conn.cursor(row_factory=tuple_row) as cursor:
-        try:
-            async with conn.pipeline():
-                await cursor.execute("BEGIN")
-                for statement in prelude:
-                    await cursor.execute(statement)
-                await cursor.execute(sql, params)
-        except Exception as exc:
-            if _MULTIPLE_COMMANDS not in str(exc) or conn.closed:
-                raise
-            conn._autocommit = False
-            await conn.rollback()
-            for statement in prelude:
-                await cursor.execute(statement)
-            await cursor.execute(sql, params)
-        finally:
-            conn._autocommit = False
-        rows = await cursor.fetchall() if cursor.description is not None else []
-        return psycopg_exec_result(cursor, rows)
-
-
-async def _psycopg_commit_then(conn: Any, statements: str) -> bool:
-    """``COMMIT`` then ``statements`` as one simple query (one round trip; the asyncio
-    twin of :func:`lambda_pool.dialects.psycopg.psycopg_commit_then`).
-
-    Raises the ``COMMIT``'s own error (the server then skipped the rest); returns
-    whether ``statements`` succeeded too (if not, the pool resets the session the
-    ordinary way on return: the commit is done, that failure is not the handler's)."""
-    from psycopg import errors, generators
-
-    from lambda_pool.dialects.psycopg import _FATAL_ERROR
-
-    async with conn.lock:
-        conn.pgconn.send_query(f"COMMIT; {statements}".encode(conn.info.encoding))
-        results = await conn.wait(generators.execute(conn.pgconn))
-    if results and results[0].status == _FATAL_ERROR:
-        raise errors.error_from_result(results[0], encoding=conn.info.encoding)
-    return len(results) > 1 and all(result.status != _FATAL_ERROR for result in results)
-
-
 def _session_reset_after_commit(engine: AsyncEngine, proxy: Any) -> str | None:
     """The pool's session reset to send with the final ``COMMIT`` (the warm pool offers
     one for its kept connection), or ``None``."""
@@ -320,11 +256,11 @@ class AsyncInvocationConnection(AsyncConnection):
         if op is ConnOp.EXECUTE and self._opening is not None:
             prelude, self._opening = self._opening, None
             dbapi, sql, params = arg
-            return await _psycopg_execute_opening(dbapi, sql, params, prelude)
+            return await apsycopg_execute_opening(dbapi, sql, params, prelude)
         if op is ConnOp.COMMIT and self._commit_then is not None:
             statements, self._commit_then = self._commit_then, None
             with deadlines.step("commit"):
-                if await _psycopg_commit_then(arg, statements):
+                if await apsycopg_commit_then(arg, statements):
                     mark = getattr(self.engine.pool, "mark_session_reset", None)
                     if callable(mark) and self._proxy is not None:
                         mark(self._proxy)
@@ -341,9 +277,6 @@ class AsyncInvocationConnection(AsyncConnection):
         dialect = self.engine.dialect
         if dialect.name != "postgresql" or dialect.driver != "psycopg":
             return None
-        # The blocking rule reads only attributes both connection classes have.
-        from lambda_pool.dialects.psycopg import psycopg_opens_in_pipeline
-
         if not psycopg_opens_in_pipeline(proxy.driver_connection):
             return None
         deadline = self._deadline
