@@ -3,11 +3,16 @@
 Options: ``--quick`` (few iterations, for the smoke test), ``--json PATH``,
 ``--database-url URL`` (else ``$DATABASE_URL``, else a throw-away embedded
 PostgreSQL on loopback), ``--only SECTION`` (repeatable: ``import``, ``checkout``,
-``invocation``, ``async``, ``coldstart``; ``async`` is the asyncio checkout and invocation
-tables; ``coldstart`` runs its own embedded server and moto server; ``deploy``, run only
+``invocation``, ``async``, ``latency``, ``coldstart``; ``async`` is the asyncio checkout
+and invocation tables; ``latency`` (benchmarks/latency.py) and ``coldstart`` run their own
+embedded servers (and moto server); ``deploy``, run only
 when named, measures the ``sam build`` output into docs/deploy.md; ``fleet``, run
 only when named, rewrites docs/scale.md through benchmarks/fleet.py; ``reliability``, also
 only when named, rewrites docs/reliability.md through benchmarks/reliability.py).
+
+A full run of every section (``make bench``) also writes the charts (``docs/*.svg``) and
+the generated part of docs/benchmarks.md (benchmarks/page.py); ``--docs-dir DIR`` writes
+them elsewhere (any mode), ``--no-docs`` not at all.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from benchmarks.checkout import measure_checkout
 from benchmarks.coldstart import measure_coldstart
 from benchmarks.imports import measure_imports
 from benchmarks.invocation import measure_invocation
+from benchmarks.latency import measure_latency
 from benchmarks.report import Section, format_sections, write_json
 from benchmarks.server import database
 
-SECTIONS = ("import", "checkout", "invocation", "async", "coldstart")
+SECTIONS = ("import", "checkout", "invocation", "async", "latency", "coldstart")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 #: Sections that need the PostgreSQL server.
 DATABASE_SECTIONS = ("checkout", "invocation", "async")
 
@@ -49,6 +56,8 @@ class Settings:
     invocation_ops: int
     invocation_warmup: int
     coldstart_repeats: int = 9
+    latency_rounds: int = 5
+    latency_ops: int = 10
 
 
 FULL = Settings(
@@ -69,6 +78,8 @@ QUICK = Settings(
     invocation_ops=2,
     invocation_warmup=1,
     coldstart_repeats=1,
+    latency_rounds=1,
+    latency_ops=2,
 )
 
 
@@ -93,6 +104,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run only this section (repeatable; default: all); 'async' is the asyncio "
         "checkout and invocation sections; 'fleet' (only when asked) runs the fleet "
         "scenarios and rewrites docs/scale.md",
+    )
+    parser.add_argument(
+        "--docs-dir",
+        type=Path,
+        metavar="DIR",
+        help="write the SVG charts and the generated part of benchmarks.md into DIR "
+        "(default: docs/ after a full run of every section)",
+    )
+    parser.add_argument(
+        "--no-docs", action="store_true", help="never write the charts and the page"
     )
     return parser.parse_args(argv)
 
@@ -187,21 +208,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                     invocation_ops=settings.invocation_ops,
                     invocation_warmup=settings.invocation_warmup,
                 )
+    if "latency" in wanted:
+        sections.append(
+            measure_latency(
+                rounds=settings.latency_rounds, ops_per_round=settings.latency_ops, quick=args.quick
+            )
+        )
     if "coldstart" in wanted:
         sections.append(measure_coldstart(settings.coldstart_repeats))
     meta["elapsed_seconds"] = round(time.perf_counter() - started, 2)
 
     server = meta.get("server")
-    print(
+    header = [
         f"lambda-pool benchmarks ({'quick' if args.quick else 'full'}) — python {meta['python']}, "
         f"{meta['cpu_count']} CPUs, load {meta['load_average_at_start']}"
-    )
+    ]
     if server:
-        print(
+        header.append(
             f"PostgreSQL {server['server_version']} via {server['source']}, "
             f"host {server['host']}, TLS {'on' if server['tls'] else 'off'}"
         )
-    print("Ratios compare contenders measured in this same run; absolute figures are not claims.")
+    header.append(
+        "Ratios compare contenders measured in this same run; absolute figures are not claims."
+    )
+    print("\n".join(header))
     print()
     print(format_sections(sections))
     print()
@@ -209,6 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         write_json(args.json, meta, sections)
         print(f"JSON written to {args.json}")
+    docs = args.docs_dir
+    if docs is None and not args.quick and set(wanted) == set(SECTIONS):
+        docs = DOCS
+    if docs is not None and not args.no_docs:
+        from benchmarks.page import write_page
+
+        for path in write_page(docs, meta, sections, "\n".join(header)):
+            print(f"written: {path}")
     return 0
 
 

@@ -48,6 +48,7 @@ __all__ = ["measure_async"]
 SQLALCHEMY = "SQLAlchemy"
 PSYCOPG_POOL = "psycopg_pool"
 NULLPOOL = "NullPool"
+RAW = "raw held"
 
 
 # --- operations ---------------------------------------------------------------------------
@@ -261,12 +262,51 @@ async def _checkout_cases(
     return cases
 
 
+async def _raw_held(stack: contextlib.AsyncExitStack, db: Database, key: str) -> AsyncOp:
+    """The floor: one driver connection opened once and kept (as a global), running the
+    same statements as the invocation (BEGIN, ``SELECT 1``, COMMIT)."""
+    if key == "psycopg":
+        import psycopg
+
+        conn = await psycopg.AsyncConnection.connect(db.libpq_url)
+        stack.push_async_callback(conn.close)
+
+        async def op() -> None:
+            await conn.execute("SELECT 1")
+            await conn.commit()
+
+        return op
+    import asyncpg
+
+    raw = await asyncpg.connect(db.libpq_url)
+    stack.push_async_callback(raw.close)
+
+    async def asyncpg_op() -> None:
+        async with raw.transaction():
+            await raw.fetchval("SELECT 1")
+
+    return asyncpg_op
+
+
 async def _invocation_cases(
     stack: contextlib.AsyncExitStack, db: Database, loop: asyncio.AbstractEventLoop
 ) -> list[Case]:
     cases: list[Case] = []
     for driver, url in (("psycopg async", db.lambda_pool_url), ("asyncpg", db.asyncpg_url)):
         key = "psycopg" if driver == "psycopg async" else "asyncpg"
+        raw_label = (
+            "psycopg AsyncConnection" if key == "psycopg" else "asyncpg connection (transaction())"
+        )
+        cases.append(
+            Case(
+                f"async_invocation.{key}.raw_held",
+                f"[{driver}] raw {raw_label} held in a global (the floor)",
+                await _raw_held(stack, db, key),
+                driver,
+                role=RAW,
+                loop=loop,
+            )
+        )
         nullpool = await contenders.lambda_pool_async_engine(stack, url)
         warm = await contenders.warm_async_engine(stack, url, pre_ping_idle_seconds=3600.0)
         warm_ping = await contenders.warm_async_engine(stack, url, pre_ping_idle_seconds=0.0)
@@ -362,10 +402,12 @@ def measure_async(
         name="async_invocation",
         title="Async invocation (checkout, SELECT 1, commit, return)",
         unit="us/op",
-        baselines=[NULLPOOL],
+        baselines=[NULLPOOL, RAW],
         notes=[
             "ratios within a driver; x NullPool < 1 means cheaper than opening a "
             "connection per invocation",
+            "x raw held: against the driver's own connection kept in a global, the same "
+            "statements (BEGIN, SELECT 1, COMMIT)",
             f"median of {invocation_rounds} interleaved rounds x {invocation_ops} invocations",
         ],
     )

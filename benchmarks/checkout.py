@@ -14,12 +14,18 @@ Contenders, each built as its library's users build it:
 Drivers: sqlite3 (a file database; lambda-pool and SQLAlchemy only) and psycopg.  Each
 with and without pre-ping (psycopg_pool: ``check=ConnectionPool.check_connection``).
 Ratios are taken within a group (same driver, same pre-ping setting).
+
+Contention: 8 threads share a pool of 4 connections (``pool_size=4, max_overflow=0``;
+psycopg_pool ``min_size=max_size=4``), each checking out and returning in a loop, so
+callers wait for each other.  The figure is wall time per checkout+return over the
+whole burst (all threads started together; thread start-up is in every row alike).
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +198,78 @@ def _session_reset_cases(stack: contextlib.ExitStack, db: Database) -> list[Case
     ]
 
 
+CONTENTION_THREADS = 8
+CONTENTION_POOL = 4
+
+
+def _burst(one: Any, per_thread: int) -> Any:
+    """``CONTENTION_THREADS`` threads, started together, each calling ``one`` ``per_thread``
+    times; one call of the result is one burst."""
+
+    def op() -> None:
+        start = threading.Barrier(CONTENTION_THREADS)
+
+        def work() -> None:
+            start.wait()
+            for _ in range(per_thread):
+                one()
+
+        threads = [threading.Thread(target=work) for _ in range(CONTENTION_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    return op
+
+
+def _contention_cases(stack: contextlib.ExitStack, db: Database, per_thread: int) -> list[Case]:
+    import sqlalchemy.pool
+    from psycopg_pool import ConnectionPool
+
+    import lambda_pool
+
+    group = f"psycopg, {CONTENTION_THREADS} threads, pool of {CONTENTION_POOL}"
+    sizes = {"pool_size": CONTENTION_POOL, "max_overflow": 0}
+    ours = contenders.lambda_pool_engine(
+        stack, db.lambda_pool_url, poolclass=lambda_pool.QueuePool, **sizes
+    )
+    theirs = contenders.sqlalchemy_engine(
+        stack, db.sqlalchemy_url, poolclass=sqlalchemy.pool.QueuePool, **sizes
+    )
+    peer = ConnectionPool(
+        db.libpq_url,
+        min_size=CONTENTION_POOL,
+        max_size=CONTENTION_POOL,
+        open=True,
+        name="bench-contention",
+    )
+    stack.callback(peer.close)
+    peer.wait(timeout=30.0)
+    return [
+        Case(
+            "checkout.contention.lambda_pool.queuepool",
+            f"[{group}] lambda-pool QueuePool",
+            _burst(_raw_checkout(ours), per_thread),
+            group,
+        ),
+        Case(
+            "checkout.contention.sqlalchemy.queuepool",
+            f"[{group}] SQLAlchemy QueuePool",
+            _burst(_raw_checkout(theirs), per_thread),
+            group,
+            role=SQLALCHEMY,
+        ),
+        Case(
+            "checkout.contention.psycopg_pool.getconn",
+            f"[{group}] psycopg_pool getconn/putconn",
+            _burst(_getconn_putconn(peer), per_thread),
+            group,
+            role=PSYCOPG_POOL,
+        ),
+    ]
+
+
 def measure_checkout(db: Database, *, rounds: int, ops_per_round: int, warmup_ops: int) -> Section:
     """Time every checkout contender, interleaved, and compare within each group."""
     with contextlib.ExitStack() as stack:
@@ -200,6 +278,13 @@ def measure_checkout(db: Database, *, rounds: int, ops_per_round: int, warmup_op
         cases += _psycopg_cases(stack, db)
         run_interleaved(cases, rounds=rounds, ops_per_round=ops_per_round, warmup_ops=warmup_ops)
         facts = {case.id: case.facts() for case in cases if case.facts is not None}
+        # One burst per block: every thread makes ops_per_round checkouts.
+        contention = _contention_cases(stack, db, ops_per_round)
+        run_interleaved(contention, rounds=rounds, ops_per_round=1, warmup_ops=1)
+        per_burst = CONTENTION_THREADS * ops_per_round
+        for case in contention:
+            case.samples_ns = [sample / per_burst for sample in case.samples_ns]
+        cases += contention
 
     section = Section(
         name="checkout",
@@ -213,6 +298,8 @@ def measure_checkout(db: Database, *, rounds: int, ops_per_round: int, warmup_op
             "in both its rows; its fast path is compared with peers doing the same reset",
             "psycopg_pool runs reset= in a worker thread after putconn() returns: the caller "
             "does not wait for it, but the thread competes for the GIL and the cores",
+            f"contention rows: {CONTENTION_THREADS} threads x {ops_per_round} checkouts "
+            f"each on a pool of {CONTENTION_POOL}, wall time per checkout+return",
             f"median of {rounds} interleaved rounds x {ops_per_round} ops",
         ],
     )

@@ -4,7 +4,9 @@ Each operation is the body of a handler: check a connection out, ``SELECT 1``,
 commit, give it back.  With lambda-pool's default ``NullPool`` that means a new
 connection (TCP, TLS when the server offers it, authentication, backend start) and
 its close every time; with the warm engine, the container's one connection reused.
-The ratio is why the warm cache exists.  Compared with the ``NullPool`` row.
+The ratio is why the warm cache exists.  Compared with the ``NullPool`` row, and with
+the floor: a raw psycopg connection held in a global doing the same statements
+(``SELECT 1``, ``commit()``), which no pool can beat.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from benchmarks.timing import Case, run_interleaved
 __all__ = ["measure_invocation"]
 
 NULLPOOL = "NullPool"
+RAW = "raw held"
 
 
 def _invocation(engine: Any) -> Any:
@@ -27,6 +30,20 @@ def _invocation(engine: Any) -> Any:
         with engine.connect() as conn:
             conn.execute("SELECT 1")
             conn.commit()
+
+    return op
+
+
+def _raw_held(stack: contextlib.ExitStack, url: str) -> Any:
+    """The floor: one psycopg connection opened once and kept, as a global would be."""
+    import psycopg
+
+    conn = psycopg.connect(url)
+    stack.callback(conn.close)
+
+    def op() -> None:
+        conn.execute("SELECT 1")
+        conn.commit()
 
     return op
 
@@ -41,6 +58,13 @@ def measure_invocation(
         warm_ping = contenders.warm_engine(stack, db.lambda_pool_url, pre_ping_idle_seconds=0.0)
         group = "invocation"
         cases = [
+            Case(
+                "invocation.raw_held",
+                "raw psycopg connection held in a global (the floor)",
+                _raw_held(stack, db.libpq_url),
+                group,
+                role=RAW,
+            ),
             Case(
                 "invocation.lambda_pool.nullpool",
                 "lambda-pool create_engine() default (NullPool): connect each time",
@@ -70,9 +94,10 @@ def measure_invocation(
         name="invocation",
         title="Invocation (checkout, SELECT 1, commit, return)",
         unit="us/op",
-        baselines=[NULLPOOL],
+        baselines=[NULLPOOL, RAW],
         notes=[
             "x NullPool < 1 means cheaper than opening a connection per invocation",
+            "x raw held: against a psycopg connection kept in a global, the same statements",
             f"median of {rounds} interleaved rounds x {ops_per_round} invocations",
         ],
     )

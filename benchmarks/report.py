@@ -25,6 +25,8 @@ class Row:
     ratios: dict[str, float | None] = field(default_factory=dict)
     #: What was observed besides time (e.g. the warm pool's counters), for the JSON.
     facts: dict[str, Any] = field(default_factory=dict)
+    #: Cells of the section's ``extra_columns`` (e.g. round trips counted), by heading.
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Section:
     baselines: list[str]
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Headings of columns printed after the ratios, filled from ``Row.extra``.
+    extra_columns: list[str] = field(default_factory=list)
 
 
 def ratio(value: float, baseline: float | None) -> float | None:
@@ -91,12 +95,18 @@ def _ratio_text(value: float | None) -> str:
 
 def format_section(section: Section) -> str:
     """A fixed-width table of one section, its notes underneath."""
-    headers = ["contender", f"median {section.unit}", *(f"x {b}" for b in section.baselines)]
+    headers = [
+        "contender",
+        f"median {section.unit}",
+        *(f"x {b}" for b in section.baselines),
+        *section.extra_columns,
+    ]
     body = [
         [
             row.label,
             _number(row.median),
             *(_ratio_text(row.ratios.get(b)) for b in section.baselines),
+            *(row.extra.get(name, "") for name in section.extra_columns),
         ]
         for row in section.rows
     ]
@@ -128,6 +138,7 @@ def write_json(path: Path, meta: dict[str, Any], sections: Sequence[Section]) ->
                 "title": section.title,
                 "unit": section.unit,
                 "baselines": section.baselines,
+                "extra_columns": section.extra_columns,
                 "notes": section.notes,
                 "rows": [asdict(row) for row in section.rows],
             }

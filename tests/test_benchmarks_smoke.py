@@ -1,8 +1,10 @@
 """``python -m benchmarks --quick`` runs end to end against the test server.
 
-A smoke test only: it checks that every contender was measured (a positive number)
-and that the JSON and the table are complete.  It never asserts speed: timings on a
-shared machine are not something a test can hold to.
+A smoke test only: it checks that every contender was measured (a positive number),
+that each took the path it is named after (pool counters, the server's statement log,
+the proxy's reply counter), and that the JSON, the table, the SVG charts and the
+generated page are complete.  It never asserts speed: timings on a shared machine are
+not something a test can hold to.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import math
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lambda_pool.testing.pgbouncer import find_pgbouncer
 from lambda_pool.testing.postgres import PostgresServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +63,12 @@ EXPECTED: dict[str, list[str]] = {
     + [
         "checkout.psycopg.sqlalchemy.queuepool.discard",
         "checkout.psycopg.psycopg_pool.getconn.discard",
+        "checkout.contention.lambda_pool.queuepool",
+        "checkout.contention.sqlalchemy.queuepool",
+        "checkout.contention.psycopg_pool.getconn",
     ],
     "invocation": [
+        "invocation.raw_held",
         "invocation.lambda_pool.nullpool",
         "invocation.lambda_pool.warm",
         "invocation.lambda_pool.warm.preping",
@@ -78,9 +86,27 @@ EXPECTED: dict[str, list[str]] = {
     ]
     + (SQLALCHEMY_ASYNC_CHECKOUT if HAS_GREENLET else []),
     "async_invocation": [
-        f"async_invocation.{driver}.lambda_pool.{name}"
+        f"async_invocation.{driver}.{name}"
         for driver in ("psycopg", "asyncpg")
-        for name in ("nullpool", "warm", "warm.preping")
+        for name in (
+            "raw_held",
+            "lambda_pool.nullpool",
+            "lambda_pool.warm",
+            "lambda_pool.warm.preping",
+        )
+    ],
+    # Quick mode: the first latency (0.5 ms) only; PgBouncer's rows when it is installed.
+    "latency": [
+        f"latency.{route}.0.5ms.{name}"
+        for route in ("direct", *(("pgbouncer",) if find_pgbouncer() else ()))
+        for name in (
+            "raw",
+            "warm",
+            "warm.no_deadline",
+            "sqlalchemy.preping",
+            "psycopg_pool.check",
+            "nullpool",
+        )
     ],
 }
 
@@ -90,10 +116,20 @@ def quick_run(
     embedded_postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict[str, Any], str]:
     """One ``--quick`` run against the session's server: (JSON document, stdout)."""
-    path = tmp_path_factory.mktemp("bench") / "results.json"
+    base = tmp_path_factory.mktemp("bench")
+    path = base / "results.json"
     env = dict(os.environ, DATABASE_URL=embedded_postgres.dsn)
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(path)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--json",
+            str(path),
+            "--docs-dir",
+            str(base / "docs"),
+        ],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -132,6 +168,11 @@ def test_every_ratio_is_positive_and_each_baseline_is_one(
         ("checkout", "checkout.psycopg.sqlalchemy.queuepool", "SQLAlchemy"),
         ("checkout", "checkout.psycopg.psycopg_pool.getconn.preping", "psycopg_pool"),
         ("invocation", "invocation.lambda_pool.nullpool", "NullPool"),
+        ("invocation", "invocation.raw_held", "raw held"),
+        ("async_invocation", "async_invocation.psycopg.raw_held", "raw held"),
+        ("async_invocation", "async_invocation.asyncpg.raw_held", "raw held"),
+        ("latency", "latency.direct.0.5ms.raw", "raw held"),
+        ("checkout", "checkout.contention.psycopg_pool.getconn", "psycopg_pool"),
         ("async_checkout", "async_checkout.psycopg.psycopg_pool.getconn", "psycopg_pool"),
         ("async_checkout", "async_checkout.psycopg.psycopg_pool.connection", "psycopg_pool"),
         ("async_invocation", "async_invocation.psycopg.lambda_pool.nullpool", "NullPool"),
@@ -194,3 +235,63 @@ def test_quick_run_prints_a_table_per_section_and_no_password(
     if password:
         assert password not in stdout
         assert password not in json.dumps(document)
+
+
+def test_latency_rows_took_the_path_they_are_named_after(
+    quick_run: tuple[dict[str, Any], str],
+) -> None:
+    """Each row's own server statement log and reply count show its path."""
+    document, stdout = quick_run
+    rows = _rows(document, "latency")
+    routes = {row["facts"]["route"] for row in rows.values()}
+    if "pgbouncer" not in routes:
+        assert "PgBouncer rows not measured" in stdout and "apt-get install pgbouncer" in stdout
+    for route in routes:
+
+        def facts(name: str, route: str = route) -> dict[str, Any]:
+            found: dict[str, Any] = rows[f"latency.{route}.0.5ms.{name}"]["facts"]
+            assert found["replies"] > 0 and found["statements"] == len(found["statement_log"])
+            return found
+
+        raw = facts("raw")
+        assert raw["statement_log"] == ["BEGIN", "SELECT 1", "COMMIT"]
+        assert raw["replies"] == 3
+        deadline_on = " ".join(facts("warm")["statement_log"])
+        deadline_off = " ".join(facts("warm.no_deadline")["statement_log"])
+        assert "statement_timeout" in deadline_on and "SELECT 1" in deadline_on
+        assert "statement_timeout" not in deadline_off and "SELECT 1" in deadline_off
+        # A pre-ping / check: one more statement before the invocation's own three.
+        for pinged in ("sqlalchemy.preping", "psycopg_pool.check"):
+            log = facts(pinged)["statement_log"]
+            assert log[-3:] == ["BEGIN", "SELECT 1", "COMMIT"] and len(log) == 4, pinged
+        # Connect per invocation: handshake replies on the wire that the log never shows.
+        nullpool = facts("nullpool")
+        assert nullpool["statement_log"] == ["BEGIN", "SELECT 1", "COMMIT"]
+        assert nullpool["replies"] > nullpool["statements"]
+
+
+def test_quick_run_writes_svg_charts_and_the_generated_page(
+    quick_run: tuple[dict[str, Any], str],
+) -> None:
+    _, stdout = quick_run
+    written = [
+        Path(line.split(": ", 1)[1]) for line in stdout.splitlines() if line.startswith("written: ")
+    ]
+    names = sorted(path.name for path in written)
+    assert names == [
+        "bench-checkout.svg",
+        "bench-invocation.svg",
+        "bench-round-trips.svg",
+        "benchmarks.md",
+    ]
+    for path in written:
+        if path.suffix == ".svg":
+            root = ElementTree.parse(path).getroot()
+            assert root.tag == "{http://www.w3.org/2000/svg}svg"
+            assert len(root.findall("{http://www.w3.org/2000/svg}rect")) > 3, path.name
+    page = next(path for path in written if path.suffix == ".md").read_text(encoding="utf-8")
+    assert page.count("<!-- benchmarks:generated:begin") == 1
+    assert page.count("<!-- benchmarks:generated:end -->") == 1
+    for image in ("bench-invocation.svg", "bench-round-trips.svg", "bench-checkout.svg"):
+        assert f"]({image})" in page
+    assert "### Goals" in page and "Invocation through a slow network" in page
