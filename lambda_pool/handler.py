@@ -198,6 +198,9 @@ def _is_statement_timeout(exc: BaseException) -> bool:
 
 def _transaction_status(driver_connection: Any) -> int | None:
     """libpq's transaction status (0 idle, 2 in transaction, 3 failed), read locally."""
+    pgconn = getattr(driver_connection, "pgconn", None)
+    if pgconn is not None:  # psycopg: libpq's own, without psycopg's ConnectionInfo
+        return int(pgconn.transaction_status)
     info = getattr(driver_connection, "info", None)
     status = getattr(info, "transaction_status", None)
     return None if status is None else int(status)
@@ -355,21 +358,25 @@ def _reset_to_send_with_commit(connection: Any) -> str | None:
     return _session_reset_after_commit(connection.engine, proxy)
 
 
+def _driver_of(connection: Any) -> Any:
+    """The driver connection held now (no checkout: ``driver_connection`` would run one
+    after an invalidation)."""
+    proxy = connection._proxy
+    return proxy.driver_connection if proxy is not None else connection.driver_connection
+
+
 def _session_reset_after_commit(engine: Any, proxy: Any) -> str | None:
     """The warm pool's session reset to send right after the final ``COMMIT``, or
     ``None`` (another pool, a separate connection, transaction pooling)."""
-    from lambda_pool.warm import WarmPool
-
-    pool = engine.pool
-    return pool.session_reset_after_commit(proxy) if isinstance(pool, WarmPool) else None
+    # Duck-typed (WarmPool's methods): handler -> warm stays an import-free edge here.
+    offer = getattr(engine.pool, "session_reset_after_commit", None)
+    return offer(proxy) if offer is not None else None
 
 
 def _session_reset_done(engine: Any, proxy: Any) -> None:
-    from lambda_pool.warm import WarmPool
-
-    pool = engine.pool
-    if isinstance(pool, WarmPool) and proxy is not None:
-        pool.mark_session_reset(proxy)
+    mark = getattr(engine.pool, "mark_session_reset", None)
+    if mark is not None and proxy is not None:
+        mark(proxy)
 
 
 def _is_disconnect(connection: Any, exc: BaseException) -> bool:
@@ -455,8 +462,18 @@ def _end_after_error(connection: Any, exc: BaseException) -> None:
 
 def _commit(connection: Any, instrumentation: Instrumentation | None) -> None:
     """Commit the handler's work (errors propagate: the caller must know it was lost)."""
+    proxy = connection._proxy
+    if (
+        proxy is not None
+        and not connection.closed
+        and _transaction_status(proxy.driver_connection) == 0
+    ):
+        # libpq says no transaction is open (the handler sent nothing, or ended its own
+        # transaction): there is nothing to commit, and the driver's commit would only
+        # go through its machinery to do nothing.
+        return
     ending = _ending_after_return(
-        connection, lambda: _transaction_status(connection.driver_connection) == 3
+        connection, lambda: _transaction_status(_driver_of(connection)) == 3
     )
     if ending is _Ending.ROLLBACK_FAILED:
         _report_failed_transaction(instrumentation)

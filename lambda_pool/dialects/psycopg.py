@@ -232,7 +232,7 @@ def psycopg_opens_in_pipeline(conn: Any) -> bool:
     statement), and not in a pipeline."""
     return (
         not conn.autocommit
-        and int(conn.info.transaction_status) == 0
+        and int(conn.pgconn.transaction_status) == 0
         and conn.isolation_level is None
         and conn.read_only is None
         and conn.deferrable is None

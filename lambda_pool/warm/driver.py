@@ -24,12 +24,29 @@ log = logging.getLogger("lambda_pool.warm")
 
 def _is_psycopg(conn: Any) -> bool:
     # Checked by module name so that this module never imports the driver; along the
-    # MRO, so a subclass of psycopg's connection defined elsewhere counts too.
-    return any(cls.__module__.startswith("psycopg") for cls in type(conn).__mro__)
+    # MRO, so a subclass of psycopg's connection defined elsewhere counts too.  Known
+    # per class: this runs at every checkout and return.
+    kind = type(conn)
+    known = _PSYCOPG_CLASSES.get(kind)
+    if known is None:
+        known = _PSYCOPG_CLASSES[kind] = any(
+            cls.__module__.startswith("psycopg") for cls in kind.__mro__
+        )
+    return known
+
+
+_PSYCOPG_CLASSES: dict[type, bool] = {}
 
 
 def _is_asyncpg(conn: Any) -> bool:
     return type(conn).__module__.startswith("asyncpg")
+
+
+def _pq_transaction_status(conn: Any) -> int:
+    """libpq's transaction status of a psycopg connection (0 idle, 1 active, 2 in a
+    transaction, 3 failed, 4 unknown), read from ``pgconn`` without building psycopg's
+    ``ConnectionInfo`` and enum."""
+    return int(conn.pgconn.transaction_status)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -59,7 +76,7 @@ def probe_driver(conn: Any) -> DriverState:
         if bool(conn.closed) or bool(getattr(conn, "broken", False)):
             return DriverState(closed=True, idle=False)
         # pq.TransactionStatus.IDLE == 0; compared by value to avoid importing psycopg.
-        idle = int(conn.info.transaction_status) == 0
+        idle = _pq_transaction_status(conn) == 0
         return DriverState(closed=False, idle=idle, pending_input=_socket_readable(conn))
     if _is_asyncpg(conn):
         if bool(conn.is_closed()):

@@ -17,7 +17,7 @@ from typing import Any
 
 from lambda_pool.exc import InvalidRequestError
 from lambda_pool.pool import core as pool_core
-from lambda_pool.warm.driver import _is_asyncpg, _is_psycopg
+from lambda_pool.warm.driver import _is_asyncpg, _is_psycopg, _pq_transaction_status
 
 # The session reset is written once, as a generator of driver calls, like the pool's
 # procedures (lambda_pool.pool.base): each step is ``(DRIVER_CALL, fn)``; a sync runner
@@ -65,11 +65,11 @@ def g_reset_session(
     driver's statement cache is emptied as after ``DISCARD ALL``.
     """
     if _is_psycopg(conn):
-        if discarded and int(conn.info.transaction_status) == 0:
+        if discarded and _pq_transaction_status(conn) == 0:
             if conn.prepare_threshold is not None:
                 _clear_psycopg_prepared_cache(conn)
             return
-        if int(conn.info.transaction_status) != 0:
+        if _pq_transaction_status(conn) != 0:
             yield _call(conn.rollback)
         if not discard:
             return
