@@ -88,7 +88,7 @@ def wire() -> Iterator[Wire]:
 def _fresh_cache() -> Iterator[None]:
     yield
     for engine in forget_cached_engines():
-        engine.dispose()
+        engine.dispose_for_shutdown()  # blocking and asyncio engines alike
 
 
 def _context() -> LambdaContext:
@@ -332,3 +332,81 @@ def test_rows_of_a_statement_sent_with_begin_are_typed_as_psycopg_returns_them(
 
     assert rows == [(1, "x", None, Decimal("2.5"), [1, 2])] * 2
     assert update.rowcount == 0
+
+
+def _async_url(wire: Wire, driver: str) -> str:
+    return wire.url.replace("postgresql://", f"postgresql+{driver}://", 1)
+
+
+def test_async_psycopg_takes_the_blocking_paths_two_round_trips(wire: Wire) -> None:
+    @with_connection(wire.url)
+    async def handler(event: Any, context: Any, connection: Any) -> int:
+        return int((await connection.execute("SELECT 1")).scalar())
+
+    def pid() -> int:
+        record = handler.engine.pool._slots.record  # type: ignore[attr-defined]
+        return int(record.dbapi_connection.info.backend_pid)
+
+    assert _invoke(handler) == 1
+    replies, statements = wire.count(lambda: _invoke(handler), pid)
+
+    assert replies == 2
+    assert statements[0].startswith("BEGIN; SET LOCAL statement_timeout = ")
+    assert statements[0].endswith("; SELECT 1")
+    assert statements[1].startswith("COMMIT; ") and len(statements) == 2
+
+
+def test_asyncpg_sends_begin_with_the_timeout_and_resets_with_discard_all(wire: Wire) -> None:
+    """asyncpg has no per-statement results for a multi-statement message, so its final
+    COMMIT cannot carry the reset without hiding which statement failed: five round
+    trips (BEGIN with SET LOCAL; prepare and execute of SELECT 1; COMMIT; DISCARD ALL)."""
+    pytest.importorskip("asyncpg")
+
+    @with_connection(_async_url(wire, "asyncpg"))
+    async def handler(event: Any, context: Any, connection: Any) -> int:
+        return int((await connection.execute("SELECT 1")).scalar())
+
+    assert _invoke(handler) == 1
+    backend: list[int] = []
+
+    @with_connection(_async_url(wire, "asyncpg"))
+    async def whoami(event: Any, context: Any, connection: Any) -> int:
+        return int((await connection.execute("SELECT pg_backend_pid()")).scalar())
+
+    backend.append(_invoke(whoami))
+    replies, statements = wire.count(lambda: _invoke(handler), lambda: backend[0])
+
+    assert replies == 5
+    assert statements[0].startswith("BEGIN; SET LOCAL statement_timeout = ")
+    assert statements[1:] == ["SELECT 1", "COMMIT", "DISCARD ALL"]
+
+
+def test_sqlalchemy_adapter_warm_connection_is_reset_with_discard_all(wire: Wire) -> None:
+    """SQLAlchemy commits through the driver, before the pool knows a return follows:
+    BEGIN, the statement, COMMIT, then DISCARD ALL on return (one more than raw)."""
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy import text
+
+    from lambda_pool.sqlalchemy import forget_cached_engines as forget_sqlalchemy
+    from lambda_pool.sqlalchemy import warm_engine as sqlalchemy_warm_engine
+
+    engine = sqlalchemy_warm_engine(_async_url(wire, "psycopg"))
+    try:
+
+        def call() -> int:
+            with engine.connect() as conn:
+                value = int(conn.execute(text("SELECT 1")).scalar_one())
+                conn.commit()
+                return value
+
+        call()
+        with engine.connect() as conn:
+            pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            conn.commit()
+        replies, statements = wire.count(call, lambda: pid)
+    finally:
+        for cached in forget_sqlalchemy():
+            cached.dispose()
+
+    assert replies == 4
+    assert statements == ["BEGIN", "SELECT 1", "COMMIT", "DISCARD ALL"]

@@ -94,6 +94,8 @@ class WarmStats:
         self._emit("separate_connection", {})
 
     def _emit(self, event: str, details: Mapping[str, Any]) -> None:
+        if not self._listeners:
+            return  # the common case, at every checkout: no lock, no copy
         with self._lock:
             listeners = list(self._listeners)
         for fn in listeners:
