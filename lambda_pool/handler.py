@@ -16,7 +16,9 @@ Per invocation the decorator
 2. checks a connection out (from the warm-container cache by default, so back-to-back
    invocations reuse one backend) and passes it as the keyword ``connection=``;
 3. bounds statements by the invocation's deadline: at the start of each transaction it
-   runs ``SET LOCAL statement_timeout = remaining - margin``, so PostgreSQL cancels a
+   sets ``SET LOCAL statement_timeout = remaining - margin`` (on psycopg sent in one
+   message with ``BEGIN`` and, when it takes no parameters, the transaction's first
+   statement: nothing is sent before the handler's first statement), so PostgreSQL cancels a
    slow query with a clear error before Lambda would kill the container mid-query
    (which leaves the query running on the server).  ``SET LOCAL`` ends with the
    transaction: nothing leaks into the next invocation, and it is safe behind
@@ -31,7 +33,8 @@ Per invocation the decorator
    only drops the connection and the handler's result is returned;
 5. commits when the handler returns, rolls back when it raises (the exception
    reaches the caller unchanged: same object, same traceback), and always returns the
-   connection to the pool, which resets it; a connection the driver reports broken is
+   connection to the pool, which resets it (from the warm pool the reset travels in the
+   final ``COMMIT``'s message: one round trip for both); a connection the driver reports broken is
    invalidated so the warm cache opens a new one next time.
 
 Decoration runs once per container (Init): it reads and validates the settings,
