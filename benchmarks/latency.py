@@ -172,7 +172,7 @@ def _contenders(stack: contextlib.ExitStack, route: Route) -> list[tuple[str, st
 
 
 @contextlib.contextmanager
-def _routes(quick: bool) -> Iterator[tuple[list[Route], Any, StatementLog, str | None]]:
+def _routes() -> Iterator[tuple[list[Route], Any, StatementLog, str | None]]:
     """The server, one latency proxy per route, the statement log, and why PgBouncer is
     left out (``None`` when it runs)."""
     from lambda_pool.testing.faults import FaultProxy
@@ -217,7 +217,7 @@ def measure_latency(*, rounds: int, ops_per_round: int, quick: bool = False) -> 
     cases: list[Case] = []
     facts: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
-    with _routes(quick) as (routes, proxies, log, skipped), contextlib.ExitStack() as stack:
+    with _routes() as (routes, proxies, log, skipped), contextlib.ExitStack() as stack:
         if skipped:
             notes.append(skipped)
         for route, proxy in zip(routes, proxies, strict=True):
