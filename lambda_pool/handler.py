@@ -319,7 +319,7 @@ def _timeout_now(connection: Any, deadline: _Deadline) -> tuple[int | None, int 
         raise
 
 
-def _opens_in_pipeline(connection: Any) -> bool:
+def _opens_with_begin(connection: Any) -> bool:
     """The next statement opens a transaction on a psycopg connection (blocking or
     asyncio) that can send ``BEGIN`` and the prelude with it (psycopg_opens_in_pipeline)."""
     proxy = connection._proxy
@@ -336,7 +336,7 @@ def _opening_prelude(connection: Any) -> list[str] | None:
     transaction on a psycopg connection (all in one round trip); else ``None``: the
     ordinary path (``_arm``), ``BEGIN`` and ``SET LOCAL`` each a round trip.  Sets
     ``connection._armed`` as ``_arm`` does."""
-    if not _opens_in_pipeline(connection):
+    if not _opens_with_begin(connection):
         return None
     deadline = connection._deadline
     timeout_ms, remaining_ms = (

@@ -220,11 +220,6 @@ def psycopg_exec_result(cursor: Any, rows: list[tuple[Any, ...]]) -> ExecResult:
     return ExecResult(keys, rows, cursor.rowcount, returns_rows=True)
 
 
-# The text of the SyntaxError a multi-statement text gets through the extended protocol
-# (as every statement in psycopg's pipeline mode does).
-_MULTIPLE_COMMANDS = "cannot insert multiple commands into a prepared statement"
-
-
 def psycopg_opens_in_pipeline(conn: Any) -> bool:
     """Whether :func:`psycopg_execute_opening` can begin a transaction on ``conn``
     (blocking or asyncio): idle, outside autocommit, with psycopg's default ``BEGIN`` (no
