@@ -410,3 +410,13 @@ def test_sqlalchemy_adapter_warm_connection_is_reset_with_discard_all(wire: Wire
 
     assert replies == 4
     assert statements == ["BEGIN", "SELECT 1", "COMMIT", "DISCARD ALL"]
+
+
+def test_a_statement_sent_with_begin_travels_in_the_connections_client_encoding(
+    wire: Wire,
+) -> None:
+    @with_connection(wire.url, connect_args={"client_encoding": "LATIN1"})
+    def handler(event: Any, context: Any, connection: Any) -> Any:
+        return connection.execute("SELECT 'café' AS mot, current_setting('client_encoding')").one()
+
+    assert tuple(_invoke(handler)) == ("café", "LATIN1")

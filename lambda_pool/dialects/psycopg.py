@@ -236,7 +236,10 @@ def psycopg_opens_in_pipeline(conn: Any) -> bool:
 
 
 def opening_query(
-    sql: str, params: Sequence[Any] | Mapping[str, Any] | None, prelude: Sequence[str]
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any] | None,
+    prelude: Sequence[str],
+    encoding: str = "utf-8",
 ) -> tuple[bytes, bool]:
     """The simple query that begins the transaction: ``BEGIN``, ``prelude`` and, when it
     takes no parameters (and is no ``COPY``, which needs psycopg's copy API), the
@@ -246,7 +249,8 @@ def opening_query(
     if with_statement:
         parts.append(sql)
     # "; " after each: a statement may end in a -- comment only when it is the last.
-    return "; ".join(parts).encode(), with_statement
+    # In the connection's client encoding, as psycopg sends a query.
+    return "; ".join(parts).encode(encoding), with_statement
 
 
 def opening_outcome(
@@ -305,7 +309,7 @@ def psycopg_execute_opening(
     """
     from psycopg import generators
 
-    query, with_statement = opening_query(sql, params, prelude)
+    query, with_statement = opening_query(sql, params, prelude, conn.info.encoding)
     with conn.lock:
         conn.pgconn.send_query(query)
         results = conn.wait(generators.execute(conn.pgconn))

@@ -88,7 +88,7 @@ async def apsycopg_execute_opening(
     in one simple query, ``sql`` with parameters after it."""
     from psycopg import generators
 
-    query, with_statement = opening_query(sql, params, prelude)
+    query, with_statement = opening_query(sql, params, prelude, conn.info.encoding)
     async with conn.lock:
         conn.pgconn.send_query(query)
         results = await conn.wait(generators.execute(conn.pgconn))
