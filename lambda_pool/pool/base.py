@@ -1054,8 +1054,9 @@ class Pool(abc.ABC):
             logger.debug("Connection %r checked out from pool", dbapi)
         return proxy
 
-    def _return_sync(self, proxy: PoolProxiedConnection, transaction_was_reset: bool) -> None:
-        """:meth:`_g_checkin` for a sync pool, the common case inline."""
+    def _quick_record(self, proxy: PoolProxiedConnection) -> ConnectionPoolEntry | None:
+        """The record to return on the quick path, with the proxy closed; ``None`` when
+        the general procedure (:meth:`_g_checkin`) must run instead."""
         record = proxy._record
         if (
             record is None
@@ -1064,69 +1065,71 @@ class Pool(abc.ABC):
             or record._epoch != self._epoch
             or record.dbapi_connection is None
         ):
+            return None
+        proxy._closed = True
+        return record
+
+    def _quick_reset_step(
+        self, record: ConnectionPoolEntry, dbapi: Any, transaction_was_reset: bool
+    ) -> Any:
+        """Fire ``reset`` and say which reset I/O the caller performs (``None``: none)."""
+        listeners = self._listeners("reset")
+        if listeners:
+            self._fire_reset(listeners, dbapi, record, transaction_was_reset)
+        return self._reset_step(dbapi, transaction_was_reset)
+
+    def _quick_checkin(self, record: ConnectionPoolEntry, dbapi: Any) -> bool:
+        """Fire ``checkin`` and give the slot back; whether the connection is kept."""
+        listeners = self._listeners("checkin")
+        try:
+            for listener in listeners:
+                listener(dbapi, record)
+        finally:
+            with self._lock:
+                keep = self._slots.release(record)
+                if self._sync_waiters or self._async_waiters:
+                    self._notify_locked()
+        return keep
+
+    # The quick return is written out for each mode (not as a generator run by
+    # drive()/drive_async()): it is the pool's hottest path, and only its two I/O calls
+    # differ, so everything else lives in the three helpers above.
+
+    def _return_sync(self, proxy: PoolProxiedConnection, transaction_was_reset: bool) -> None:
+        """:meth:`_g_checkin` for a sync pool, the common case inline."""
+        record = self._quick_record(proxy)
+        if record is None:
             self._run_sync(self._g_checkin(proxy, transaction_was_reset))
             return
-        proxy._closed = True
         dbapi = record.dbapi_connection
         try:
-            listeners = self._listeners("reset")
-            if listeners:
-                self._fire_reset(listeners, dbapi, record, transaction_was_reset)
-            step = self._reset_step(dbapi, transaction_was_reset)
+            step = self._quick_reset_step(record, dbapi, transaction_was_reset)
             if step is not None:
                 self._perform_sync((step, dbapi))
         except BaseException as exc:
             self._run_sync(self._g_reset_failed(record, exc))
             return
-        listeners = self._listeners("checkin")
-        try:
-            for listener in listeners:
-                listener(dbapi, record)
-        finally:
-            with self._lock:
-                keep = self._slots.release(record)
-                if self._sync_waiters or self._async_waiters:
-                    self._notify_locked()
-            if not keep:
-                self._run_sync(self._g_close_connection(record))
+        if not self._quick_checkin(record, dbapi):
+            self._run_sync(self._g_close_connection(record))
 
     async def _return_async(
         self, proxy: PoolProxiedConnection, transaction_was_reset: bool
     ) -> None:
         """:meth:`_return_sync` for an async pool: the reset's I/O awaited."""
-        record = proxy._record
-        if (
-            record is None
-            or not self._quick_return
-            or _forks != self._forks_seen
-            or record._epoch != self._epoch
-            or record.dbapi_connection is None
-        ):
+        record = self._quick_record(proxy)
+        if record is None:
             await self._run_async(self._g_checkin(proxy, transaction_was_reset))
             return
-        proxy._closed = True
         dbapi = record.dbapi_connection
         try:
-            listeners = self._listeners("reset")
-            if listeners:
-                self._fire_reset(listeners, dbapi, record, transaction_was_reset)
-            step = self._reset_step(dbapi, transaction_was_reset)
+            step = self._quick_reset_step(record, dbapi, transaction_was_reset)
             if step is not None:
                 await self._perform_async((step, dbapi))
         except BaseException as exc:
             await self._run_async(self._g_reset_failed(record, exc))
             return
-        listeners = self._listeners("checkin")
-        try:
-            for listener in listeners:
-                listener(dbapi, record)
-        finally:
-            with self._lock:
-                keep = self._slots.release(record)
-                if self._sync_waiters or self._async_waiters:
-                    self._notify_locked()
-            if not keep:
-                await self._run_async(self._g_close_connection(record))
+        if not self._quick_checkin(record, dbapi):
+            await self._run_async(self._g_close_connection(record))
 
     @staticmethod
     def _fire_reset(
