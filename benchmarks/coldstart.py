@@ -284,16 +284,7 @@ with engine.connect() as conn:
 def _trust_iam_role_over_tls(pg: Any) -> None:
     """The IAM stand-in: the role logs in over TLS without a password check (RDS checks the
     token; PostgreSQL cannot), and never over plain TCP."""
-    with pg.admin_connect() as admin:
-        exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (_IAM_ROLE,))
-        if exists.fetchone() is None:
-            admin.execute(f'CREATE ROLE "{_IAM_ROLE}" LOGIN')
-        hba = pg.data_dir / "pg_hba.conf"
-        line = f"hostssl all {_IAM_ROLE} 127.0.0.1/32 trust\n"
-        text = hba.read_text()
-        if line not in text:
-            hba.write_text(line + text)
-        admin.execute("SELECT pg_reload_conf()")
+    pg.trust_role_over_tls(_IAM_ROLE)
 
 
 @contextlib.contextmanager

@@ -237,18 +237,7 @@ def _prepare_iam_role(server: PostgresServer) -> bool:
     """Create the demo's IAM role and let it in over TLS; False when that is impossible."""
     if not isinstance(server, EmbeddedPostgres) or not server.ssl_enabled:
         return False
-    with server.admin_connect() as admin:
-        exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (_IAM_ROLE,))
-        if exists.fetchone() is None:
-            admin.execute(f'CREATE ROLE "{_IAM_ROLE}" LOGIN')
-        hba = server.data_dir / "pg_hba.conf"
-        # RDS would verify the IAM signature here; the embedded server cannot, so this
-        # one role is trusted over TLS only (a plain connection is still refused).
-        line = f"hostssl all {_IAM_ROLE} 127.0.0.1/32 trust\n"
-        text = hba.read_text()
-        if line not in text:
-            hba.write_text(line + text)
-        admin.execute("SELECT pg_reload_conf()")
+    server.trust_role_over_tls(_IAM_ROLE)
     with server.admin_connect(dbname=server.dbname) as admin:
         _own_schema(admin, server.dbname, _IAM_ROLE)
     return True

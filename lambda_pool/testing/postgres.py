@@ -1203,8 +1203,28 @@ class EmbeddedPostgres(PostgresServer):
         atexit.unregister(self.stop)
         self._owner_pid = 0
 
+    # --------------------------------------------------------------------------- external
 
-# --------------------------------------------------------------------------- external
+    def trust_role_over_tls(self, role: str) -> None:
+        """Create ``role`` (no password) and let it log in over TLS without a password check.
+
+        The stand-in for RDS IAM authentication: RDS verifies the token's signature at
+        connect, which PostgreSQL cannot, so the role is trusted on TLS connections from
+        127.0.0.1 only; a plain connection is still refused.
+        """
+        from psycopg import sql
+
+        with self.admin_connect() as admin:
+            exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            if exists.fetchone() is None:
+                admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+            hba = self.data_dir / "pg_hba.conf"
+            quoted = '"' + role.replace('"', '""') + '"'
+            line = f"hostssl all {quoted} 127.0.0.1/32 trust\n"
+            text = hba.read_text()
+            if line not in text:
+                hba.write_text(line + text)
+            admin.execute("SELECT pg_reload_conf()")
 
 
 class ExternalPostgres(PostgresServer):
