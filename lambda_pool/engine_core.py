@@ -171,7 +171,10 @@ class ConnectionCore(Generic[E]):
     def _g_execute(self, statement: str, parameters: Params) -> Proc[Result]:
         if not isinstance(statement, str):
             raise InvalidRequestError(
-                f"execute() takes SQL text (str), got {type(statement).__name__}"
+                f"execute() takes SQL text (str), got {type(statement).__name__}; for "
+                "SQLAlchemy's text() and Core constructs use SQLAlchemy's own engine with "
+                "lambda-pool's behaviour: lambda_pool.sqlalchemy.create_engine(url) or "
+                "?plugin=lambda_pool in the URL"
             )
         proxy = yield from self._g_live()
         dbapi = proxy.dbapi_connection
