@@ -38,7 +38,6 @@ and the clock are injectable.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
@@ -46,6 +45,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from lambda_pool import deadlines
+from lambda_pool._record import FrozenRecord
 from lambda_pool.exc import ArgumentError, CapacityExhaustedError, DeadlineExceededError
 
 __all__ = [
@@ -74,8 +74,7 @@ MAX_BACKOFF = 2.0
 MAX_TOTAL_SECONDS = 10.0
 
 
-@dataclasses.dataclass(frozen=True)
-class ConnectRetryPolicy:
+class ConnectRetryPolicy(FrozenRecord):
     """How often and how long to retry a connect refused for capacity (no I/O here).
 
     ``retries``: attempts after the first one (``0`` turns retrying off).  ``backoff``:
@@ -84,10 +83,23 @@ class ConnectRetryPolicy:
     attempt (the sleep is shortened to fit, or the retry skipped).
     """
 
-    retries: int = DEFAULT_CONNECT_RETRIES
-    backoff: float = DEFAULT_CONNECT_RETRY_BACKOFF
-    max_backoff: float = MAX_BACKOFF
-    max_total: float = MAX_TOTAL_SECONDS
+    __slots__ = _fields = ("retries", "backoff", "max_backoff", "max_total")
+    retries: int
+    backoff: float
+    max_backoff: float
+    max_total: float
+
+    def __init__(
+        self,
+        retries: int = DEFAULT_CONNECT_RETRIES,
+        backoff: float = DEFAULT_CONNECT_RETRY_BACKOFF,
+        max_backoff: float = MAX_BACKOFF,
+        max_total: float = MAX_TOTAL_SECONDS,
+    ) -> None:
+        object.__setattr__(self, "retries", retries)
+        object.__setattr__(self, "backoff", backoff)
+        object.__setattr__(self, "max_backoff", max_backoff)
+        object.__setattr__(self, "max_total", max_total)
 
     @property
     def attempts(self) -> int:
@@ -129,8 +141,12 @@ class ConnectRetryPolicy:
         return min(self.max_backoff, self.backoff * (2.0 ** min(retry, 62)))
 
 
-@dataclasses.dataclass(frozen=True)
-class ConnectRetry:
+_DEFAULT_POLICY = ConnectRetryPolicy()
+# Named outside the class: there ``random`` is the field, not the module.
+_UNIFORM = random.random
+
+
+class ConnectRetry(FrozenRecord):
     """A policy plus its I/O: the random source, the sleep and the clock (injectable).
 
     ``sleep`` is ``time.sleep`` for blocking engines; ``async_sleep`` (a coroutine
@@ -138,11 +154,26 @@ class ConnectRetry:
     needed: blocking users should not pay for importing asyncio).  ``clock`` is monotonic seconds.
     """
 
-    policy: ConnectRetryPolicy = ConnectRetryPolicy()
-    random: Callable[[], float] = random.random
-    sleep: Callable[[float], None] = time.sleep
-    async_sleep: Callable[[float], Awaitable[None]] | None = None
-    clock: Callable[[], float] = time.monotonic
+    __slots__ = _fields = ("policy", "random", "sleep", "async_sleep", "clock")
+    policy: ConnectRetryPolicy
+    random: Callable[[], float]
+    sleep: Callable[[float], None]
+    async_sleep: Callable[[float], Awaitable[None]] | None
+    clock: Callable[[], float]
+
+    def __init__(
+        self,
+        policy: ConnectRetryPolicy = _DEFAULT_POLICY,
+        random: Callable[[], float] = _UNIFORM,
+        sleep: Callable[[float], None] = time.sleep,
+        async_sleep: Callable[[float], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "random", random)
+        object.__setattr__(self, "sleep", sleep)
+        object.__setattr__(self, "async_sleep", async_sleep)
+        object.__setattr__(self, "clock", clock)
 
 
 #: The ``create_engine`` keywords this module reads.

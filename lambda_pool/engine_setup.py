@@ -34,9 +34,9 @@ import inspect
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lambda_pool._record import Record
 from lambda_pool.connect_retry import (
     KEYWORDS as _RETRY_KEYWORDS,
 )
@@ -104,8 +104,7 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 ACCEPTED_KEYWORDS = frozenset(_POOL_KEYWORDS) | _ENGINE_KEYWORDS | _RETRY_KEYWORDS
 
 
-@dataclass
-class ConnectAttempt:
+class ConnectAttempt(Record):
     """One new connection being opened, as a connect wrapper sees it.
 
     A connect wrapper is a function ``wrapper(attempt) -> context manager``, appended to
@@ -120,19 +119,36 @@ class ConnectAttempt:
     ``pool=`` (its pool has its own creator).
     """
 
+    __slots__ = _fields = ("is_async", "connection")
     #: True for an async engine (the connect is awaited inside the context).
     is_async: bool
     #: The driver connection, once the connect returned.
-    connection: Any = None
+    connection: Any
+
+    def __init__(self, is_async: bool, connection: Any = None) -> None:
+        self.is_async = is_async
+        self.connection = connection
 
 
 #: ``engine.connect_wrappers`` entries: see :class:`ConnectAttempt`.
 ConnectWrapper = Callable[[ConnectAttempt], contextlib.AbstractContextManager[Any]]
 
 
-@dataclass
-class EngineParts:
+class EngineParts(Record):
     """What an engine is made of."""
+
+    __slots__ = _fields = (
+        "url",
+        "dialect",
+        "pool",
+        "pool_events",
+        "credentials",
+        "echo",
+        "logging_name",
+        "transaction_pooling",
+        "connect_retry",
+        "connect_wrappers",
+    )
 
     url: URL
     dialect: SyncDialect | AsyncDialect
@@ -141,9 +157,33 @@ class EngineParts:
     credentials: CredentialProvider | None
     echo: bool | str
     logging_name: str | None
-    transaction_pooling: bool = False
-    connect_retry: ConnectRetry | None = None
-    connect_wrappers: list[ConnectWrapper] = field(default_factory=list)
+    transaction_pooling: bool
+    connect_retry: ConnectRetry | None
+    connect_wrappers: list[ConnectWrapper]
+
+    def __init__(
+        self,
+        url: URL,
+        dialect: SyncDialect | AsyncDialect,
+        pool: Pool,
+        pool_events: EventRegistry,
+        credentials: CredentialProvider | None,
+        echo: bool | str,
+        logging_name: str | None,
+        transaction_pooling: bool = False,
+        connect_retry: ConnectRetry | None = None,
+        connect_wrappers: list[ConnectWrapper] | None = None,
+    ) -> None:
+        self.url = url
+        self.dialect = dialect
+        self.pool = pool
+        self.pool_events = pool_events
+        self.credentials = credentials
+        self.echo = echo
+        self.logging_name = logging_name
+        self.transaction_pooling = transaction_pooling
+        self.connect_retry = connect_retry
+        self.connect_wrappers = [] if connect_wrappers is None else connect_wrappers
 
 
 def engine_logger(logging_name: str | None, echo: bool | str) -> logging.Logger:

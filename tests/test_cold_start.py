@@ -109,3 +109,49 @@ def test_a_blocking_handler_module_does_not_pay_for_asyncio() -> None:
     )
 
     assert "asyncio" not in modules
+
+
+def test_a_static_engine_generates_no_dataclass_code() -> None:
+    # @dataclass execs generated source per class (about a millisecond each, paid at every
+    # cold start); the value classes create_engine needs are plain __slots__ classes.
+    code = (
+        "import dataclasses, sys\n"
+        "made = []\n"
+        "original = dataclasses._process_class\n"
+        "def spy(cls, *args, **kwargs):\n"
+        "    made.append(cls.__module__ + '.' + cls.__qualname__)\n"
+        "    return original(cls, *args, **kwargs)\n"
+        "dataclasses._process_class = spy\n"
+        "import lambda_pool\n"
+        "lambda_pool.create_engine('postgresql://u:p@127.0.0.1:1/db')\n"
+        "print([name for name in made if name.startswith('lambda_pool')])\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    assert completed.stdout.strip() == "[]"
+
+
+def test_the_plain_value_classes_compare_print_and_freeze_like_dataclasses() -> None:
+    import dataclasses
+
+    from lambda_pool.connect_retry import ConnectRetryPolicy
+    from lambda_pool.engine_setup import ConnectAttempt
+    from lambda_pool.pool.base import PoolResetState
+
+    policy = ConnectRetryPolicy(retries=2, backoff=0.5)
+    assert policy == ConnectRetryPolicy(2, 0.5) != ConnectRetryPolicy(3, 0.5)
+    assert hash(policy) == hash(ConnectRetryPolicy(2, 0.5))
+    assert repr(policy) == (
+        "ConnectRetryPolicy(retries=2, backoff=0.5, max_backoff=2.0, max_total=10.0)"
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.retries = 5  # type: ignore[misc]
+    state = PoolResetState(transaction_was_reset=True, terminate_only=False, asyncio_safe=True)
+    assert state == PoolResetState(True, False, True)
+    attempt = ConnectAttempt(is_async=False)
+    attempt.connection = "opened"
+    assert repr(attempt) == "ConnectAttempt(is_async=False, connection='opened')"
+    with pytest.raises(TypeError):
+        hash(attempt)

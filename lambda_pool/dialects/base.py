@@ -20,10 +20,10 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from lambda_pool._record import FrozenRecord
 from lambda_pool.exc import ArgumentError, DriverNotInstalledError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
@@ -110,14 +110,22 @@ def import_driver(module: str, extra: str) -> ModuleType:
         ) from exc
 
 
-@dataclass(frozen=True)
-class ExecResult:
+class ExecResult(FrozenRecord):
     """A statement's outcome, fully fetched: column names, rows as tuples, rowcount."""
 
+    __slots__ = _fields = ("keys", "rows", "rowcount", "returns_rows")
     keys: tuple[str, ...]
     rows: list[tuple[Any, ...]]
     rowcount: int
     returns_rows: bool
+
+    def __init__(
+        self, keys: tuple[str, ...], rows: list[tuple[Any, ...]], rowcount: int, returns_rows: bool
+    ) -> None:
+        object.__setattr__(self, "keys", keys)
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "rowcount", rowcount)
+        object.__setattr__(self, "returns_rows", returns_rows)
 
 
 class _DialectBase(ABC):

@@ -27,10 +27,10 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lambda_pool import deadlines, event
+from lambda_pool._record import FrozenRecord
 from lambda_pool.exc import (
     DeadlineExceededError,
     DisconnectionError,
@@ -73,9 +73,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-@dataclass(frozen=True)
-class PoolResetState:
+class PoolResetState(FrozenRecord):
     """Describes the reset a returning connection gets (argument of the ``reset`` event)."""
+
+    __slots__ = _fields = ("transaction_was_reset", "terminate_only", "asyncio_safe")
 
     transaction_was_reset: bool
     """The caller already ended the transaction (the pool does not roll back again)."""
@@ -83,6 +84,13 @@ class PoolResetState:
     """The connection is being dropped, not returned (no rollback is attempted)."""
     asyncio_safe: bool
     """The reset may use the connection's I/O (False while garbage-collecting an async one)."""
+
+    def __init__(
+        self, transaction_was_reset: bool, terminate_only: bool, asyncio_safe: bool
+    ) -> None:
+        object.__setattr__(self, "transaction_was_reset", transaction_was_reset)
+        object.__setattr__(self, "terminate_only", terminate_only)
+        object.__setattr__(self, "asyncio_safe", asyncio_safe)
 
 
 class _PrePingDisconnect(DisconnectionError):
