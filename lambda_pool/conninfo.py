@@ -52,7 +52,9 @@ LAMBDA_POOL_QUERY_KEYS: Final = frozenset(
 
 # A parameter whose name says it carries a secret (libpq's password and sslpassword,
 # a driver's token, anything a user calls secret/passwd/pwd/api_key).
-_SECRET_NAME = re.compile(r"pass|pwd|token|secret|credential|api_?key|private_?key", re.I)
+# Compiled by re (and kept in its cache) at the first check, not at import: an engine
+# whose URL and keywords name no secret never asks.
+_SECRET_NAME = r"pass|pwd|token|secret|credential|api_?key|private_?key"
 
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _CHOICES: Final[Mapping[str, tuple[str, ...]]] = {
@@ -103,7 +105,7 @@ _INT_MAX = 2**31 - 1
 
 def is_secret_key(name: str) -> bool:
     """Whether a connection parameter named ``name`` carries a secret (masked when shown)."""
-    return _SECRET_NAME.search(name) is not None
+    return re.search(_SECRET_NAME, name, re.I) is not None
 
 
 def is_secret_query_key(name: str) -> bool:
