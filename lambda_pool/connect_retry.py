@@ -16,7 +16,8 @@ How long to keep trying depends on whether the work has a deadline
 
 * **With a deadline** the budget is the time left, not a retry count: a storm that clears
   before the deadline costs no failure.  A retry is started only if one more connect
-  attempt (as long as the slowest one so far) still fits before the deadline, and the
+  attempt still fits before the deadline with room to spare (twice the slowest attempt so
+  far plus 10 ms: a loaded host is slower), and the
   sleep is shortened to leave room for it.  When it does not fit, lambda-pool gives up
   *before* the deadline with :class:`~lambda_pool.exc.CapacityExhaustedError` (how many
   attempts, how long, the server's last refusal as ``__cause__``) rather than have the
@@ -131,7 +132,10 @@ class ConnectRetryPolicy(FrozenRecord):
         """
         if self.retries == 0:
             return None
-        budget = remaining - attempt_seconds
+        # Twice the slowest attempt plus 10 ms stays free: a refused connect takes
+        # longer on a loaded host, and one cut by the deadline would end at the deadline
+        # itself instead of before it with the capacity error.
+        budget = remaining - (2 * attempt_seconds + _ATTEMPT_SLACK_S)
         if budget <= 0:
             return None
         return min(max(0.0, draw) * self._ceiling(retry), budget)
@@ -140,6 +144,9 @@ class ConnectRetryPolicy(FrozenRecord):
         # min() before the power would overflow for absurd retry counts.
         return min(self.max_backoff, self.backoff * (2.0 ** min(retry, 62)))
 
+
+#: Seconds kept free beyond two attempts' time when a deadline bounds the retries.
+_ATTEMPT_SLACK_S = 0.01
 
 _DEFAULT_POLICY = ConnectRetryPolicy()
 # Named outside the class: there ``random`` is the field, not the module.
