@@ -29,6 +29,11 @@ class Record:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
         return f"{type(self).__qualname__}({fields})"
 
+    def __reduce__(self) -> tuple[type[Record], tuple[Any, ...]]:
+        # copy, deepcopy and pickle rebuild through __init__ (which takes the fields in
+        # order): setting slots one by one would trip a FrozenRecord's guard.
+        return type(self), self._values()
+
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented

@@ -134,7 +134,9 @@ def test_a_static_engine_generates_no_dataclass_code() -> None:
 
 
 def test_the_plain_value_classes_compare_print_and_freeze_like_dataclasses() -> None:
+    import copy
     import dataclasses
+    import pickle
 
     from lambda_pool.connect_retry import ConnectRetryPolicy
     from lambda_pool.engine_setup import ConnectAttempt
@@ -148,6 +150,7 @@ def test_the_plain_value_classes_compare_print_and_freeze_like_dataclasses() -> 
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.retries = 5  # type: ignore[misc]
+    assert copy.deepcopy(policy) == pickle.loads(pickle.dumps(policy)) == policy
     state = PoolResetState(transaction_was_reset=True, terminate_only=False, asyncio_safe=True)
     assert state == PoolResetState(True, False, True)
     attempt = ConnectAttempt(is_async=False)
