@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import sys
 import types
 from collections.abc import AsyncIterator, Coroutine, Generator
 from types import TracebackType
@@ -191,14 +192,23 @@ class AsyncConnection(ConnectionCore["AsyncEngine"]):
 
 
 async def _shielded(coro: Coroutine[Any, Any, None]) -> None:
-    """``await asyncio.shield(coro)``, with no task when ``coro`` ends without waiting.
+    """``await asyncio.shield(coro)``, without scheduling a task when ``coro`` ends without
+    waiting (returning a connection that needs no I/O, the common case).
 
-    A coroutine can only be cancelled where it waits.  Returning a connection that
-    needs no I/O (the common case) ends at its first step, and a task for it would cost
-    more than the return itself; when it does wait, the rest runs in a shielded task,
-    as ``asyncio.shield`` runs it.  Every step runs in one copy of the caller's context
-    (a task's own), so a context variable set before the wait is reset after it.
+    Python 3.12+: an eager task runs ``coro``'s first step at once, as that task (so
+    ``asyncio.current_task()`` inside it, which ``asyncio.wait_for`` / ``timeout`` use to
+    cancel on expiry, is the task that keeps running it), and is done right away when
+    nothing waited.  Older Pythons have no eager tasks: the first step runs in the caller
+    and the rest in a shielded task; that hand-over is sound there because their
+    ``asyncio.wait_for`` cancels its own inner future, never the current task.
     """
+    if _EAGER_TASKS:
+        task = asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)  # type: ignore[call-arg]
+        if task.done():
+            task.result()
+            return
+        await asyncio.shield(task)
+        return
     context = contextvars.copy_context()
     try:
         first = context.run(coro.send, None)
@@ -209,6 +219,9 @@ async def _shielded(coro: Coroutine[Any, Any, None]) -> None:
         await _continue(coro, first, context)
 
     await asyncio.shield(rest())
+
+
+_EAGER_TASKS = sys.version_info >= (3, 12)
 
 
 @types.coroutine
