@@ -49,6 +49,8 @@ def test_a_negative_pool_size_is_refused_where_sqlalchemy_accepts_it() -> None:
 def test_execute_refuses_sqlalchemy_text_with_advice() -> None:
     engine = lambda_pool.create_engine("sqlite://")
     with engine.connect() as conn:
-        with pytest.raises(exc.InvalidRequestError, match="lambda_pool.sqlalchemy.create_engine"):
+        with pytest.raises(
+            exc.InvalidRequestError, match=r"lambda_pool\.sqlalchemy\.create_engine"
+        ):
             conn.execute(sqlalchemy.text("SELECT 1"))  # type: ignore[arg-type]
         assert conn.execute("SELECT 1").scalar() == 1
