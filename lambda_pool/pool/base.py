@@ -1362,16 +1362,9 @@ class Pool(abc.ABC):
             except BaseException as exc:
                 yield from self._g_reset_failed(record, exc, fire_checkin)
                 return
-        # _g_release, inline: this is every return's path.
-        try:
-            if fire_checkin:
-                self._fire("checkin", record.dbapi_connection, record)
-        finally:
-            with self._lock:
-                keep = self._slots.release(record)
-                self._notify_locked()
-            if not keep:
-                yield from self._g_close_connection(record)
+        # The common return takes the quick path (_return_sync/_return_async); this
+        # general one can afford the generator call.
+        yield from self._g_release(record, fire_checkin)
 
     def _g_reset_failed(
         self, record: ConnectionPoolEntry, exc: BaseException, fire_checkin: bool = True
