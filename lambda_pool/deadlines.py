@@ -112,19 +112,32 @@ def remaining() -> float | None:
     return None if found is None else found.remaining()
 
 
-@contextmanager
-def use(bound: Deadline | None) -> Iterator[Deadline | None]:
+class use:  # a context manager named like a function, as contextlib's are
     """Make ``bound`` the current deadline inside the block (the earlier one wins when
-    an outer deadline ends sooner); ``None`` keeps the outer one."""
-    outer = _current.get()
-    chosen = bound
-    if outer is not None and (chosen is None or outer.expires_at <= chosen.expires_at):
-        chosen = outer
-    token = _current.set(chosen)
-    try:
-        yield chosen
-    finally:
-        _current.reset(token)
+    an outer deadline ends sooner); ``None`` keeps the outer one.
+
+    A class rather than a ``@contextmanager`` generator: every invocation enters it,
+    and the generator machinery would cost more than the work it wraps.
+    """
+
+    __slots__ = ("_chosen", "_token")
+
+    def __init__(self, bound: Deadline | None) -> None:
+        outer = _current.get()
+        chosen = bound
+        if outer is not None and (chosen is None or outer.expires_at <= chosen.expires_at):
+            chosen = outer
+        self._chosen = chosen
+        self._token: contextvars.Token[Deadline | None] | None = None
+
+    def __enter__(self) -> Deadline | None:
+        self._token = _current.set(self._chosen)
+        return self._chosen
+
+    def __exit__(self, *exc_info: object) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _current.reset(token)
 
 
 class StepInfo:
@@ -142,22 +155,29 @@ _step: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
 )
 
 
-@contextmanager
-def step(name: str) -> Iterator[None]:
+class step:  # a context manager named like a function, as contextlib's are
     """Name the blocking step run inside the block (``"commit"``, ``"pre-ping"`` …) for
     :class:`~lambda_pool.exc.DeadlineExceededError`, and note the time it starts with.
 
     The outer name wins: the pool's reset on return calls the driver's ``rollback()``,
-    which names itself ``"rollback"``, but the error says ``"reset on return"``.
+    which names itself ``"rollback"``, but the error says ``"reset on return"``.  A
+    class, as :class:`use` is, for the same reason: it wraps every commit and return.
     """
-    if _step.get() is not None:
-        yield
-        return
-    token = _step.set(StepInfo(name, remaining()))
-    try:
-        yield
-    finally:
-        _step.reset(token)
+
+    __slots__ = ("_name", "_token")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._token: contextvars.Token[StepInfo | None] | None = None
+
+    def __enter__(self) -> None:
+        if _step.get() is None:
+            self._token = _step.set(StepInfo(self._name, remaining()))
+
+    def __exit__(self, *exc_info: object) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _step.reset(token)
 
 
 def current_step(default: str, left: float) -> tuple[str, float]:

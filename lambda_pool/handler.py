@@ -72,6 +72,7 @@ from lambda_pool.dialects.psycopg import (
 from lambda_pool.engine import Connection
 from lambda_pool.engine_core import ConnOp
 from lambda_pool.exc import ArgumentError, StatementTimeoutError
+from lambda_pool.result import Result
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lambda_pool.asyncio import AsyncEngine
@@ -236,6 +237,8 @@ class InvocationConnection(Connection):
             self._arm()
         self._opening = opening
         try:
+            if opening is not None and isinstance(statement, str):
+                return self._execute_opening(statement, parameters, opening)
             return super().execute(statement, parameters)
         except Exception as exc:
             armed = self._armed
@@ -246,6 +249,27 @@ class InvocationConnection(Connection):
             raise
         finally:
             self._opening = None
+
+    def _execute_opening(self, statement: str, parameters: Any, prelude: list[str]) -> Result:
+        """``execute()``'s procedure (``_g_execute``) for the statement that opens the
+        transaction, inline: every invocation's first statement takes this path, and the
+        procedure's generators cost more CPU than the round trip it saves.
+        ``_opening_prelude`` found the connection checked out, open and usable."""
+        proxy = self._proxy
+        assert proxy is not None
+        dbapi = proxy.dbapi_connection
+        self._engine._log_statement(statement)
+        self._begun = True
+        self._opening = None
+        try:
+            outcome = psycopg_execute_opening(dbapi, statement, parameters, prelude)
+        except Exception as exc:
+            if self._engine.dialect.is_disconnect(exc, dbapi):
+                self._run(self._g_invalidate(exc))
+            raise
+        return Result(
+            outcome.keys, outcome.rows, outcome.rowcount, returns_rows=outcome.returns_rows
+        )
 
     def _perform(self, step: Any) -> Any:
         op, arg = step
@@ -274,12 +298,42 @@ class InvocationConnection(Connection):
 
     def _commit_for_return(self) -> None:
         """Commit before the connection goes back to the pool: with the warm pool's
-        session reset in the same message when it offers one (one round trip)."""
-        self._commit_then = _reset_to_send_with_commit(self)
-        try:
+        session reset in the same message when it offers one (one round trip).
+
+        That commit is ``commit()``'s procedure (``_g_finish``) inline, as for the
+        opening statement: it ends every warm invocation."""
+        statements = _reset_to_send_with_commit(self)
+        if statements is None:
             self.commit()
-        finally:
-            self._commit_then = None
+            return
+        self._check_usable()
+        proxy = self._proxy
+        assert proxy is not None
+        dbapi = proxy.dbapi_connection
+        self._transaction = None
+        self._begun = False
+        try:
+            with deadlines.step("commit"):
+                reset = psycopg_commit_then(dbapi, statements)
+        except Exception as exc:
+            if self._engine.dialect.is_disconnect(exc, dbapi):
+                self._run(self._g_invalidate(exc))
+            raise
+        if reset:
+            _session_reset_done(self._engine, proxy)
+
+    def close(self) -> None:
+        """Return the connection to the pool; with nothing left to roll back, the
+        procedure's return (``_g_close``) inline."""
+        proxy = self._proxy
+        if self._closed or self._begun or proxy is None:
+            super().close()
+            return
+        self._closed = True
+        self._transaction = None
+        self._proxy = None
+        with deadlines.step("reset on return"):
+            proxy.close()
 
     def _arm(self) -> None:
         """``SET LOCAL statement_timeout`` when a new transaction is about to begin."""

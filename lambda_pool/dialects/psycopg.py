@@ -253,23 +253,54 @@ def opening_query(
     return "; ".join(parts).encode(encoding), with_statement
 
 
+class _Psycopg:
+    """psycopg's modules the invocation path uses, imported on first use (never at
+    ``import lambda_pool``) and then kept: a function-level import on every statement
+    costs more than the lookup it saves."""
+
+    __slots__ = ("errors", "generators", "transformer")
+
+    def __init__(self) -> None:
+        from psycopg import errors, generators
+        from psycopg.adapt import Transformer
+
+        self.errors: Any = errors
+        self.generators: Any = generators
+        self.transformer: Any = Transformer
+
+
+_psycopg: _Psycopg | None = None
+
+
+def _modules() -> _Psycopg:
+    global _psycopg
+    if _psycopg is None:
+        _psycopg = _Psycopg()
+    return _psycopg
+
+
 def opening_outcome(
-    conn: Any, results: Sequence[Any], prelude_count: int, with_statement: bool
+    conn: Any,
+    results: Sequence[Any],
+    prelude_count: int,
+    with_statement: bool,
+    encoding: str | None = None,
 ) -> ExecResult | None:
     """The statement's :class:`ExecResult` from the opening query's libpq results (the
     first error raised, by the statement that caused it), or ``None`` when the
-    statement was not in it."""
-    from psycopg import errors
-    from psycopg.adapt import Transformer
-
-    encoding = conn.info.encoding
+    statement was not in it.  ``encoding``: the connection's client encoding, when the
+    caller read it already."""
+    psycopg = _psycopg or _modules()
+    if encoding is None:
+        encoding = conn.info.encoding
     for result in results:
-        if result.status == _FATAL_ERROR:
-            raise errors.error_from_result(result, encoding=encoding)
-        if result.status not in (_COMMAND_OK, _TUPLES_OK, _EMPTY_QUERY):
+        status = result.status
+        if status == _FATAL_ERROR:
+            raise psycopg.errors.error_from_result(result, encoding=encoding)
+        if status != _COMMAND_OK and status != _TUPLES_OK and status != _EMPTY_QUERY:
             # COPY or another state this path cannot finish: the session is unusable.
             conn.pgconn.finish()
-            raise errors.ProgrammingError(
+            raise psycopg.errors.ProgrammingError(
                 "the statement needs psycopg's own API (COPY?); the connection was closed"
             )
     if not with_statement:
@@ -278,10 +309,10 @@ def opening_outcome(
     rowcount = outcome.command_tuples
     if outcome.status != _TUPLES_OK:
         return ExecResult((), [], -1 if rowcount is None else rowcount, returns_rows=False)
-    transformer = Transformer(conn)
+    transformer = psycopg.transformer(conn)
     transformer.set_pgresult(outcome)
     rows = transformer.load_rows(0, outcome.ntuples, tuple)
-    keys = tuple(outcome.fname(i).decode(encoding) for i in range(outcome.nfields))
+    keys = tuple([outcome.fname(i).decode(encoding) for i in range(outcome.nfields)])
     return ExecResult(keys, rows, outcome.ntuples, returns_rows=True)
 
 
@@ -307,13 +338,14 @@ def psycopg_execute_opening(
     (measured: +230 us against +40 us).  The libpq calls are psycopg's own generators,
     waited on by the connection's ``wait()`` (bounded by the deadline), under its lock.
     """
-    from psycopg import generators
-
-    query, with_statement = opening_query(sql, params, prelude, conn.info.encoding)
+    psycopg = _psycopg or _modules()
+    encoding = conn.info.encoding
+    query, with_statement = opening_query(sql, params, prelude, encoding)
     with conn.lock:
-        conn.pgconn.send_query(query)
-        results = conn.wait(generators.execute(conn.pgconn))
-    outcome = opening_outcome(conn, results, len(prelude), with_statement)
+        pgconn = conn.pgconn
+        pgconn.send_query(query)
+        results = conn.wait(psycopg.generators.execute(pgconn))
+    outcome = opening_outcome(conn, results, len(prelude), with_statement, encoding)
     if outcome is not None:
         return outcome
     from psycopg.rows import tuple_row
@@ -332,22 +364,25 @@ def psycopg_commit_then(conn: Any, statements: str) -> bool:
     succeeded too: after a committed transaction a failure there is not the caller's
     to hear about; the caller then resets the session the ordinary way.
     """
-    from psycopg import generators
-
+    psycopg = _psycopg or _modules()
+    encoding = conn.info.encoding
     with conn.lock:
-        conn.pgconn.send_query(f"COMMIT; {statements}".encode(conn.info.encoding))
-        results = conn.wait(generators.execute(conn.pgconn))
-    return commit_then_outcome(results, conn.info.encoding)
+        pgconn = conn.pgconn
+        pgconn.send_query(f"COMMIT; {statements}".encode(encoding))
+        results = conn.wait(psycopg.generators.execute(pgconn))
+    return commit_then_outcome(results, encoding)
 
 
 def commit_then_outcome(results: Sequence[Any], encoding: str) -> bool:
     """What :func:`psycopg_commit_then` got back (libpq results, one per statement):
     raises the ``COMMIT``'s error, else tells whether every later statement succeeded."""
-    from psycopg import errors
-
     if results and results[0].status == _FATAL_ERROR:
-        raise errors.error_from_result(results[0], encoding=encoding)
-    return len(results) > 1 and not any(r.status == _FATAL_ERROR for r in results)
+        psycopg = _psycopg or _modules()
+        raise psycopg.errors.error_from_result(results[0], encoding=encoding)
+    if len(results) < 2:
+        return False
+    statuses = [result.status for result in results]
+    return _FATAL_ERROR not in statuses
 
 
 # libpq's ExecStatus values (psycopg.pq.ExecStatus), by value: no import.

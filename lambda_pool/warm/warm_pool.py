@@ -14,9 +14,15 @@ from typing import Any, ClassVar
 
 from lambda_pool.exc import ArgumentError, DeadlineExceededError, InvalidRequestError
 from lambda_pool.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
+from lambda_pool.pool import base as pool_base
 from lambda_pool.pool import core as pool_core
 from lambda_pool.pool.core import Acquire, Op
-from lambda_pool.warm.driver import _running_loop, abandon_inherited_connection
+from lambda_pool.warm.driver import (
+    _is_psycopg,
+    _pq_transaction_status,
+    _running_loop,
+    abandon_inherited_connection,
+)
 from lambda_pool.warm.guard import (
     CREDENTIALS_EXPIRE_AT,
     SESSION_RESET_KEY,
@@ -35,6 +41,7 @@ from lambda_pool.warm.policy import (
 from lambda_pool.warm.reset import (
     DRIVER_CALL,
     SESSION_RESET_STATEMENTS,
+    _clear_psycopg_prepared_cache,
     _discard_awaitable,
     g_reset_session,
 )
@@ -269,6 +276,53 @@ class WarmPool(Pool):
 
     # -- checkout ---------------------------------------------------------------------
 
+    def connect(self) -> PoolProxiedConnection:
+        """Check a connection out (sync pools): the kept one when the reuse rules allow."""
+        proxy = self._checkout_warm_quickly()
+        return proxy if proxy is not None else super().connect()
+
+    def _checkout_warm_quickly(self) -> PoolProxiedConnection | None:
+        """The warm invocation's checkout, inline: the kept connection, idle, with no
+        ``checkout`` listener, taken and handed out when the guard says
+        :class:`Reuse` (no I/O).  ``None`` when the procedure must run instead (nothing
+        kept, in use, listeners, after a fork or an invalidation); when the guard asks
+        for a ping or a replacement, the procedure runs on the taken slot and decides
+        again.  Every warm invocation takes this path, which is why it is not a
+        generator run by ``drive()``: the steps are the procedure's, in its order."""
+        if self._is_async or pool_base._forks != self._forks_seen or self._listeners("checkout"):
+            return None
+        slots = self._warm_slots()
+        with self._lock:
+            record = slots.record
+            if record is None or slots.in_use:
+                return None
+            # WarmSlots.acquire() taking the kept record.
+            slots.out += 1
+            slots.in_use = True
+        proxy = PoolProxiedConnection(self, record)
+        dbapi = record.dbapi_connection
+        starttime = record.starttime
+        info = record.info.get(WARM_INFO_KEY)
+        if (
+            dbapi is None
+            or self._invalidate_time > starttime
+            or record.soft_invalidate_time > starttime
+            or not isinstance(info, WarmConnectionInfo)
+        ):
+            return self._run_sync(self._g_hand_out(Acquire.TAKE, record, proxy))
+        record.info.pop(SESSION_RESET_KEY, None)
+        decision = self._guard.decide(
+            self._dialect.get_driver_connection(dbapi), info, record.info.get(CREDENTIALS_EXPIRE_AT)
+        )
+        if not isinstance(decision, Reuse):
+            return self._run_sync(self._g_hand_out(Acquire.TAKE, record, proxy))
+        self.stats.record_reused()
+        record.fresh = False
+        logger = self._logger
+        if logger.debug_forced or logger.logger.isEnabledFor(10):  # logging.DEBUG
+            logger.debug("Connection %r checked out from pool", dbapi)
+        return proxy
+
     def _check_fork(self) -> None:
         # The base class drops the parent's connections without closing them; release
         # the child's copy of the warm socket as well (without a word to the server)
@@ -387,6 +441,49 @@ class WarmPool(Pool):
         return await super()._perform_async(step)
 
     # -- return -----------------------------------------------------------------------
+
+    def _return_sync(self, proxy: PoolProxiedConnection, transaction_was_reset: bool) -> None:
+        """The warm invocation's return, inline: the session was reset with the final
+        ``COMMIT`` (:meth:`mark_session_reset`) and the connection is idle, so nothing is
+        sent; the rest is the procedure's bookkeeping (prepared-statement cache emptied
+        as after ``DISCARD ALL``, idle timer started, slot given back).  Anything else
+        (listeners, a transaction left open, a separate connection) takes the procedure.
+        """
+        record = proxy._record
+        if (
+            record is None
+            or not record.info.get(SESSION_RESET_KEY)
+            or record is not self._warm_slots().record
+            or record._epoch != self._epoch
+            or pool_base._forks != self._forks_seen
+            or self._listeners("reset")
+            or self._listeners("checkin")
+        ):
+            super()._return_sync(proxy, transaction_was_reset)
+            return
+        dbapi = record.dbapi_connection
+        driver = None if dbapi is None else self._dialect.get_driver_connection(dbapi)
+        if (
+            driver is None
+            or not _is_psycopg(driver)
+            or _pq_transaction_status(driver) != 0
+            or self._reset_step(dbapi, transaction_was_reset) is not None
+        ):
+            super()._return_sync(proxy, transaction_was_reset)
+            return
+        proxy._closed = True
+        del record.info[SESSION_RESET_KEY]
+        if driver.prepare_threshold is not None:
+            _clear_psycopg_prepared_cache(driver)
+        info = record.info.get(WARM_INFO_KEY)
+        if isinstance(info, WarmConnectionInfo):
+            self._guard.mark_returned(info)
+        with self._lock:
+            keep = self._slots.release(record)
+            if self._sync_waiters or self._async_waiters:
+                self._notify_locked()
+        if not keep:
+            self._run_sync(self._g_close_connection(record))
 
     def _g_reset(
         self,
