@@ -1,0 +1,186 @@
+"""The warm invocation's inline checkout and return keep every rule of the procedures.
+
+A warm ``@with_connection()`` invocation checks the kept connection out and gives it
+back without the pool's generator procedures when no I/O and no listener needs them
+(``WarmPool._checkout_warm_quickly`` / ``WarmPool._return_sync``).  These tests run real
+handlers against the real server and pin what must not change: one backend reused and
+counted once per invocation, nothing of the session reaching the next invocation,
+psycopg's prepared-statement cache emptied with the server's, listeners still fired once
+each, the idle ping still sent, a separate connection still closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from lambda_pool import event, with_connection
+from lambda_pool.testing.context import LambdaContext
+from lambda_pool.testing.postgres import PostgresServer
+
+psycopg = pytest.importorskip("psycopg")
+
+
+def _invoke(handler: Callable[..., Any], event_: Any = None) -> Any:
+    return handler(event_ or {}, LambdaContext(remaining_ms=30_000))
+
+
+def _backends(url: str, application_name: str) -> int:
+    with psycopg.connect(url, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+        return int(row[0])
+
+
+def _url(lp_postgres_url: str, application_name: str) -> str:
+    return f"{lp_postgres_url}?application_name={application_name}"
+
+
+def test_each_warm_invocation_reuses_one_backend_and_counts_one_reuse(
+    lp_postgres_url: str, lp_application_name: str
+) -> None:
+    @with_connection(_url(lp_postgres_url, lp_application_name))
+    def handler(event: Any, context: Any, connection: Any) -> int:
+        return int(connection.execute("SELECT pg_backend_pid()").scalar())
+
+    try:
+        pids = {_invoke(handler) for _ in range(6)}
+        stats = handler.engine.pool.stats  # type: ignore[attr-defined]
+        assert len(pids) == 1
+        assert (stats.opened, stats.reused) == (1, 5)
+        assert handler.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert _backends(lp_postgres_url, lp_application_name) == 1
+    finally:
+        handler.engine.dispose()  # type: ignore[attr-defined]
+
+
+def test_session_state_set_by_one_invocation_is_gone_at_the_next(
+    lp_postgres_url: str, lp_application_name: str
+) -> None:
+    @with_connection(_url(lp_postgres_url, lp_application_name))
+    def handler(event: Any, context: Any, connection: Any) -> Any:
+        if event.get("dirty"):
+            connection.execute("SET work_mem = '7MB'")
+            connection.execute("CREATE TEMP TABLE quick_leftover (x int)")
+            connection.execute("PREPARE quick_leftover_stmt AS SELECT 1")
+            connection.execute("SELECT pg_advisory_lock(4242)")
+            return None
+        return connection.execute(
+            "SELECT current_setting('work_mem'), "
+            "(SELECT count(*) FROM pg_prepared_statements), "
+            "(SELECT count(*) FROM pg_class WHERE relname = 'quick_leftover'), "
+            "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')"
+        ).one()
+
+    try:
+        clean = _invoke(handler)
+        _invoke(handler, {"dirty": True})
+        assert _invoke(handler) == clean
+        assert clean[1:] == (0, 0, 0)
+        assert handler.engine.pool.stats.opened == 1  # type: ignore[attr-defined]
+    finally:
+        handler.engine.dispose()  # type: ignore[attr-defined]
+
+
+def test_statements_psycopg_prepared_are_prepared_again_after_the_reset(
+    lp_postgres_url: str, lp_application_name: str
+) -> None:
+    # prepare_threshold=0: psycopg prepares every statement with parameters at once, and
+    # keeps its name in a cache; the reset deallocates it on the server with the COMMIT,
+    # so the return must empty psycopg's cache too, or the next invocation would execute
+    # a statement that no longer exists.
+    @with_connection(
+        _url(lp_postgres_url, lp_application_name), connect_args={"prepare_threshold": 0}
+    )
+    def handler(event: Any, context: Any, connection: Any) -> int:
+        return int(connection.execute("SELECT %s::int + 1", (event["n"],)).scalar())
+
+    try:
+        assert [_invoke(handler, {"n": n}) for n in range(5)] == [1, 2, 3, 4, 5]
+        assert handler.engine.pool.stats.opened == 1  # type: ignore[attr-defined]
+    finally:
+        handler.engine.dispose()  # type: ignore[attr-defined]
+
+
+def test_checkout_reset_and_checkin_listeners_fire_once_per_invocation(
+    lp_postgres_url: str, lp_application_name: str
+) -> None:
+    @with_connection(_url(lp_postgres_url, lp_application_name))
+    def handler(event: Any, context: Any, connection: Any) -> int:
+        return int(connection.execute("SELECT 1").scalar())
+
+    fired: list[str] = []
+    engine = handler.engine  # type: ignore[attr-defined]
+    try:
+        _invoke(handler)
+        for name in ("checkout", "reset", "checkin"):
+            event.listen(engine, name, lambda *args, name=name: fired.append(name))
+        for _ in range(3):
+            _invoke(handler)
+        assert fired == ["checkout", "reset", "checkin"] * 3
+        assert engine.pool.stats.opened == 1
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_idle_past_the_threshold_is_pinged_before_reuse(
+    lp_postgres_url: str, lp_application_name: str
+) -> None:
+    @with_connection(_url(lp_postgres_url, lp_application_name), pre_ping_idle_seconds=0)
+    def handler(event: Any, context: Any, connection: Any) -> int:
+        return int(connection.execute("SELECT 1").scalar())
+
+    try:
+        for _ in range(4):
+            _invoke(handler)
+        stats = handler.engine.pool.stats  # type: ignore[attr-defined]
+        assert (stats.opened, stats.pre_pings, stats.reused) == (1, 3, 3)
+    finally:
+        handler.engine.dispose()  # type: ignore[attr-defined]
+
+
+def test_an_invocation_inside_another_gets_a_separate_connection_closed_on_return(
+    lp_postgres_url: str, lp_application_name: str
+) -> None:
+    url = _url(lp_postgres_url, lp_application_name)
+
+    @with_connection(url)
+    def inner(event: Any, context: Any, connection: Any) -> int:
+        return int(connection.execute("SELECT pg_backend_pid()").scalar())
+
+    @with_connection(engine=inner.engine)  # type: ignore[attr-defined]
+    def outer(event: Any, context: Any, connection: Any) -> tuple[int, int]:
+        mine = int(connection.execute("SELECT pg_backend_pid()").scalar())
+        return mine, _invoke(inner)
+
+    try:
+        kept = _invoke(inner)
+        mine, separate = _invoke(outer)
+        assert mine == kept != separate
+        assert _backends(lp_postgres_url, lp_application_name) == 1
+        assert _invoke(inner) == kept
+        assert inner.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        inner.engine.dispose()  # type: ignore[attr-defined]
+
+
+def test_a_backend_terminated_between_invocations_is_replaced_without_an_error(
+    lp_postgres: PostgresServer, lp_postgres_url: str, lp_application_name: str
+) -> None:
+    @with_connection(_url(lp_postgres_url, lp_application_name))
+    def handler(event: Any, context: Any, connection: Any) -> int:
+        return int(connection.execute("SELECT pg_backend_pid()").scalar())
+
+    try:
+        first = _invoke(handler)
+        # Waits until the backend is gone: its goodbye is then on the socket.
+        assert lp_postgres.terminate(lp_application_name) == 1
+        second = _invoke(handler)
+        assert second != first
+        assert handler.engine.pool.stats.opened == 2  # type: ignore[attr-defined]
+    finally:
+        handler.engine.dispose()  # type: ignore[attr-defined]
