@@ -46,8 +46,11 @@ goes out after ``BEGIN`` and ``SET LOCAL statement_timeout`` in one simple query
 same message when it takes no parameters), and the final ``COMMIT`` carries the warm
 pool's session reset when the pool offers it (``session_reset_after_commit``), so the
 return sends nothing more.  On asyncpg, ``BEGIN`` and ``SET LOCAL`` go out as one simple
-query (the dialect would send ``BEGIN`` alone there anyway); asyncpg itself needs two
-round trips per statement (prepare, then bind and execute), which no shell can save.
+query (the dialect would send ``BEGIN`` alone there anyway); each statement is one
+round trip once asyncpg has it in its statement cache (bind and execute; two the first
+time: prepare, then bind and execute), and the final ``COMMIT`` carries the asyncpg
+form of the session reset (:data:`lambda_pool.warm.reset.ASYNCPG_SESSION_RESET`, which
+keeps the cached statements).
 """
 
 from __future__ import annotations
@@ -213,6 +216,31 @@ def _session_reset_after_commit(engine: AsyncEngine, proxy: Any) -> str | None:
     return statements if isinstance(statements, str) else None
 
 
+def _reset_to_send_with_commit(engine: AsyncEngine, proxy: Any) -> str | None:
+    """The session reset to send in the same message as the final ``COMMIT``, or
+    ``None`` (the pool resets the session on return, if it does).
+
+    psycopg: the statements the pool offers, when a transaction is open.  asyncpg:
+    :data:`~lambda_pool.warm.reset.ASYNCPG_SESSION_RESET` (it keeps asyncpg's cached
+    statements) when the pool offers a reset at all and this one has proven itself on
+    the connection (:func:`~lambda_pool.warm.reset.asyncpg_session_reset_proven`: the
+    pool's reset on return sends it alone the first time).
+    """
+    driver = proxy.driver_connection
+    name = engine.dialect.driver
+    if name == "psycopg":
+        if _transaction_status(driver) != 2:  # not in a transaction
+            return None
+        return _session_reset_after_commit(engine, proxy)
+    if name != "asyncpg" or not driver.is_in_transaction():
+        return None
+    if _session_reset_after_commit(engine, proxy) is None:
+        return None
+    from lambda_pool.warm.reset import ASYNCPG_SESSION_RESET, asyncpg_session_reset_proven
+
+    return ASYNCPG_SESSION_RESET if asyncpg_session_reset_proven(driver) else None
+
+
 class AsyncInvocationConnection(AsyncConnection):
     """An :class:`~lambda_pool.asyncio.AsyncConnection` whose transactions obey the
     invocation's deadline, as :class:`lambda_pool.handler.InvocationConnection` does for
@@ -230,7 +258,7 @@ class AsyncInvocationConnection(AsyncConnection):
     # Set for one statement: it opens the transaction, sent with BEGIN and these
     # statements in one round trip (psycopg).
     _opening: list[str] | None = None
-    # Set for the final commit: the session reset sent in the same message (psycopg).
+    # Set for the final commit: the session reset sent in the same message.
     _commit_then: str | None = None
 
     async def execute(self, statement: str, parameters: Any = None) -> Result:
@@ -260,7 +288,13 @@ class AsyncInvocationConnection(AsyncConnection):
         if op is ConnOp.COMMIT and self._commit_then is not None:
             statements, self._commit_then = self._commit_then, None
             with deadlines.step("commit"):
-                if await apsycopg_commit_then(arg, statements):
+                if self.engine.dialect.driver == "asyncpg":
+                    from lambda_pool.dialects.asyncpg import asyncpg_commit_then
+
+                    reset = await asyncpg_commit_then(arg, statements)
+                else:
+                    reset = await apsycopg_commit_then(arg, statements)
+                if reset:
                     mark = getattr(self.engine.pool, "mark_session_reset", None)
                     if callable(mark) and self._proxy is not None:
                         mark(self._proxy)
@@ -302,15 +336,12 @@ class AsyncInvocationConnection(AsyncConnection):
             raise
 
     async def _commit_for_return(self) -> None:
-        """Commit before the connection goes back to the pool, with the pool's session
-        reset in the same message when it offers one (psycopg: one round trip)."""
+        """Commit before the connection goes back to the pool, with the session reset in
+        the same message when there is one to send (:func:`_reset_to_send_with_commit`:
+        one round trip for both)."""
         proxy = self._proxy
-        if (
-            proxy is not None
-            and self.engine.dialect.driver == "psycopg"
-            and _transaction_status(proxy.driver_connection) == 2  # in a transaction
-        ):
-            self._commit_then = _session_reset_after_commit(self.engine, proxy)
+        if proxy is not None:
+            self._commit_then = _reset_to_send_with_commit(self.engine, proxy)
         try:
             await self.commit()
         finally:

@@ -356,31 +356,6 @@ def test_async_psycopg_takes_the_blocking_paths_two_round_trips(wire: Wire) -> N
     assert statements[1].startswith("COMMIT; ") and len(statements) == 2
 
 
-def test_asyncpg_sends_begin_with_the_timeout_and_resets_with_discard_all(wire: Wire) -> None:
-    """asyncpg has no per-statement results for a multi-statement message, so its final
-    COMMIT cannot carry the reset without hiding which statement failed: five round
-    trips (BEGIN with SET LOCAL; prepare and execute of SELECT 1; COMMIT; DISCARD ALL)."""
-    pytest.importorskip("asyncpg")
-
-    @with_connection(_async_url(wire, "asyncpg"))
-    async def handler(event: Any, context: Any, connection: Any) -> int:
-        return int((await connection.execute("SELECT 1")).scalar())
-
-    assert _invoke(handler) == 1
-    backend: list[int] = []
-
-    @with_connection(_async_url(wire, "asyncpg"))
-    async def whoami(event: Any, context: Any, connection: Any) -> int:
-        return int((await connection.execute("SELECT pg_backend_pid()")).scalar())
-
-    backend.append(_invoke(whoami))
-    replies, statements = wire.count(lambda: _invoke(handler), lambda: backend[0])
-
-    assert replies == 5
-    assert statements[0].startswith("BEGIN; SET LOCAL statement_timeout = ")
-    assert statements[1:] == ["SELECT 1", "COMMIT", "DISCARD ALL"]
-
-
 def test_sqlalchemy_adapter_warm_connection_is_reset_with_discard_all(wire: Wire) -> None:
     """SQLAlchemy commits through the driver, before the pool knows a return follows:
     BEGIN, the statement, COMMIT, then DISCARD ALL on return (one more than raw)."""

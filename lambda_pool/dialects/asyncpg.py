@@ -10,8 +10,14 @@ either driver:
   before the first statement when no transaction is open, so ``commit()`` and
   ``rollback()`` (and the pool's reset on return) mean the same thing.
 
-Statements run through ``Connection.prepare()`` (one statement per call, as with any
-extended-protocol driver) to get both the rows and the command status (rowcount).
+Statements run as asyncpg prepared statements (one statement per call, as with any
+extended-protocol driver) to get both the rows and the command status (rowcount),
+taken from asyncpg's statement cache as its own ``fetch()`` does
+(:func:`_prepared_statement`): a statement seen before on the connection is one round
+trip (bind and execute), a new one two (prepare, then bind and execute).  A warm
+connection keeps that cache across invocations (its reset,
+:data:`lambda_pool.warm.reset.ASYNCPG_SESSION_RESET`, keeps the statements);
+``statement_cache_size=0`` (transaction pooling) makes every statement two.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ __all__ = [
     "ASYNCPG_CONNECT_TIMEOUT",
     "AsyncpgDialect",
     "asyncpg_bounded",
+    "asyncpg_commit_then",
     "asyncpg_connection_loop",
     "asyncpg_socket_fileno",
     "asyncpg_terminate",
@@ -291,6 +298,65 @@ async def _let_cancel_requests_out(conn: Any, budget: float) -> None:
         await asyncio.wait(tasks, timeout=budget)
 
 
+async def _prepared_statement(conn: Any, text: str) -> Any:
+    """``text`` as an asyncpg ``PreparedStatement``, from the connection's statement
+    cache when it is there (no round trip), else prepared (one) and cached.
+
+    What ``Connection.fetch()`` does, which gives no command status and no column names
+    of an empty result: asyncpg's ``_prepare(use_cache=True)`` (private, so looked up
+    defensively; without it, the public ``prepare()``, one more round trip per
+    statement).  ``name=False`` takes asyncpg's own choice: a cached statement gets a
+    name (``__asyncpg_stmt_<n>__``), one too long to cache or on a connection without a
+    cache is unnamed, as in ``fetch()``.
+    """
+    prepare = getattr(conn, "_prepare", None)
+    if callable(prepare):
+        return await prepare(text, name=False, use_cache=True)
+    return await conn.prepare(text)
+
+
+def _forget_stale_statements(conn: Any, exc: BaseException) -> None:
+    """Empty asyncpg's statement cache after the server said a cached statement's result
+    type changed (``ALTER TABLE`` … since it was prepared), as ``Connection.fetch()``
+    does, so the next use prepares it anew.
+
+    Inside a transaction (always, here) the statement cannot be retried: its error
+    aborted the transaction, and it reaches the caller as with asyncpg itself.  (A
+    changed type cache, ``OutdatedSchemaCacheError``, is handled by asyncpg's prepared
+    statement itself.)
+    """
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is None or not isinstance(exc, asyncpg.exceptions.InvalidCachedStatementError):
+        return
+    drop = getattr(conn, "_drop_local_statement_cache", None)
+    if callable(drop):
+        drop()
+
+
+async def asyncpg_commit_then(conn: Any, reset: str) -> bool:
+    """``COMMIT``, then ``reset``, as one simple query (one round trip), bounded by the
+    current deadline.
+
+    ``reset`` must raise :data:`~lambda_pool.warm.reset.ASYNCPG_RESET_FAILED_SQLSTATE`
+    for any failure of its own (as :data:`~lambda_pool.warm.reset.ASYNCPG_SESSION_RESET`
+    does): asyncpg reports only the first error of a multi-statement message, not
+    which statement raised it.  Raises the ``COMMIT``'s error when it failed (the
+    server then rolled the transaction back and skipped the rest).  Returns whether
+    ``reset`` succeeded too: after a committed transaction its failure is not the
+    caller's to hear about; the caller then resets the session the ordinary way.
+    """
+    from lambda_pool.warm.reset import ASYNCPG_RESET_FAILED_SQLSTATE
+
+    try:
+        await asyncpg_bounded(conn, conn.execute(f"COMMIT; {reset}"), "commit")
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != ASYNCPG_RESET_FAILED_SQLSTATE:
+            raise
+        log.info("lambda-pool: the session reset sent with COMMIT failed: %s", exc)
+        return False
+    return True
+
+
 class AsyncpgDialect(AsyncDialect):
     """asyncpg connections, with psycopg-style SQL and transactions."""
 
@@ -427,8 +493,12 @@ class AsyncpgDialect(AsyncDialect):
         text, args = to_numeric(sql, params)
         if not dbapi_conn.is_in_transaction():
             await dbapi_conn.execute("BEGIN")
-        statement = await dbapi_conn.prepare(text)
-        records = await statement.fetch(*args)
+        statement = await _prepared_statement(dbapi_conn, text)
+        try:
+            records = await statement.fetch(*args)
+        except Exception as exc:
+            _forget_stale_statements(dbapi_conn, exc)
+            raise
         keys = tuple(attribute.name for attribute in statement.get_attributes())
         rowcount = _rowcount(statement.get_statusmsg())
         if not keys:

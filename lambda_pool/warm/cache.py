@@ -105,8 +105,9 @@ def warm_async_engine(
     :func:`lambda_pool.asyncio.create_async_engine`), same :class:`WarmPool` and reuse
     rules, used with ``async with engine.connect() as conn``.  Drivers: psycopg's
     ``AsyncConnection`` (``postgresql://``, opened with ``prepare_threshold=None``) and
-    asyncpg (``postgresql+asyncpg://``, opened with ``statement_cache_size=0`` unless the
-    URL or ``connect_args`` says otherwise; see :func:`_clear_asyncpg_statement_cache`).
+    asyncpg (``postgresql+asyncpg://``, with its statement cache on, kept across
+    invocations by the warm reset, :data:`~lambda_pool.warm.reset.ASYNCPG_SESSION_RESET`;
+    off with ``transaction_pooling``).
     The cache holds async and blocking engines apart (a URL gets one of each).
 
     Event loops: an asyncio connection belongs to the loop that opened it.  There is one
@@ -187,11 +188,9 @@ def _create_warm_engine(
             # Server-side prepared statements break (or pin) behind a transaction pooler.
             connect_args["prepare_threshold"] = None
         options["connect_args"] = warm_connect_args(connect_args, psycopg=True)
-    elif postgresql and driver == "asyncpg" and "statement_cache_size" not in url.query:
-        # (A URL's ?statement_cache_size= is the user's choice: connect_args would win
-        # over it, so no default is added then.)
-        connect_args = dict(options.get("connect_args") or {})
-        options["connect_args"] = warm_connect_args(connect_args, psycopg=False, asyncpg=True)
+    # asyncpg keeps its statement cache (statement_cache_size, default 100): the warm
+    # reset keeps the statements it caches (warm_connect_args adds nothing for it);
+    # transaction pooling turns it off through the engine's transaction_pooling option.
     if transaction_pooling and postgresql:
         # The engine's own setting (engine.transaction_pooling; the driver's keywords).
         options["transaction_pooling"] = True

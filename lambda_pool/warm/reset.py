@@ -3,8 +3,9 @@
 ``ROLLBACK`` then ``DISCARD ALL`` (only the rollback behind a transaction pooler), written
 once as a generator of driver calls (:func:`g_reset_session`) that ``WarmPool`` performs
 in either mode and :func:`reset_session` / :func:`areset_session` run outside a pool;
-plus the connect keywords that keep the drivers' statement caches consistent with it
-(:func:`warm_connect_args`).
+for asyncpg, :data:`ASYNCPG_SESSION_RESET` instead, which keeps asyncpg's own cached
+statements; plus the connect keywords that keep the drivers' statement caches
+consistent with it (:func:`warm_connect_args`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
-from lambda_pool.exc import InvalidRequestError
+from lambda_pool.exc import DeadlineExceededError, InvalidRequestError
 from lambda_pool.pool import core as pool_core
 from lambda_pool.warm.driver import _is_asyncpg, _is_psycopg, _pq_transaction_status
 
@@ -55,14 +57,74 @@ SESSION_RESET_STATEMENTS = (
 )
 
 
+#: The SQLSTATE :data:`ASYNCPG_SESSION_RESET` raises when one of its steps failed, so that
+#: a failure after a ``COMMIT`` sent in the same message is told apart from the
+#: ``COMMIT``'s own (:func:`lambda_pool.dialects.asyncpg.asyncpg_commit_then`).
+ASYNCPG_RESET_FAILED_SQLSTATE = "LPR01"
+
+#: What ``DISCARD ALL`` does, for an asyncpg connection, without deallocating the
+#: statements asyncpg prepared and caches (``statement_cache_size``; named
+#: ``__asyncpg_stmt_<n>__``, prepared through the protocol): every other prepared
+#: statement goes, among them any a handler made with SQL ``PREPARE`` (``from_sql``),
+#: whatever its name.  ``DISCARD PLANS`` is left out: a plan is no session state a user
+#: can see (PostgreSQL replans when what it depends on, ``search_path`` included,
+#: changes), and dropping the plans of the kept statements at each return would make
+#: the server plan them anew at every invocation.
+#:
+#: One simple query that may follow ``COMMIT`` in the same message (each statement
+#: may run in the implicit transaction that follows it).  ``RESET ALL`` and ``SET
+#: SESSION AUTHORIZATION DEFAULT`` come first, outside the ``DO`` block, so that the
+#: block runs as the login role (``DO`` needs ``USAGE`` on PL/pgSQL, which a role the
+#: handler switched to may lack); they cannot fail in practice.  Every failure inside
+#: the block, a cancel included, is raised again as :data:`ASYNCPG_RESET_FAILED_SQLSTATE`.
+ASYNCPG_SESSION_RESET = (
+    "RESET ALL; SET SESSION AUTHORIZATION DEFAULT; DO $lambda_pool_reset$ "
+    "DECLARE statement_name text; "
+    "BEGIN "
+    "EXECUTE 'CLOSE ALL'; "
+    "EXECUTE 'UNLISTEN *'; "
+    "PERFORM pg_advisory_unlock_all(); "
+    "EXECUTE 'DISCARD TEMP'; "
+    "EXECUTE 'DISCARD SEQUENCES'; "
+    "FOR statement_name IN SELECT name FROM pg_prepared_statements "
+    "WHERE from_sql OR left(name, 15) <> '__asyncpg_stmt_' LOOP "
+    "EXECUTE format('DEALLOCATE %I', statement_name); "
+    "END LOOP; "
+    "EXCEPTION WHEN OTHERS OR query_canceled THEN "
+    f"RAISE EXCEPTION USING ERRCODE = '{ASYNCPG_RESET_FAILED_SQLSTATE}', "
+    "MESSAGE = 'lambda-pool session reset failed: ' || SQLERRM; "
+    "END $lambda_pool_reset$"
+)
+
+# asyncpg connections on which ASYNCPG_SESSION_RESET ran on its own and succeeded: it
+# may then travel with their COMMIT (asyncpg_session_reset_proven()).  Weak: the
+# connection object is the key and leaves with its last reference.
+_asyncpg_reset_proven: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def asyncpg_session_reset_proven(conn: Any) -> bool:
+    """Whether :data:`ASYNCPG_SESSION_RESET` already ran on its own on this asyncpg
+    connection and succeeded.
+
+    Only then may it travel in the same message as the invocation's ``COMMIT``: an
+    error there is the ``COMMIT``'s unless it carries
+    :data:`ASYNCPG_RESET_FAILED_SQLSTATE`, and a ``DO`` block the server refuses to
+    run at all (PL/pgSQL dropped, or ``USAGE`` on it revoked) would not carry it, so
+    a committed transaction would be reported as failed.  The first return of each
+    connection sends the reset alone and so proves it.
+    """
+    return conn in _asyncpg_reset_proven
+
+
 def g_reset_session(
     conn: Any, *, discard: bool = True, discarded: bool = False
 ) -> Generator[DriverStep, Any, None]:
     """The steps of :func:`reset_session` (sync or async driver), for a runner to perform.
 
-    ``discarded``: :data:`SESSION_RESET_STATEMENTS` already ran after the last commit
-    (sent with it); when the connection is still idle nothing is sent again, only the
-    driver's statement cache is emptied as after ``DISCARD ALL``.
+    ``discarded``: the session reset already ran after the last commit (sent with it:
+    :data:`SESSION_RESET_STATEMENTS`, or :data:`ASYNCPG_SESSION_RESET` on asyncpg);
+    when the connection is still idle nothing is sent again, only psycopg's statement
+    cache is emptied as after ``DISCARD ALL`` (asyncpg's statements were kept).
     """
     if _is_psycopg(conn):
         if discarded and _pq_transaction_status(conn) == 0:
@@ -86,19 +148,38 @@ def g_reset_session(
             _clear_psycopg_prepared_cache(conn)
         return
     if _is_asyncpg(conn):
-        # Conn.execute() without arguments is the simple query protocol: no statement is
-        # prepared for these two.
-        # Bounded by the deadline here: asyncpg has no wait of its own to bound (psycopg's
-        # connection class bounds its waits itself).
-        if conn.is_in_transaction():
-            yield _call(_asyncpg_reset_statement, conn, "ROLLBACK")
-        if not discard:
-            return
-        yield _call(_asyncpg_reset_statement, conn, "DISCARD ALL")
-        _clear_asyncpg_statement_cache(conn)
+        yield from _g_reset_asyncpg(conn, discard=discard, discarded=discarded)
         return
     # Generic DB-API connection: a rollback is all a driver-neutral reset can do.
     yield _call(conn.rollback)
+
+
+def _g_reset_asyncpg(
+    conn: Any, *, discard: bool, discarded: bool
+) -> Generator[DriverStep, Any, None]:
+    """:func:`g_reset_session` for asyncpg: :data:`ASYNCPG_SESSION_RESET` (asyncpg's
+    cached statements stay valid), ``DISCARD ALL`` when the server refuses it."""
+    # Conn.execute() without arguments is the simple query protocol: nothing is
+    # prepared for these.  Bounded by the deadline here: asyncpg has no wait of its own
+    # to bound (psycopg's connection class bounds its waits itself).
+    if conn.is_in_transaction():
+        yield _call(_asyncpg_reset_statement, conn, "ROLLBACK")
+    elif discarded:
+        return
+    if not discard:
+        return
+    try:
+        yield _call(_asyncpg_reset_statement, conn, ASYNCPG_SESSION_RESET)
+    except DeadlineExceededError:
+        raise
+    except Exception:
+        if conn.is_closed() or conn.is_in_transaction():
+            raise  # nothing more can be sent (the pool closes it)
+        # E.g. PL/pgSQL not usable: DISCARD ALL does it all, asyncpg's statements too.
+        yield _call(_asyncpg_reset_statement, conn, "DISCARD ALL")
+        _clear_asyncpg_statement_cache(conn)
+        return
+    _asyncpg_reset_proven.add(conn)
 
 
 def reset_session(conn: Any, *, discard: bool = True) -> None:
@@ -180,16 +261,14 @@ def _clear_asyncpg_statement_cache(conn: Any) -> None:
     (*prepared statement "__asyncpg_stmt_1__" does not exist*), an error asyncpg does
     not retry (it re-prepares only on ``InvalidCachedStatementError``).  Its maintainers
     keep ``DISCARD ALL`` out of asyncpg's own pool reset for this reason
-    (MagicStack/asyncpg#270), and its FAQ answers prepared-statement errors with
-    ``statement_cache_size=0``.  Warm asyncpg connections are therefore opened with
-    ``statement_cache_size=0`` (asyncpg then uses unnamed statements only; see
-    :func:`warm_connect_args`), like psycopg's ``prepare_threshold=None``.  When a user
-    turns the cache back on, it is emptied here with ``_drop_local_statement_cache()``,
-    the private method asyncpg itself calls when it drops a connection's cache; the
-    closes asyncpg then sends for the dropped statements are harmless (closing a
-    statement that does not exist is not an error in PostgreSQL).  If that method is
-    gone, the reset fails, so the pool closes the connection instead of keeping it
-    inconsistent.
+    (MagicStack/asyncpg#270).  The warm reset is therefore
+    :data:`ASYNCPG_SESSION_RESET`, which keeps them; ``DISCARD ALL`` is only its
+    fallback, after which the cache is emptied here with
+    ``_drop_local_statement_cache()``, the private method asyncpg itself calls when it
+    drops a connection's cache; the closes asyncpg then sends for the dropped statements
+    are harmless (closing a statement that does not exist is not an error in
+    PostgreSQL).  If that method is gone, the reset fails, so the pool closes the
+    connection instead of keeping it inconsistent.
     """
     if not getattr(conn, "_stmt_cache_enabled", True):
         return
@@ -205,15 +284,16 @@ def _clear_asyncpg_statement_cache(conn: Any) -> None:
 def warm_connect_args(
     connect_args: Mapping[str, Any] | None, *, psycopg: bool, asyncpg: bool = False
 ) -> dict[str, Any]:
-    """Driver keywords for a warm connection: automatic server-side preparation off.
+    """Driver keywords for a warm connection.
 
-    psycopg: ``prepare_threshold=None``; asyncpg: ``statement_cache_size=0``; a value the
-    caller gave is kept.  See :func:`reset_session` and
-    :func:`_clear_asyncpg_statement_cache` for why.
+    psycopg: ``prepare_threshold=None`` (automatic server-side preparation off; see
+    :func:`reset_session` for why); a value the caller gave is kept.  asyncpg: nothing
+    is added: its statement cache stays on (a warm statement is one round trip, bind
+    and execute, instead of two) because the warm reset, :data:`ASYNCPG_SESSION_RESET`,
+    keeps the statements it caches.  Transaction pooling turns it off
+    (``statement_cache_size=0``, the dialect's ``transaction_pooling_args()``).
     """
     args = dict(connect_args or {})
     if psycopg:
         args.setdefault("prepare_threshold", None)
-    if asyncpg:
-        args.setdefault("statement_cache_size", 0)
     return args
