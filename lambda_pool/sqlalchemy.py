@@ -23,11 +23,14 @@ applications that use it pay for it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
+import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import sqlalchemy
@@ -36,7 +39,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, Pool, QueuePool
 
-from lambda_pool import lifecycle
+from lambda_pool import deadlines, lifecycle
 from lambda_pool.dialects.psycopg import (
     PsycopgDialect,
     psycopg_is_auth_failure,
@@ -62,6 +65,7 @@ from lambda_pool.warm import (
     pre_ping_idle_seconds_from_env,
     reset_session,
 )
+from lambda_pool.warm.reset import SESSION_RESET_STATEMENTS
 
 __all__ = [
     "WarmSQLAlchemyPool",
@@ -111,6 +115,7 @@ class WarmSQLAlchemyPool(Pool):
         transaction_pooling: bool = False,
         warm_clock: Callable[[], float] | None = None,
         warm_stats: WarmStats | None = None,
+        defer_session_reset: bool = True,
         **kw: Any,
     ) -> None:
         # SQLAlchemy's own recycle and pre-ping are off: both are part of the shared
@@ -132,6 +137,7 @@ class WarmSQLAlchemyPool(Pool):
             "recycle_on_credentials_expiry": recycle_on_credentials_expiry,
             "transaction_pooling": transaction_pooling,
             "warm_clock": warm_clock,
+            "defer_session_reset": defer_session_reset,
         }
         policy = ReusePolicy(
             recycle=recycle if recycle is not None and recycle >= 0 else None,
@@ -141,6 +147,7 @@ class WarmSQLAlchemyPool(Pool):
         self.stats = warm_stats if warm_stats is not None else WarmStats()
         self._guard = WarmGuard(policy, clock=warm_clock, stats=self.stats)
         self._transaction_pooling = transaction_pooling
+        self._defer_session_reset = defer_session_reset
         self._lock = threading.Lock()
         self._record: ConnectionPoolEntry | None = None
         self._in_use = False
@@ -247,7 +254,7 @@ class WarmSQLAlchemyPool(Pool):
             if conn is not None and isinstance(info, WarmConnectionInfo):
                 if info.opener_pid == os.getpid():
                     try:
-                        reset_session(conn, discard=not self._transaction_pooling)
+                        self._reset_session_on_return(conn)
                     except Exception as exc:
                         # Caller already has its result; the next checkout replaces it.
                         info.reset_failed = True
@@ -256,6 +263,29 @@ class WarmSQLAlchemyPool(Pool):
         finally:
             with self._lock:
                 self._in_use = False
+
+    def _reset_session_on_return(self, conn: Any) -> None:
+        """Reset the session, or (idle psycopg session, ``DISCARD ALL`` mode) owe it
+        a reset that the next transaction start sends with its ``BEGIN``."""
+        if self._transaction_pooling:
+            reset_session(conn, discard=False)  # ROLLBACK if needed; never DISCARD
+            return
+        defer = getattr(conn, "defer_session_reset", None)
+        if defer is None:
+            reset_session(conn)
+            return
+        if (
+            self._defer_session_reset
+            and not conn.closed
+            and conn.pgconn.transaction_status == _IDLE
+        ):
+            defer()  # no round trip now: the next invocation's BEGIN carries it
+            return
+        # Not idle (SQLAlchemy's rollback failed?) or deferral off: DISCARD ALL now.
+        conn.forget_deferred_reset()
+        reset_session(conn)
+        if conn._notifies_backlog is not None:
+            conn._notifies_backlog.clear()  # the last invocation's unread notifications
 
     # -- pool API ---------------------------------------------------------------------
 
@@ -312,9 +342,17 @@ class WarmSQLAlchemyPool(Pool):
 
 
 def _ping(conn: Any) -> bool:
-    """One round trip that leaves no transaction behind; False when it fails."""
+    """One round trip that leaves no transaction behind; False when it fails.
+
+    A psycopg connection that owes its session a reset sends it as the ping (the same
+    single round trip): a connection that fails it is replaced in this checkout."""
     try:
-        if type(conn).__module__.startswith("psycopg"):
+        if getattr(conn, "session_reset_owed", False):
+            with deadlines.step("pre-ping"):
+                conn.send_deferred_reset()
+            return True
+        psycopg = sys.modules.get("psycopg")
+        if psycopg is not None and isinstance(conn, psycopg.Connection):
             return _PSYCOPG.do_ping(conn)
         cursor = conn.cursor()
         try:
@@ -327,6 +365,228 @@ def _ping(conn: Any) -> bool:
     except Exception:
         # Whatever went wrong, this connection is not one to hand out: replace it.
         return False
+
+
+# -- the session reset deferred to the next transaction ----------------------------------
+
+
+@functools.cache
+def _session_connection_class() -> type[Any]:
+    """The psycopg connection class the adapter opens (built on first use: it imports
+    psycopg, which ``import lambda_pool.sqlalchemy`` must not)."""
+    from psycopg import Cursor, errors, generators
+
+    from lambda_pool.dialects._psycopg_deadline import DeadlineConnection
+
+    class OpeningCursor(Cursor[Any]):
+        """A cursor whose ``execute()`` sends the transaction's opening (``BEGIN``, and
+        the session reset the connection owes) in the same message as its statement,
+        when the statement takes no parameters (psycopg's simple query protocol)."""
+
+        def _execute_gen(
+            self, query: Any, params: Any = None, *, prepare: Any = None, binary: Any = None
+        ) -> Any:
+            conn: Any = self._conn
+            conn._opening_allowed = True  # _start_query() keeps the opening for us
+            try:
+                yield from super()._execute_gen(query, params, prepare=prepare, binary=binary)
+            finally:
+                conn._opening_allowed = False
+                conn._opening = None
+
+        def _maybe_prepare_gen(self, pgq: Any, *, prepare: Any = None, binary: Any = None) -> Any:
+            conn: Any = self._conn
+            opening, conn._opening = conn._opening, None
+            if opening is None:
+                yield from super()._maybe_prepare_gen(pgq, prepare=prepare, binary=binary)
+                return
+            text_format = self.format == _TEXT if binary is None else not binary
+            query = pgq.query
+            if (
+                pgq.params  # the extended protocol: one statement a message
+                or not text_format
+                or prepare
+                or conn.prepare_threshold is not None  # psycopg may prepare it
+                or query.lstrip()[:4].upper() == b"COPY"  # needs psycopg's copy()
+            ):
+                yield from conn._send_opening_gen(opening, None)
+                yield from super()._maybe_prepare_gen(pgq, prepare=prepare, binary=binary)
+                return
+            self._query = pgq
+            results = yield from conn._send_opening_gen(opening, query)
+            if not results:  # comments only: no result of its own; psycopg's way then
+                yield from super()._maybe_prepare_gen(pgq, prepare=prepare, binary=binary)
+                return
+            self._check_results(results)  # the statement's own error, raised here
+            self._set_results(results)
+
+    class SessionResetConnection(DeadlineConnection):
+        """A :class:`~lambda_pool.dialects._psycopg_deadline.DeadlineConnection` that
+        opens transactions in fewer round trips and can owe its session a reset.
+
+        Every statement psycopg runs first goes through ``_start_query()``
+        (``execute``, ``executemany``, ``copy``, ``stream``, server-side cursors,
+        ``Connection.execute``), which sends ``BEGIN`` when a transaction is to begin.
+        Here, when the statement is a cursor's ``execute()`` (:class:`OpeningCursor`,
+        the default cursor class), the opening waits for the statement and travels
+        with it when it takes no parameters.  The opening carries the session reset
+        the connection owes (:meth:`defer_session_reset`, the warm pool's return) in a
+        transaction of its own before the ``BEGIN``; with no transaction to begin
+        (autocommit) the owed reset is sent alone, first.  Entering ``transaction()``,
+        ``pipeline()``, ``tpc_begin()`` or ``notifies()`` sends it first too, and
+        :meth:`send_deferred_reset` sends it now (the warm pool's pre-ping).
+        """
+
+        _reset_owed = False
+        _opening_allowed = False
+        _opening: _Opening | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.cursor_factory = OpeningCursor  # connect(cursor_factory=...) still wins
+
+        def defer_session_reset(self) -> None:
+            """Owe the session a reset, sent before the next statement."""
+            self._reset_owed = True
+
+        def forget_deferred_reset(self) -> None:
+            """The caller resets the session another way (``DISCARD ALL``)."""
+            self._reset_owed = False
+
+        @property
+        def session_reset_owed(self) -> bool:
+            """Whether a deferred session reset is still to be sent."""
+            return self._reset_owed
+
+        def send_deferred_reset(self) -> None:
+            """Send the owed reset now, as its own round trip (nothing when none is owed)."""
+            if self._reset_owed:
+                with self.lock:
+                    self.wait(self._send_opening_gen(_Opening(resets=True), None))
+
+        def _start_query(self) -> Any:
+            begins = (
+                not self._autocommit
+                and self.pgconn.transaction_status == _IDLE
+                and self._pipeline is None
+            )
+            if begins:
+                opening = _Opening(self._reset_owed, self._get_tx_start_command())
+                if self._opening_allowed:
+                    self._opening = opening  # sent by the cursor, with its statement
+                    return
+                if self._reset_owed:
+                    yield from self._send_opening_gen(opening, None)
+                    return
+            elif self._reset_owed:
+                yield from self._send_opening_gen(_Opening(resets=True), None)
+            yield from super()._start_query()
+
+        def _send_opening_gen(self, opening: _Opening, statement: bytes | None) -> Any:
+            """Send ``opening`` and ``statement`` as one simple query; raise what the
+            opening raised; return the statement's results."""
+            pgconn = self.pgconn
+            if opening.resets and (
+                self._pipeline is not None or pgconn.transaction_status != _IDLE
+            ):
+                # Unreachable through psycopg's API (see the entry points above); if it is
+                # ever reached, no statement may run in the previous session's state.
+                pgconn.finish()
+                raise errors.OperationalError(
+                    "the session reset deferred from the last return could not be sent "
+                    "before this statement; the connection was closed"
+                )
+            encoding = self.info.encoding
+            query = opening.text.encode(encoding)
+            if statement is not None:
+                query += b"; " + statement  # last: it may end in a -- comment
+            # Notifications still arriving for the last invocation's LISTEN belong to
+            # it: dropped (psycopg would keep them in its backlog for notifies()).
+            handler = pgconn.notify_handler
+            if opening.resets:
+                pgconn.notify_handler = None
+            try:
+                self._check_connection_ok()
+                pgconn.send_query(query)
+                results = yield from generators.execute(pgconn)
+            finally:
+                pgconn.notify_handler = handler
+            head = results[: opening.count]
+            failed = next((r for r in head if r.status == _FATAL_ERROR), None)
+            if failed is not None or len(head) < opening.count:
+                cause = (
+                    errors.error_from_result(failed, encoding=encoding)
+                    if failed is not None
+                    else errors.InternalError("the server skipped part of the opening")
+                )
+                if not opening.resets:
+                    raise cause  # the BEGIN's own error, as psycopg would raise it
+                # The session's state is unknown: close it; the statement fails as on a
+                # connection found broken, and SQLAlchemy replaces it.
+                pgconn.finish()
+                raise errors.OperationalError(
+                    "the session reset deferred from the last return failed; the "
+                    "connection was closed"
+                ) from cause
+            if opening.resets:
+                self._reset_owed = False
+                # DEALLOCATE ALL ran behind psycopg's back: forget its prepared statements
+                # (what psycopg does itself when it sees DISCARD ALL), and the
+                # notifications the last invocation left unread.
+                self._prepared.clear()
+                if self._notifies_backlog is not None:
+                    self._notifies_backlog.clear()
+            return results[opening.count :]
+
+        @contextlib.contextmanager
+        def transaction(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            self.send_deferred_reset()
+            with super().transaction(*args, **kwargs) as tx:
+                yield tx
+
+        @contextlib.contextmanager
+        def pipeline(self) -> Iterator[Any]:
+            self.send_deferred_reset()
+            with super().pipeline() as pipe:
+                yield pipe
+
+        def tpc_begin(self, xid: Any) -> None:
+            self.send_deferred_reset()
+            super().tpc_begin(xid)
+
+        def notifies(self, *args: Any, **kwargs: Any) -> Generator[Any, None, None]:
+            self.send_deferred_reset()
+            yield from super().notifies(*args, **kwargs)
+
+    return SessionResetConnection
+
+
+#: The statements of :data:`SESSION_RESET_STATEMENTS`, one a string (none holds a ";"),
+#: counted so that the opening's results are told apart from the statement's.
+_RESET_PARTS = tuple(part.strip() for part in SESSION_RESET_STATEMENTS.split(";") if part.strip())
+
+
+class _Opening:
+    """What goes before a transaction's first statement: the owed session reset in a
+    transaction of its own (``BEGIN`` … ``COMMIT``, so that a ``ROLLBACK`` of the
+    user's transaction cannot undo ``RESET ALL`` or ``DISCARD TEMP``), then the
+    user's transaction start (psycopg's ``BEGIN`` command), each optional."""
+
+    __slots__ = ("count", "resets", "text")
+
+    def __init__(self, resets: bool, begin: bytes | None = None) -> None:
+        parts = ["BEGIN", *_RESET_PARTS, "COMMIT"] if resets else []
+        if begin is not None:
+            parts.append(begin.decode("ascii"))
+        self.resets = resets
+        self.count = len(parts)
+        self.text = "; ".join(parts)
+
+
+# libpq's PQTRANS_IDLE, PGRES_FATAL_ERROR and the text format, by value (no import).
+_IDLE = 0
+_FATAL_ERROR = 7
+_TEXT = 0
 
 
 # -- credentials ------------------------------------------------------------------------
@@ -384,9 +644,7 @@ def _driver_connect(dialect: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
     :class:`~lambda_pool.dialects._psycopg_deadline.DeadlineConnection`, whose connect and
     every wait end by the current deadline (:mod:`lambda_pool.deadlines`)."""
     if getattr(dialect, "driver", None) == "psycopg" and not getattr(dialect, "is_async", False):
-        from lambda_pool.dialects._psycopg_deadline import DeadlineConnection
-
-        return DeadlineConnection.connect(*cargs, **cparams)
+        return _session_connection_class().connect(*cargs, **cparams)
     return dialect.connect(*cargs, **cparams)
 
 
