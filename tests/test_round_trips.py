@@ -356,37 +356,6 @@ def test_async_psycopg_takes_the_blocking_paths_two_round_trips(wire: Wire) -> N
     assert statements[1].startswith("COMMIT; ") and len(statements) == 2
 
 
-def test_sqlalchemy_adapter_warm_connection_is_reset_with_discard_all(wire: Wire) -> None:
-    """SQLAlchemy commits through the driver, before the pool knows a return follows:
-    BEGIN, the statement, COMMIT, then DISCARD ALL on return (one more than raw)."""
-    pytest.importorskip("sqlalchemy")
-    from sqlalchemy import text
-
-    from lambda_pool.sqlalchemy import forget_cached_engines as forget_sqlalchemy
-    from lambda_pool.sqlalchemy import warm_engine as sqlalchemy_warm_engine
-
-    engine = sqlalchemy_warm_engine(_async_url(wire, "psycopg"))
-    try:
-
-        def call() -> int:
-            with engine.connect() as conn:
-                value = int(conn.execute(text("SELECT 1")).scalar_one())
-                conn.commit()
-                return value
-
-        call()
-        with engine.connect() as conn:
-            pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
-            conn.commit()
-        replies, statements = wire.count(call, lambda: pid)
-    finally:
-        for cached in forget_sqlalchemy():
-            cached.dispose()
-
-    assert replies == 4
-    assert statements == ["BEGIN", "SELECT 1", "COMMIT", "DISCARD ALL"]
-
-
 def test_a_statement_sent_with_begin_travels_in_the_connections_client_encoding(
     wire: Wire,
 ) -> None:
