@@ -19,6 +19,70 @@ returns SQLAlchemy's own ``Engine`` and adds what Lambda needs:
 ``postgresql://`` URLs are given the psycopg 3 driver (``postgresql+psycopg://``).
 This module imports SQLAlchemy at the top; nothing in ``lambda_pool`` imports it, so only
 applications that use it pay for it.
+
+Round trips (issue 9)
+---------------------
+SQLAlchemy commits through the driver (``Dialect.do_commit``) before the pool hears that
+a return follows, so the warm session's reset cannot travel with the invocation's
+``COMMIT`` as it does in ``with_connection``; sent at return, ``DISCARD ALL`` was a round
+trip of its own (4 for ``SELECT 1`` and a commit, against 3 for a raw psycopg
+connection held in a global).  Two changes, both in the psycopg connection class the
+adapter opens (a :class:`~lambda_pool.dialects._psycopg_deadline.DeadlineConnection`
+subclass, so no SQLAlchemy internals are touched; psycopg's own ``_start_query`` hook,
+through which every statement starts, is the one place overridden):
+
+* a transaction's ``BEGIN`` travels with its first statement when that statement takes
+  no parameters (psycopg's simple query protocol allows several statements in one
+  message; an explicit ``BEGIN`` there opens a real transaction block), as
+  :func:`lambda_pool.dialects.psycopg.psycopg_execute_opening` does for
+  ``with_connection``.  The statement's results and errors are its own: the opening's
+  results are counted off, and an error of the statement is raised by its
+  ``execute()``;
+* the warm pool (:class:`WarmSQLAlchemyPool`) resets an idle session **at the next
+  transaction start instead of at return**: the return records a debt, and the next
+  ``BEGIN`` carries ``BEGIN; <the statements DISCARD ALL stands for>; COMMIT`` before it,
+  in the same message.  The reset runs in a transaction of its own so that a
+  ``ROLLBACK`` of the user's transaction cannot undo ``RESET ALL`` or ``DISCARD TEMP``.
+
+A warm ``SELECT 1`` and commit is then 2 round trips (raw held: 3); statements with
+parameters need the extended protocol, so the first goes after the opening: one round
+trip per statement plus the opening and the ``COMMIT`` (raw held: the same).
+``transaction_pooling`` sends no reset at all, as before, and gains the merged ``BEGIN``.
+
+Why deferring is safe, and what it changes:
+
+* *Nothing reaches the next invocation.*  The debt is paid before any statement of the
+  next checkout, whatever path it takes: a cursor's ``execute``/``executemany``/``copy``/
+  ``stream``, a server-side cursor, ``Connection.execute`` on the raw driver connection
+  (``engine.raw_connection()``, ``conn.connection.driver_connection``), autocommit
+  (the reset then goes alone, first), and ``transaction()``, ``pipeline()``,
+  ``tpc_begin()``, ``notifies()`` (which send it before they start).  Once it ran,
+  psycopg's prepared-statement cache is emptied (the reset's ``DEALLOCATE ALL`` ran
+  behind its back) and its notification backlog too; notifications still arriving for
+  the old ``LISTEN`` during the reset are dropped, not handed to the new invocation.
+* *A broken connection is still replaced.*  When the pre-ping is due (idle longer than
+  ``pre_ping_idle_seconds``, or unread input on the socket), the owed reset **is** the
+  ping (one round trip, as the ping was): if it fails, the connection is replaced in the
+  same checkout.  When no ping is due, a connection that broke while idle fails its first
+  statement, exactly as it did before (the reset at return could not see a break that
+  came later either), and SQLAlchemy invalidates it.  A reset that fails closes the
+  connection and raises ``OperationalError`` from the statement that carried it: the
+  session's state is then unknown, so it is never reused.
+* *Every step is bounded by the deadline*: the reset travels inside the statement's
+  (or the ping's) wait, which :class:`DeadlineConnection` bounds.
+* *Between invocations* (the container may be frozen for minutes) the idle session keeps
+  what the last invocation left in it.  Session settings, temporary tables, prepared
+  statements and held cursors are the session's own: no other session sees them, and
+  the next invocation never does.  Two things are visible from other sessions: a
+  session-level advisory lock the handler forgot to release, and a ``LISTEN`` it left
+  (the server queues notifications for it).  With the reset at return they ended when
+  the invocation did; deferred, they end at the next checkout or when the connection is
+  closed (shutdown, recycle, replacement).  Locks and listens a handler releases itself
+  are unaffected, and a raw held connection or SQLAlchemy's own pools never release
+  them.  We accept this for the round trip every invocation saves; an application that
+  relies on the pool to release forgotten advisory locks at once passes
+  ``defer_session_reset=False`` (``?defer_session_reset=false`` with the plugin):
+  ``DISCARD ALL`` at return, one round trip more.
 """
 
 from __future__ import annotations
@@ -94,9 +158,12 @@ class WarmSQLAlchemyPool(Pool):
     (same process, no SnapStart restore, open, idle, within its recycle and credentials
     deadlines, pre-pinged after ``pre_ping_idle_seconds`` of idleness); otherwise it is
     replaced before the caller sees it.  While it is checked out, another checkout gets
-    a separate connection that is closed when returned.  On return the session is reset
-    with :func:`lambda_pool.warm.reset_session` (``ROLLBACK`` by SQLAlchemy, then
-    ``DISCARD ALL``, skipped with ``transaction_pooling=True``).  ``stats`` is a
+    a separate connection that is closed when returned.  On return SQLAlchemy rolls back
+    (when a transaction is open) and the session is reset: an idle psycopg session (the
+    adapter's connection class) owes the reset to its next transaction start, which
+    sends it with its ``BEGIN`` (see the module docstring); otherwise, or with
+    ``defer_session_reset=False``, :func:`lambda_pool.warm.reset_session` sends
+    ``DISCARD ALL`` now.  ``transaction_pooling=True`` sends no reset.  ``stats`` is a
     :class:`lambda_pool.warm.WarmStats`.
 
     ``recycle`` (``pool_recycle``) and ``pre_ping`` (``pool_pre_ping=True`` means ping at
@@ -760,7 +827,9 @@ def create_engine(
     ``warm=True`` uses :class:`WarmSQLAlchemyPool` (and conflicts with ``poolclass``);
     ``pre_ping_idle_seconds`` (default: ``LAMBDA_POOL_PRE_PING_IDLE_SECONDS`` or 60),
     ``transaction_pooling`` (no ``DISCARD ALL``, no server-side prepared statements: for
-    PgBouncer / RDS Proxy in transaction mode) and ``clock`` apply to it.  ``credentials``
+    PgBouncer / RDS Proxy in transaction mode), ``defer_session_reset`` (default true: the
+    session reset travels with the next invocation's ``BEGIN``; see the module docstring)
+    and ``clock`` apply to it.  ``credentials``
     is a lambda-pool provider (``IAMCredentials``, ``SecretsManagerCredentials``,
     ``StaticCredentials``); ``clock`` defaults to the provider's.  Every other keyword
     goes to ``sqlalchemy.create_engine`` unchanged.

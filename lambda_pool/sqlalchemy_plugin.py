@@ -22,7 +22,9 @@ code: pool choice and engine equipment are shared):
   :func:`lambda_pool.warm.decide_reuse`'s rules) — the default, since an engine built at
   module scope lives as long as the container; ``warm=false`` gives ``NullPool`` instead,
   and a ``poolclass``/``pool_size`` the caller passes gives that pool;
-  ``pre_ping_idle_seconds`` and ``transaction_pooling`` tune the warm pool;
+  ``pre_ping_idle_seconds``, ``transaction_pooling`` and ``defer_session_reset``
+  (``false``: ``DISCARD ALL`` at return instead of with the next ``BEGIN``; see
+  :mod:`lambda_pool.sqlalchemy`) tune the warm pool;
 * registration with the shutdown hooks (SIGTERM, ``atexit``, SnapStart), which are
   installed.
 
@@ -44,7 +46,7 @@ from lambda_pool.exc import ArgumentError
 __all__ = ["LambdaPoolPlugin"]
 
 # The plugin's own URL keys (besides the credential keys of lambda_pool.auth.from_url).
-_FLAG_KEYS = ("warm", "transaction_pooling", "recycle_on_credentials_expiry")
+_FLAG_KEYS = ("warm", "transaction_pooling", "recycle_on_credentials_expiry", "defer_session_reset")
 _NUMBER_KEYS = ("pre_ping_idle_seconds",)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -122,6 +124,7 @@ class LambdaPoolPlugin(CreateEnginePlugin):
             )
         pre_ping_idle = _seconds(url, "pre_ping_idle_seconds")
         transaction_pooling = _flag(url, "transaction_pooling", False)
+        defer_session_reset = _flag(url, "defer_session_reset", True)
         _choose_pool(
             kwargs,
             warm=self._warm,
@@ -131,11 +134,18 @@ class LambdaPoolPlugin(CreateEnginePlugin):
             transaction_pooling=transaction_pooling if self._warm else False,
             clock=self._clock,
         )
-        if not self._warm and (pre_ping_idle is not None or transaction_pooling):
+        if not self._warm and (
+            pre_ping_idle is not None
+            or transaction_pooling
+            or _single(url, "defer_session_reset") is not None
+        ):
             raise ArgumentError(
-                "pre_ping_idle_seconds and transaction_pooling in the URL apply to the warm "
-                "pool (plugin=lambda_pool without warm=false and without a pool of your own)"
+                "pre_ping_idle_seconds, transaction_pooling and defer_session_reset in the "
+                "URL apply to the warm pool (plugin=lambda_pool without warm=false and "
+                "without a pool of your own)"
             )
+        if self._warm and not defer_session_reset:
+            kwargs["defer_session_reset"] = False
 
     def update_url(self, url: URL) -> URL:
         """The URL the dialect sees: psycopg 3 chosen, lambda-pool's keys removed."""

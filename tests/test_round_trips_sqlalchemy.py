@@ -31,7 +31,7 @@ sqlalchemy = pytest.importorskip("sqlalchemy")
 from sqlalchemy import event, text  # noqa: E402
 
 from lambda_pool import deadlines  # noqa: E402
-from lambda_pool.sqlalchemy import create_engine, forget_cached_engines, warm_engine  # noqa: E402
+from lambda_pool.sqlalchemy import forget_cached_engines, warm_engine  # noqa: E402
 
 _LOG_LINE = re.compile(r"^(\d+)\|.*?LOG:  (?:statement|execute [^:]*): (.*)$")
 _RESET = re.compile(
@@ -219,14 +219,77 @@ def test_transaction_pooling_sends_no_reset_and_fewer_round_trips_than_raw(
     assert statements == ["BEGIN; SELECT 1", "COMMIT"]
 
 
-def test_with_deferral_off_the_reset_is_discard_all_at_return(wire: Wire) -> None:
-    engine = warm_engine(wire.url, defer_session_reset=False)
-    call = _select_one(engine)
-    call()
-    replies, statements = wire.count(call, lambda: _backend_pid(engine))
+@pytest.mark.parametrize("how", ["warm_engine", "plugin"])
+def test_with_deferral_off_the_reset_is_discard_all_at_return(
+    wire: Wire, raw: RawHeld, how: str
+) -> None:
+    engine = (
+        warm_engine(wire.url, defer_session_reset=False)
+        if how == "warm_engine"
+        else _plugin_engine(wire, defer_session_reset="false")
+    )
+    try:
+        call = _select_one(engine)
+        call()
+        replies, statements = wire.count(call, lambda: _backend_pid(engine))
+    finally:
+        engine.dispose()
+    raw_call = raw.run(("SELECT 1", None))
+    raw_call()
+    raw_replies, _ = wire.count(raw_call, raw.pid)
 
-    assert replies == 3
+    assert replies == 3 <= raw_replies
     assert statements == ["BEGIN; SELECT 1", "COMMIT", "DISCARD ALL"]
+
+
+def test_rows_of_a_statement_sent_with_begin_are_as_psycopg_returns_them(
+    wire: Wire, engine: Any
+) -> None:
+    _select_one(engine)()  # the next checkout owes a reset: it travels with the rows
+    with engine.connect() as conn:
+        result = conn.execute(
+            text(
+                "SELECT 1 AS n, '100%' AS s, NULL::int AS nothing, 2.5::numeric AS d, "
+                "ARRAY[1, 2] AS a FROM generate_series(1, 2)"
+            )
+        )
+        keys, rows = list(result.keys()), result.all()
+        conn.commit()
+        update = conn.execute(text("UPDATE items SET v = v WHERE v = -42"))
+        several = conn.execute(text("INSERT INTO items (v) VALUES (-43); SELECT 41 + 1"))
+        conn.rollback()
+    from decimal import Decimal
+
+    assert keys == ["n", "s", "nothing", "d", "a"]
+    assert rows == [(1, "100%", None, Decimal("2.5"), [1, 2])] * 2
+    assert update.rowcount == 0
+    assert several.rowcount == 1  # the first statement's result, as psycopg gives it
+
+
+@pytest.mark.pgbouncer
+def test_transaction_pooling_through_pgbouncer_keeps_working(pgbouncer: Any) -> None:
+    """The merged ``BEGIN`` through a real PgBouncer in transaction mode, with another
+    client taking the server session between invocations."""
+    engine = sqlalchemy.create_engine(
+        f"{pgbouncer.dsn}{'&' if '?' in pgbouncer.dsn else '?'}"
+        "plugin=lambda_pool&transaction_pooling=true"
+    )
+    other = pgbouncer.connect()
+    try:
+        results = []
+        for n in range(8):
+            with engine.connect() as conn:
+                results.append(int(conn.execute(text("SELECT 2")).scalar_one()))
+                results.append(
+                    int(conn.execute(text("SELECT CAST(:n AS int) * 2"), {"n": n}).scalar_one())
+                )
+                conn.commit()
+            other.execute("SELECT 1")  # another client on the session the engine released
+            other.commit()
+    finally:
+        other.close()
+        engine.dispose()
+    assert results == [v for n in range(8) for v in (2, n * 2)]
 
 
 _DIRTY = (
@@ -459,10 +522,12 @@ def test_the_deferred_reset_is_bounded_by_the_deadline(wire: Wire) -> None:
     call = _select_one(engine)
     call()
     old_pid = _backend_pid(engine)
-    with wire.proxy.faulted("black_hole"):
-        with deadlines.deadline(0.5):
-            with pytest.raises(DeadlineExceededError):
-                call()
+    with (
+        wire.proxy.faulted("black_hole"),
+        deadlines.deadline(0.5),
+        pytest.raises(DeadlineExceededError),
+    ):
+        call()
     assert call() == 1  # a new connection, reset or not, answers
     assert _backend_pid(engine) != old_pid
 
