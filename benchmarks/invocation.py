@@ -7,11 +7,24 @@ its close every time; with the warm engine, the container's one connection reuse
 The ratio is why the warm cache exists.  Compared with the ``NullPool`` row, and with
 the floor: a raw psycopg connection held in a global doing the same statements
 (``SELECT 1``, ``commit()``), which no pool can beat.
+
+The ``@with_connection()`` rows are what a Lambda handler pays per warm invocation
+(deadline on: ``SET LOCAL statement_timeout`` and the client-side bound; and with
+``statement_timeout=None``).  Besides the time per invocation, each row records the
+client's own CPU (user time of this process, ``getrusage``) per invocation against the
+raw held connection's, measured in a second interleaved pass: wall time on loopback
+includes the server's work, which both sides share.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import random
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks import contenders
@@ -23,6 +36,8 @@ __all__ = ["measure_invocation"]
 
 NULLPOOL = "NullPool"
 RAW = "raw held"
+WARM_WALL = "warm pass us/op (x raw)"
+WARM_CPU = "user CPU us/op (x raw)"
 
 
 def _invocation(engine: Any) -> Any:
@@ -46,6 +61,64 @@ def _raw_held(stack: contextlib.ExitStack, url: str) -> Any:
         conn.commit()
 
     return op
+
+
+def _decorated(stack: contextlib.ExitStack, url: str, statement_timeout: Any) -> Callable[[], None]:
+    """A warm ``@with_connection()`` handler running ``SELECT 1``, invoked as Lambda
+    would (a context whose remaining time is far from the end)."""
+    import lambda_pool
+    from lambda_pool.testing.context import LambdaContext
+
+    @lambda_pool.with_connection(url, statement_timeout=statement_timeout)
+    def handler(event: Any, context: Any, connection: Any) -> None:
+        connection.execute("SELECT 1")
+
+    stack.callback(handler.engine.dispose)  # type: ignore[attr-defined]
+    context = LambdaContext(remaining_ms=24 * 3600 * 1000)
+
+    def invoke() -> None:
+        handler({}, context)
+
+    return invoke
+
+
+def _block_cost(op: Callable[[], None], count: int) -> tuple[float, float]:
+    """``(wall µs, user CPU µs)`` per call of ``count`` calls back to back."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+    start = time.perf_counter()
+    for _ in range(count):
+        op()
+    wall = time.perf_counter() - start
+    user = resource.getrusage(resource.RUSAGE_SELF).ru_utime - before
+    return wall / count * 1e6, user / count * 1e6
+
+
+def _warm_pass(cases: Sequence[Case], *, rounds: int, ops: int) -> dict[str, tuple[float, float]]:
+    """Median ``(wall µs, user CPU µs)`` per call of each case, over rounds run
+    interleaved in shuffled order with the garbage collector off in a block.
+
+    The warm contenders only (no connect per call), so blocks can be long: ``getrusage``
+    counts in scheduler ticks on some kernels, and a block spanning many of them keeps
+    the rounding small."""
+    rng = random.Random(20261202)
+    samples: dict[str, list[tuple[float, float]]] = {case.id: [] for case in cases}
+    order = list(cases)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for case in order:
+            gc.disable()
+            try:
+                samples[case.id].append(_block_cost(case.op, ops))  # type: ignore[arg-type]
+            finally:
+                gc.enable()
+        gc.collect()
+    return {
+        key: (
+            statistics.median(wall for wall, _ in values),
+            statistics.median(user for _, user in values),
+        )
+        for key, values in samples.items()
+    }
 
 
 def measure_invocation(
@@ -86,9 +159,23 @@ def measure_invocation(
                 group,
                 facts=contenders.warm_stats_since_now(warm_ping),
             ),
+            Case(
+                "invocation.lambda_pool.with_connection",
+                "lambda-pool @with_connection() warm handler, deadline on",
+                _decorated(stack, db.lambda_pool_url, "deadline"),
+                group,
+            ),
+            Case(
+                "invocation.lambda_pool.with_connection.no_timeout",
+                "lambda-pool @with_connection() warm handler, statement_timeout=None",
+                _decorated(stack, db.lambda_pool_url, None),
+                group,
+            ),
         ]
         run_interleaved(cases, rounds=rounds, ops_per_round=ops_per_round, warmup_ops=warmup_ops)
         facts = {case.id: case.facts() for case in cases if case.facts is not None}
+        warm_cases = [case for case in cases if case.role != NULLPOOL]
+        warm_costs = _warm_pass(warm_cases, rounds=max(5, rounds), ops=max(50, ops_per_round * 20))
 
     section = Section(
         name="invocation",
@@ -99,7 +186,21 @@ def measure_invocation(
             "x NullPool < 1 means cheaper than opening a connection per invocation",
             "x raw held: against a psycopg connection kept in a global, the same statements",
             f"median of {rounds} interleaved rounds x {ops_per_round} invocations",
+            "warm pass: the contenders that keep a connection again, in longer blocks "
+            f"({max(5, rounds)} interleaved rounds x {max(50, ops_per_round * 20)}): time per "
+            "invocation and this process's user CPU (getrusage) per invocation, each "
+            "against the raw held connection's; loopback time includes the server's work",
         ],
+        extra_columns=[WARM_WALL, WARM_CPU],
     )
     add_case_rows(section, cases, facts)
+    raw_wall, raw_cpu = warm_costs["invocation.raw_held"]
+    for row in section.rows:
+        if row.id not in warm_costs:
+            continue
+        wall, user = warm_costs[row.id]
+        row.extra[WARM_WALL] = f"{wall:,.0f} ({wall / raw_wall:.2f}x)"
+        row.extra[WARM_CPU] = f"{user:,.1f} ({user / raw_cpu:.2f}x)" if raw_cpu > 0 else "n/a"
+        row.facts["warm_pass_us"] = round(wall, 1)
+        row.facts["client_user_cpu_us"] = round(user, 1)
     return section
