@@ -63,7 +63,7 @@ def _raw_held(stack: contextlib.ExitStack, url: str) -> Any:
     return op
 
 
-def _decorated(stack: contextlib.ExitStack, url: str, statement_timeout: Any) -> Callable[[], None]:
+def _decorated(stack: contextlib.ExitStack, url: str, statement_timeout: Any) -> Case:
     """A warm ``@with_connection()`` handler running ``SELECT 1``, invoked as Lambda
     would (a context whose remaining time is far from the end)."""
     import lambda_pool
@@ -79,7 +79,22 @@ def _decorated(stack: contextlib.ExitStack, url: str, statement_timeout: Any) ->
     def invoke() -> None:
         handler({}, context)
 
-    return invoke
+    engine = handler.engine  # type: ignore[attr-defined]
+    if statement_timeout is None:
+        return Case(
+            "invocation.lambda_pool.with_connection.no_timeout",
+            "lambda-pool @with_connection() warm handler, statement_timeout=None",
+            invoke,
+            "invocation",
+            facts=contenders.warm_stats_since_now(engine),
+        )
+    return Case(
+        "invocation.lambda_pool.with_connection",
+        "lambda-pool @with_connection() warm handler, deadline on",
+        invoke,
+        "invocation",
+        facts=contenders.warm_stats_since_now(engine),
+    )
 
 
 def _block_cost(op: Callable[[], None], count: int) -> tuple[float, float]:
@@ -159,18 +174,8 @@ def measure_invocation(
                 group,
                 facts=contenders.warm_stats_since_now(warm_ping),
             ),
-            Case(
-                "invocation.lambda_pool.with_connection",
-                "lambda-pool @with_connection() warm handler, deadline on",
-                _decorated(stack, db.lambda_pool_url, "deadline"),
-                group,
-            ),
-            Case(
-                "invocation.lambda_pool.with_connection.no_timeout",
-                "lambda-pool @with_connection() warm handler, statement_timeout=None",
-                _decorated(stack, db.lambda_pool_url, None),
-                group,
-            ),
+            _decorated(stack, db.lambda_pool_url, "deadline"),
+            _decorated(stack, db.lambda_pool_url, None),
         ]
         run_interleaved(cases, rounds=rounds, ops_per_round=ops_per_round, warmup_ops=warmup_ops)
         facts = {case.id: case.facts() for case in cases if case.facts is not None}

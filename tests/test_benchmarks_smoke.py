@@ -72,6 +72,8 @@ EXPECTED: dict[str, list[str]] = {
         "invocation.lambda_pool.nullpool",
         "invocation.lambda_pool.warm",
         "invocation.lambda_pool.warm.preping",
+        "invocation.lambda_pool.with_connection",
+        "invocation.lambda_pool.with_connection.no_timeout",
     ],
     "async_checkout": [
         "async_checkout.psycopg.lambda_pool.queuepool",
@@ -202,6 +204,17 @@ def test_warm_rows_took_the_path_they_are_named_after(
         "async_invocation.psycopg": "async_invocation.psycopg.lambda_pool.warm",
         "async_invocation.asyncpg": "async_invocation.asyncpg.lambda_pool.warm",
     }
+    invocation = _rows(document, "invocation")
+    for row_id in (
+        "invocation.lambda_pool.with_connection",
+        "invocation.lambda_pool.with_connection.no_timeout",
+    ):
+        fast = invocation[row_id]["facts"]
+        assert fast["opened"] == 1 and fast["reused"] > 0 and fast["pre_pings"] == 0, row_id
+    for row_id, row in invocation.items():
+        # The warm pass measured every contender but NullPool (a connect per call).
+        cpu = row["facts"].get("client_user_cpu_us")
+        assert (cpu is None) == (row_id == "invocation.lambda_pool.nullpool"), row_id
     for key, row_id in warm_rows.items():
         rows = _rows(document, key.split(".")[0])
         fast = rows[row_id]["facts"]
