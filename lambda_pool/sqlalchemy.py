@@ -529,7 +529,7 @@ def _session_connection_class() -> type[Any]:
             """Send the owed reset now, as its own round trip (nothing when none is owed)."""
             if self._reset_owed:
                 with self.lock:
-                    self.wait(self._send_opening_gen(_Opening(resets=True), None))
+                    self.wait(self._send_opening_gen(_opening(True, None), None))
 
         def _start_query(self) -> Any:
             begins = (
@@ -538,7 +538,7 @@ def _session_connection_class() -> type[Any]:
                 and self._pipeline is None
             )
             if begins:
-                opening = _Opening(self._reset_owed, self._get_tx_start_command())
+                opening = _opening(self._reset_owed, self._get_tx_start_command())
                 if self._opening_allowed:
                     self._opening = opening  # sent by the cursor, with its statement
                     return
@@ -546,7 +546,7 @@ def _session_connection_class() -> type[Any]:
                     yield from self._send_opening_gen(opening, None)
                     return
             elif self._reset_owed:
-                yield from self._send_opening_gen(_Opening(resets=True), None)
+                yield from self._send_opening_gen(_opening(True, None), None)
             yield from super()._start_query()
 
         def _send_opening_gen(self, opening: _Opening, statement: bytes | None) -> Any:
@@ -631,6 +631,13 @@ def _session_connection_class() -> type[Any]:
 #: The statements of :data:`SESSION_RESET_STATEMENTS`, one a string (none holds a ";"),
 #: counted so that the opening's results are told apart from the statement's.
 _RESET_PARTS = tuple(part.strip() for part in SESSION_RESET_STATEMENTS.split(";") if part.strip())
+
+
+@functools.cache
+def _opening(resets: bool, begin: bytes | None) -> _Opening:
+    """The (immutable) opening for ``resets`` and psycopg's ``begin`` command, built once:
+    every transaction start asks for one."""
+    return _Opening(resets, begin)
 
 
 class _Opening:
