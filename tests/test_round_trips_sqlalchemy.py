@@ -559,3 +559,22 @@ def test_a_second_concurrent_checkout_is_separate_and_closed(wire: Wire, engine:
         }
     assert len(pids) == 2
     assert engine.pool.checkedout() == 0
+
+
+def test_session_defaults_the_last_invocation_set_do_not_shape_the_reset_or_the_next(
+    wire: Wire, engine: Any
+) -> None:
+    """The reset's own transaction starts under the old session's defaults (read-only,
+    serializable); it still runs, and the next transaction starts under the defaults."""
+    with engine.connect() as conn:
+        conn.execute(text("SET SESSION default_transaction_read_only = on"))
+        conn.execute(text("SET SESSION default_transaction_isolation = 'serializable'"))
+        conn.execute(text("CREATE TEMP TABLE leaked_temp (x int)"))
+        conn.commit()
+    with engine.connect() as conn:
+        conn.execute(text("INSERT INTO items (v) VALUES (-44)"))
+        isolation = conn.execute(text("SELECT current_setting('transaction_isolation')"))
+        assert isolation.scalar_one() == "read committed"
+        temp = conn.execute(text("SELECT to_regclass('pg_temp.leaked_temp')")).scalar_one()
+        assert temp is None
+        conn.rollback()
