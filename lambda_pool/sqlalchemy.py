@@ -27,9 +27,14 @@ a return follows, so the warm session's reset cannot travel with the invocation'
 ``COMMIT`` as it does in ``with_connection``; sent at return, ``DISCARD ALL`` was a round
 trip of its own (4 for ``SELECT 1`` and a commit, against 3 for a raw psycopg
 connection held in a global).  Two changes, both in the psycopg connection class the
-adapter opens (a :class:`~lambda_pool.dialects._psycopg_deadline.DeadlineConnection`
-subclass, so no SQLAlchemy internals are touched; psycopg's own ``_start_query`` hook,
-through which every statement starts, is the one place overridden):
+adapter opens for every pool (a
+:class:`~lambda_pool.dialects._psycopg_deadline.DeadlineConnection` subclass and its
+default cursor class), so no SQLAlchemy internals are touched.  They lean on psycopg
+internals, as ``psycopg_execute_opening`` does (the project requires psycopg >= 3.3 and
+tests/test_round_trips_sqlalchemy.py checks each): ``Connection._start_query`` (where
+every statement starts and psycopg sends ``BEGIN``), ``Cursor._execute_gen`` /
+``_maybe_prepare_gen`` / ``_check_results`` / ``_set_results`` (the statement sent with
+its opening), ``Connection._prepared.clear()`` and ``_notifies_backlog``:
 
 * a transaction's ``BEGIN`` travels with its first statement when that statement takes
   no parameters (psycopg's simple query protocol allows several statements in one
@@ -47,7 +52,8 @@ through which every statement starts, is the one place overridden):
 A warm ``SELECT 1`` and commit is then 2 round trips (raw held: 3); statements with
 parameters need the extended protocol, so the first goes after the opening: one round
 trip per statement plus the opening and the ``COMMIT`` (raw held: the same).
-``transaction_pooling`` sends no reset at all, as before, and gains the merged ``BEGIN``.
+``transaction_pooling`` sends no reset at all, as before, and gains the merged ``BEGIN``
+(as do the adapter's ``NullPool`` and ``QueuePool`` engines).
 
 Why deferring is safe, and what it changes:
 
