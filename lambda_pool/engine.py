@@ -200,7 +200,9 @@ class Engine(EngineBase[SyncDialect]):
         ``dispose_for_shutdown``).  ``close=False`` leaves the old pool's connections
         alone (e.g. in a forked child: the parent owns them).
         """
-        old = self.pool
+        old = self.__dict__.get("pool")
+        if old is None:
+            return  # the pool is built at first use: none has opened a connection yet
         if close:
             old._retire()
         self.pool = old.recreate()

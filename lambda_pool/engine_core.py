@@ -7,23 +7,24 @@ written once here, as a generator that keeps the state (closed, invalidated, the
 transaction), decides what happens after a disconnect, and yields a :class:`ConnOp`
 whenever it needs I/O.  The sync shell performs each step with :func:`run_sync`, the
 async shell awaits it with :func:`run_async`: the pool's technique and the pool's own
-runners (:func:`lambda_pool.pool.core.drive`, ``drive_async``).  :class:`EngineBase`
+runners (:func:`lambda_pool._drive.drive`, ``drive_async``).  :class:`EngineBase`
 holds what both engines are made of (URL, dialect, pool, listeners, logging) and how
 they are built from ``create_engine`` keywords.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
+import threading
 from collections.abc import Callable, Generator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from lambda_pool._drive import drive as run_sync
+from lambda_pool._drive import drive_async as run_async
+from lambda_pool._record import Constant, StaticGeneric
 from lambda_pool.dialects.base import AsyncDialect, SyncDialect
 from lambda_pool.engine_setup import ConnectWrapper, build_engine_parts, engine_logger
 from lambda_pool.exc import InvalidRequestError, ResourceClosedError
-from lambda_pool.pool.core import drive as run_sync
-from lambda_pool.pool.core import drive_async as run_async
 from lambda_pool.result import Result
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
@@ -50,15 +51,27 @@ E = TypeVar("E", bound="EngineBase[Any]")
 EngineT = TypeVar("EngineT", bound="EngineBase[Any]")
 
 
-class ConnOp(enum.Enum):
+class ConnOp(Constant):
     """An I/O step a connection procedure asks its shell to perform."""
 
-    CHECKOUT = "checkout"  # arg None -> a PoolProxiedConnection from the engine's pool
-    EXECUTE = "execute"  # arg (dbapi, statement, parameters) -> ExecResult
-    COMMIT = "commit"  # arg dbapi
-    ROLLBACK = "rollback"  # arg dbapi
-    INVALIDATE = "invalidate"  # arg (proxy, exception or None)
-    CLOSE = "close"  # arg proxy: return it to the pool
+    __slots__ = ()
+
+    CHECKOUT: ClassVar[ConnOp]  # arg None -> a PoolProxiedConnection from the engine's pool
+    EXECUTE: ClassVar[ConnOp]  # arg (dbapi, statement, parameters) -> ExecResult
+    COMMIT: ClassVar[ConnOp]  # arg dbapi
+    ROLLBACK: ClassVar[ConnOp]  # arg dbapi
+    INVALIDATE: ClassVar[ConnOp]  # arg (proxy, exception or None)
+    CLOSE: ClassVar[ConnOp]  # arg proxy: return it to the pool
+
+
+ConnOp._define(
+    CHECKOUT="checkout",
+    EXECUTE="execute",
+    COMMIT="commit",
+    ROLLBACK="rollback",
+    INVALIDATE="invalidate",
+    CLOSE="close",
+)
 
 
 Step = tuple[ConnOp, Any]
@@ -82,7 +95,7 @@ class TransactionCore:
             yield from self._connection._g_end_transaction(self, commit=commit)
 
 
-class ConnectionCore(Generic[E]):
+class ConnectionCore(StaticGeneric[E]):
     """A checked-out connection's state and procedures, with no I/O of its own.
 
     Rules (both shells): the driver opens a transaction with the first statement and
@@ -247,13 +260,47 @@ class ConnectionCore(Generic[E]):
         return f"<{self._kind} {state} {self._engine!r}>"
 
 
-class EngineBase(Generic[D]):
+# Held only while an engine builds its pool at first use (two threads must not each build one).
+_pool_build_lock = threading.Lock()
+
+
+class _PoolAtFirstUse:
+    """``engine.pool`` of an engine whose default pool is built when first used.
+
+    A non-data descriptor, as :func:`functools.cached_property`: the first access builds
+    the pool (importing :mod:`lambda_pool.pool`) and stores it in the instance's
+    ``__dict__``, which every later access reads directly, without calling this.  So
+    ``create_engine`` does not load the pool machinery and a checkout pays nothing for
+    the laziness.  ``engine.pool = other`` (``dispose()``) replaces it as before.
+    """
+
+    def __get__(self, engine: EngineBase[Any] | None, owner: type | None = None) -> Any:
+        if engine is None:
+            return self
+        with _pool_build_lock:
+            pool = engine.__dict__.get("pool")
+            if pool is None:
+                factory = engine._pool_factory
+                assert factory is not None
+                pool = engine.__dict__["pool"] = factory()
+                engine._pool_factory = None
+        return pool
+
+
+class EngineBase(StaticGeneric[D]):
     """A URL, a dialect (``D``) and a pool; the shells add ``connect()`` and ``dispose()``.
 
     ``engine.pool`` is the current pool; ``dispose()`` replaces it with a fresh one
     (same class, arguments and listeners).  Listeners registered with
     ``event.listen(engine, ...)`` live on the engine and reach every pool it makes.
+    A default pool (no pool keywords) is built at the first access of ``engine.pool``
+    (see :class:`_PoolAtFirstUse`).
     """
+
+    if TYPE_CHECKING:
+        pool: Pool
+    else:
+        pool = _PoolAtFirstUse()
 
     #: Whether the dialect's I/O methods are coroutines (which factory builds it).
     _is_async: ClassVar[bool]
@@ -266,9 +313,10 @@ class EngineBase(Generic[D]):
         self,
         url: URL,
         dialect: D,
-        pool: Pool,
+        pool: Pool | None,
         pool_events: EventRegistry,
         *,
+        pool_factory: Callable[[], Pool] | None = None,
         credentials: CredentialProvider | None = None,
         echo: bool | str = False,
         logging_name: str | None = None,
@@ -277,7 +325,12 @@ class EngineBase(Generic[D]):
     ) -> None:
         self.url = url
         self.dialect = dialect
-        self.pool = pool
+        # Without a pool, pool_factory builds it at the first use of self.pool.
+        self._pool_factory = pool_factory
+        if pool is not None:
+            self.pool = pool
+        elif pool_factory is None:
+            raise TypeError("an engine needs a pool or a pool_factory")
         #: Engine-level pool listeners (``lambda_pool.event`` finds them here).
         self.pool_events = pool_events
         self.credentials = credentials
@@ -306,6 +359,7 @@ class EngineBase(Generic[D]):
             dialect,
             parts.pool,
             parts.pool_events,
+            pool_factory=parts.pool_factory,
             credentials=parts.credentials,
             echo=parts.echo,
             logging_name=parts.logging_name,
@@ -343,7 +397,9 @@ class EngineBase(Generic[D]):
         lingering until a timeout.  Safe to call twice; the engine stays usable (the
         next checkout reconnects).
         """
-        self.pool._close_all_for_shutdown()
+        pool = self.__dict__.get("pool")
+        if pool is not None:  # a pool never built has no connection to close
+            pool._close_all_for_shutdown()
 
     def __repr__(self) -> str:
         return f"{self._kind}({self.url!r})"

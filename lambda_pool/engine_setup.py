@@ -135,12 +135,19 @@ ConnectWrapper = Callable[[ConnectAttempt], contextlib.AbstractContextManager[An
 
 
 class EngineParts(Record):
-    """What an engine is made of."""
+    """What an engine is made of.
+
+    ``pool`` is ``None`` when the engine's pool is built at its first use by
+    ``pool_factory`` (a default pool with no pool keywords: building it cannot fail, so
+    nothing is checked later than it would have been, and ``create_engine`` does not
+    load the pool machinery).
+    """
 
     __slots__ = _fields = (
         "url",
         "dialect",
         "pool",
+        "pool_factory",
         "pool_events",
         "credentials",
         "echo",
@@ -152,7 +159,8 @@ class EngineParts(Record):
 
     url: URL
     dialect: SyncDialect | AsyncDialect
-    pool: Pool
+    pool: Pool | None
+    pool_factory: Callable[[], Pool] | None
     pool_events: EventRegistry
     credentials: CredentialProvider | None
     echo: bool | str
@@ -165,7 +173,8 @@ class EngineParts(Record):
         self,
         url: URL,
         dialect: SyncDialect | AsyncDialect,
-        pool: Pool,
+        pool: Pool | None,
+        pool_factory: Callable[[], Pool] | None,
         pool_events: EventRegistry,
         credentials: CredentialProvider | None,
         echo: bool | str,
@@ -177,6 +186,7 @@ class EngineParts(Record):
         self.url = url
         self.dialect = dialect
         self.pool = pool
+        self.pool_factory = pool_factory
         self.pool_events = pool_events
         self.credentials = credentials
         self.echo = echo
@@ -209,7 +219,6 @@ def _fail(keyword: str, value: object, accepted: str) -> ArgumentError:
 
 def _check_values(kw: Mapping[str, Any]) -> None:
     """Check pool keywords under the names the caller used (the pool re-checks its own)."""
-    from lambda_pool.pool.core import check_reset_on_return
 
     def integer(name: str, minimum: int) -> None:
         value = kw[name]
@@ -239,6 +248,8 @@ def _check_values(kw: Mapping[str, Any]) -> None:
         if name in kw and not isinstance(kw[name], bool):
             raise _fail(name, kw[name], "True or False")
     if "pool_reset_on_return" in kw:
+        from lambda_pool.pool.core import check_reset_on_return
+
         try:
             check_reset_on_return(kw["pool_reset_on_return"])
         except ArgumentError:
@@ -300,6 +311,38 @@ def _choose_poolclass(
         if is_memory_url(url):
             return SingletonThreadPool
     return NullPool
+
+
+def _default_pool_name(kw: Mapping[str, Any], url: URL, *, dialect_name: str) -> str | None:
+    """The default pool class's name when no keyword concerns the pool, else ``None``.
+
+    The rule of :func:`_choose_poolclass` for that case, without importing the pool.
+    """
+    if "poolclass" in kw or any(name in kw for name in _POOL_KEYWORDS):
+        return None
+    if dialect_name == "sqlite":
+        from lambda_pool.dialects.sqlite import is_memory_url
+
+        if is_memory_url(url):
+            return "SingletonThreadPool"
+    return "NullPool"
+
+
+def _default_pool_factory(
+    name: str,
+    creator: Callable[[], Any],
+    dialect: SyncDialect | AsyncDialect,
+    events: EventRegistry,
+) -> Callable[[], Pool]:
+    """Builds the default pool ``name`` (importing the pool machinery) when first called."""
+
+    def build_pool() -> Pool:
+        from lambda_pool import pool as pool_module
+
+        poolclass: type[Pool] = getattr(pool_module, name)
+        return poolclass(creator, dialect=dialect, events=events)
+
+    return build_pool
 
 
 def _pool_arguments(
@@ -588,6 +631,7 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
             parsed,
             dialect,
             ready_pool,
+            None,
             events,
             None,
             kw.get("echo") or False,
@@ -607,9 +651,13 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
         # Fail at create_engine(), not at the first request, when the driver is missing.
         dialect.load_driver()
 
-    poolclass = _choose_poolclass(kw, parsed, is_async=is_async, dialect_name=dialect.name)
-    configuration = f"{type(dialect).__name__}/{poolclass.__name__}/Engine"
-    pool_arguments = _pool_arguments(poolclass, kw, configuration)
+    # The pool class and its arguments are checked now; a default pool with no pool
+    # keywords has nothing to check and is built at the engine's first use.
+    default_pool = _default_pool_name(kw, parsed, dialect_name=dialect.name)
+    if default_pool is None:
+        poolclass = _choose_poolclass(kw, parsed, is_async=is_async, dialect_name=dialect.name)
+        configuration = f"{type(dialect).__name__}/{poolclass.__name__}/Engine"
+        pool_arguments = _pool_arguments(poolclass, kw, configuration)
 
     connect_args: dict[str, Any] = dict(kw.get("connect_args") or {})
     if dialect.name == "postgresql":
@@ -662,11 +710,17 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
     connect_wrappers: list[ConnectWrapper] = []
     pool_creator = _with_connect_wrappers(pool_creator, connect_wrappers, is_async)
 
-    pool = poolclass(pool_creator, dialect=dialect, events=events, **pool_arguments)
+    pool: Pool | None = None
+    pool_factory: Callable[[], Pool] | None = None
+    if default_pool is None:
+        pool = poolclass(pool_creator, dialect=dialect, events=events, **pool_arguments)
+    else:
+        pool_factory = _default_pool_factory(default_pool, pool_creator, dialect, events)
     return EngineParts(
         parsed,
         dialect,
         pool,
+        pool_factory,
         events,
         provider,
         kw.get("echo") or False,

@@ -13,11 +13,15 @@ once, as generators) yield; the shells execute them with or without ``await``.
 from __future__ import annotations
 
 import abc
-import enum
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator, Hashable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, ClassVar, TypeVar
 
+# The procedure runners, re-exported: they live apart so an engine loads them without
+# the pool (see lambda_pool._drive).
+from lambda_pool._drive import drive as drive
+from lambda_pool._drive import drive_async as drive_async
+from lambda_pool._record import Constant, StaticGeneric
 from lambda_pool.exc import ArgumentError
 
 R = TypeVar("R")
@@ -118,13 +122,23 @@ class Deadline:
 # --------------------------------------------------------------------------- checkout decisions
 
 
-class Stale(enum.Enum):
+class Stale(Constant):
     """Why the connection in a slot must be replaced before it is handed out."""
 
-    NO_CONNECTION = "no connection"
-    RECYCLE = "recycle"
-    POOL_INVALIDATED = "pool invalidated"
-    SOFT_INVALIDATED = "soft invalidated"
+    __slots__ = ()
+
+    NO_CONNECTION: ClassVar[Stale]
+    RECYCLE: ClassVar[Stale]
+    POOL_INVALIDATED: ClassVar[Stale]
+    SOFT_INVALIDATED: ClassVar[Stale]
+
+
+Stale._define(
+    NO_CONNECTION="no connection",
+    RECYCLE="recycle",
+    POOL_INVALIDATED="pool invalidated",
+    SOFT_INVALIDATED="soft invalidated",
+)
 
 
 def stale_reason(
@@ -151,68 +165,52 @@ def stale_reason(
 # --------------------------------------------------------------------------- I/O descriptions
 
 
-class Op(enum.Enum):
+class Op(Constant):
     """An I/O step a pool procedure asks its shell to perform."""
 
-    CONNECT = "connect"  # arg None -> new DB-API connection
-    PING = "ping"  # arg dbapi connection -> bool
-    ROLLBACK = "rollback"
-    COMMIT = "commit"
-    CLOSE = "close"
-    TERMINATE = "terminate"  # close without awaiting anything (after an interruption)
-    WAIT = "wait"  # arg (version, seconds or None) -> None, returns when woken or timed out
+    __slots__ = ()
+
+    CONNECT: ClassVar[Op]  # arg None -> new DB-API connection
+    PING: ClassVar[Op]  # arg dbapi connection -> bool
+    ROLLBACK: ClassVar[Op]
+    COMMIT: ClassVar[Op]
+    CLOSE: ClassVar[Op]
+    TERMINATE: ClassVar[Op]  # close without awaiting anything (after an interruption)
+    WAIT: ClassVar[Op]  # arg (version, seconds or None) -> None, returns when woken or timed out
+
+
+Op._define(
+    CONNECT="connect",
+    PING="ping",
+    ROLLBACK="rollback",
+    COMMIT="commit",
+    CLOSE="close",
+    TERMINATE="terminate",
+    WAIT="wait",
+)
 
 
 Step = tuple[Op, Any]
-
-S = TypeVar("S")
-V = TypeVar("V")
-
-
-def drive(proc: Generator[S, Any, V], perform: Callable[[S], Any]) -> V:
-    """Run a procedure: perform each step it yields and send the result back in (an error
-    is thrown back in).  The sync shells (the pool's, the engine's) are this loop."""
-    send: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = proc.throw(error) if error is not None else proc.send(send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        error = None
-        try:
-            send = perform(step)
-        except BaseException as exc:
-            error, send = exc, None
-
-
-async def drive_async(proc: Generator[S, Any, V], perform: Callable[[S], Awaitable[Any]]) -> V:
-    """:func:`drive` for the async shells: each step is awaited."""
-    send: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = proc.throw(error) if error is not None else proc.send(send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        error = None
-        try:
-            send = await perform(step)
-        except BaseException as exc:
-            error, send = exc, None
 
 
 # --------------------------------------------------------------------------- slot accounting
 
 
-class Acquire(enum.Enum):
-    TAKE = "take"  # an idle record: check it, then hand it out
-    NEW = "new"  # a new record (no connection yet) counted in the pool
-    SHARED = "shared"  # a record already in use that this pool shares (StaticPool)
-    WAIT = "wait"  # the limit is reached: wait for a release
+class Acquire(Constant):
+    """What a checkout gets from the slot policy."""
+
+    __slots__ = ()
+
+    TAKE: ClassVar[Acquire]  # an idle record: check it, then hand it out
+    NEW: ClassVar[Acquire]  # a new record (no connection yet) counted in the pool
+    SHARED: ClassVar[Acquire]  # a record already in use that this pool shares (StaticPool)
+    WAIT: ClassVar[Acquire]  # the limit is reached: wait for a release
 
 
-class Slots(abc.ABC, Generic[R]):
+Acquire._define(TAKE="take", NEW="new", SHARED="shared", WAIT="wait")
+
+
+class Slots(abc.ABC, StaticGeneric[R]):
     """Counts records and decides checkouts and returns; subclasses are the pool policies.
 
     ``version`` changes on every event that can let a waiting caller proceed, so a
