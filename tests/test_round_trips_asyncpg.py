@@ -120,9 +120,9 @@ class RawHeld:
     """The floor: one asyncpg connection kept in a global, on its own event loop, each
     invocation one ``conn.transaction()`` with asyncpg's default statement cache."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **connect_args: Any) -> None:
         self.loop = asyncio.new_event_loop()
-        self.conn = self.loop.run_until_complete(asyncpg.connect(url))
+        self.conn = self.loop.run_until_complete(asyncpg.connect(url, **connect_args))
 
     def run(self, *statements: tuple[str, tuple[Any, ...]]) -> Callable[[], Any]:
         async def work() -> Any:
@@ -222,21 +222,28 @@ def test_without_statement_timeout_begin_goes_alone_and_three_round_trips_remain
 
 def test_transaction_pooling_keeps_no_prepared_statement_and_sends_no_reset(wire: Wire) -> None:
     """Behind a transaction pooler no statement may outlive its transaction: asyncpg's
-    cache is off, so each statement is prepared (unnamed) and executed, two round trips;
-    the return only rolls back what is open (nothing after COMMIT)."""
+    cache is off, so each statement is prepared (unnamed) and executed, two round trips,
+    as on a raw held connection opened for a pooler (``statement_cache_size=0``); the
+    return only rolls back what is open (nothing after COMMIT)."""
+    query = "SELECT count(*) FROM pg_prepared_statements"
 
     @with_connection(wire.asyncpg_url, transaction_pooling=True)
     async def handler(event: Any, context: Any, connection: Any) -> int:
-        result = await connection.execute(
-            "SELECT count(*) FROM pg_prepared_statements WHERE name <> ''"
-        )
-        return int(result.scalar())
+        return int((await connection.execute(query)).scalar())
 
     assert _invoke(handler) == 0
     replies, statements = wire.count(lambda: _invoke(handler), _backend_pid(handler))
+    raw = RawHeld(wire.url, statement_cache_size=0)
+    try:
+        raw_call = raw.run((query, ()))
+        raw_call()
+        raw_replies, _ = wire.count(raw_call, raw.pid())
+    finally:
+        raw.close()
 
     assert _invoke(handler) == 0
-    assert replies == 4  # BEGIN with SET LOCAL; prepare; bind and execute; COMMIT
+    assert raw_replies == 4
+    assert replies == 4 <= raw_replies  # BEGIN with SET LOCAL; prepare; execute; COMMIT
     assert statements[0].startswith("BEGIN; SET LOCAL statement_timeout = ")
     assert statements[-1] == "COMMIT" and len(statements) == 3
     assert not any("RESET" in s or "DISCARD" in s for s in statements)
@@ -419,3 +426,74 @@ def test_a_cached_statement_whose_result_type_changed_fails_once_then_is_prepare
     with pytest.raises(asyncpg.exceptions.InvalidCachedStatementError):
         _invoke(handler)
     assert _invoke(handler) == (1, 2)
+
+
+@pytest.fixture
+def plpgsql_only_for_the_app_role(wire: Wire) -> Iterator[str]:
+    """``USAGE`` on PL/pgSQL revoked from ``PUBLIC`` and granted to the application role
+    only, and a role ``no_plpgsql`` the application role may ``SET ROLE`` to."""
+    server = wire.server
+    with server.admin_connect() as admin:
+        admin.execute("DROP ROLE IF EXISTS no_plpgsql")
+        admin.execute("CREATE ROLE no_plpgsql NOLOGIN")
+        admin.execute(f'GRANT no_plpgsql TO "{server.user}"')
+        admin.execute("REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC")
+        admin.execute(f'GRANT USAGE ON LANGUAGE plpgsql TO "{server.user}"')
+    try:
+        yield "no_plpgsql"
+    finally:
+        with server.admin_connect() as admin:
+            admin.execute("GRANT USAGE ON LANGUAGE plpgsql TO PUBLIC")
+            admin.execute(f'REVOKE USAGE ON LANGUAGE plpgsql FROM "{server.user}"')
+            admin.execute("DROP ROLE no_plpgsql")
+
+
+def _session_state_handler(url: str) -> Callable[..., Any]:
+    @with_connection(url)
+    async def handler(event: Any, context: Any, connection: Any) -> tuple[Any, ...]:
+        row = (
+            await connection.execute(
+                "SELECT current_user, current_setting('application_name'), "
+                "(SELECT count(*) FROM pg_prepared_statements WHERE from_sql)"
+            )
+        ).one()
+        for statement in event.get("dirty", ()):
+            await connection.execute(statement)
+        return tuple(row)
+
+    return handler
+
+
+def test_a_role_switched_to_without_plpgsql_does_not_stop_the_reset_sent_with_commit(
+    wire: Wire, plpgsql_only_for_the_app_role: str
+) -> None:
+    handler = _session_state_handler(wire.asyncpg_url)
+    dirty = [f"SET ROLE {plpgsql_only_for_the_app_role}", "PREPARE leaked_plan AS SELECT 1"]
+
+    _invoke(handler)  # warm-up: the reset proves itself alone
+    _, statements = wire.count(lambda: _invoke(handler, {"dirty": dirty}), _backend_pid(handler))
+    user, _, prepared = _invoke(handler)
+
+    _assert_commit_carries_the_reset(statements[-1])
+    assert user == wire.server.user and prepared == 0
+
+
+def test_a_server_refusing_the_asyncpg_reset_is_reset_with_discard_all(
+    wire: Wire, plpgsql_only_for_the_app_role: str
+) -> None:
+    handler = _session_state_handler(wire.asyncpg_url)
+    with wire.server.admin_connect() as admin:
+        admin.execute(f'REVOKE USAGE ON LANGUAGE plpgsql FROM "{wire.server.user}"')
+    dirty = ["SET application_name = 'leaked'", "PREPARE leaked_plan AS SELECT 1"]
+
+    _invoke(handler, {"dirty": dirty})  # the reset is refused: DISCARD ALL instead
+    replies, statements = wire.count(
+        lambda: _invoke(handler, {"dirty": dirty}), _backend_pid(handler)
+    )
+    _, app, prepared = _invoke(handler)
+
+    assert app != "leaked" and prepared == 0
+    assert statements[-2:] == ["COMMIT", "DISCARD ALL"]  # not tried again
+    assert not any(s.startswith("COMMIT; ") for s in statements)
+    # The statements' prepares (DISCARD ALL dropped asyncpg's cache), and no closes.
+    assert replies == len(statements) + 3

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import logging
 import weakref
 from collections.abc import Callable, Generator, Mapping
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 from lambda_pool.exc import DeadlineExceededError, InvalidRequestError
 from lambda_pool.pool import core as pool_core
 from lambda_pool.warm.driver import _is_asyncpg, _is_psycopg, _pq_transaction_status
+
+log = logging.getLogger("lambda_pool.warm")
 
 # The session reset is written once, as a generator of driver calls, like the pool's
 # procedures (lambda_pool.pool.base): each step is ``(DRIVER_CALL, fn)``; a sync runner
@@ -97,9 +100,11 @@ ASYNCPG_SESSION_RESET = (
 )
 
 # asyncpg connections on which ASYNCPG_SESSION_RESET ran on its own and succeeded: it
-# may then travel with their COMMIT (asyncpg_session_reset_proven()).  Weak: the
-# connection object is the key and leaves with its last reference.
+# may then travel with their COMMIT (asyncpg_session_reset_proven()).  And those whose
+# server refused it: they are reset with DISCARD ALL, without trying it again.  Weak:
+# the connection object is the key and leaves with its last reference.
 _asyncpg_reset_proven: weakref.WeakSet[Any] = weakref.WeakSet()
+_asyncpg_reset_refused: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def asyncpg_session_reset_proven(conn: Any) -> bool:
@@ -168,18 +173,23 @@ def _g_reset_asyncpg(
         return
     if not discard:
         return
-    try:
-        yield _call(_asyncpg_reset_statement, conn, ASYNCPG_SESSION_RESET)
-    except DeadlineExceededError:
-        raise
-    except Exception:
-        if conn.is_closed() or conn.is_in_transaction():
-            raise  # nothing more can be sent (the pool closes it)
-        # E.g. PL/pgSQL not usable: DISCARD ALL does it all, asyncpg's statements too.
-        yield _call(_asyncpg_reset_statement, conn, "DISCARD ALL")
-        _clear_asyncpg_statement_cache(conn)
-        return
-    _asyncpg_reset_proven.add(conn)
+    if conn not in _asyncpg_reset_refused:
+        try:
+            yield _call(_asyncpg_reset_statement, conn, ASYNCPG_SESSION_RESET)
+        except DeadlineExceededError:
+            raise
+        except Exception as exc:
+            if conn.is_closed() or conn.is_in_transaction():
+                raise  # nothing more can be sent (the pool closes it)
+            # E.g. PL/pgSQL not usable: DISCARD ALL does it all, asyncpg's cached
+            # statements included (so its cache is emptied below), from now on.
+            log.info("asyncpg session reset refused, using DISCARD ALL: %s", exc)
+            _asyncpg_reset_refused.add(conn)
+        else:
+            _asyncpg_reset_proven.add(conn)
+            return
+    yield _call(_asyncpg_reset_statement, conn, "DISCARD ALL")
+    _clear_asyncpg_statement_cache(conn)
 
 
 def reset_session(conn: Any, *, discard: bool = True) -> None:
@@ -265,10 +275,12 @@ def _clear_asyncpg_statement_cache(conn: Any) -> None:
     :data:`ASYNCPG_SESSION_RESET`, which keeps them; ``DISCARD ALL`` is only its
     fallback, after which the cache is emptied here with
     ``_drop_local_statement_cache()``, the private method asyncpg itself calls when it
-    drops a connection's cache; the closes asyncpg then sends for the dropped statements
-    are harmless (closing a statement that does not exist is not an error in
-    PostgreSQL).  If that method is gone, the reset fails, so the pool closes the
-    connection instead of keeping it inconsistent.
+    drops a connection's cache.  asyncpg then queues the dropped statements to be
+    closed on the server, one round trip each before its next prepare; ``DISCARD ALL``
+    closed them all already, so the queue (``_stmts_to_close``, private too, looked up
+    defensively: left alone, the closes are harmless, closing a statement that does not
+    exist is no error) is emptied.  If the drop method is gone, the reset fails, so the
+    pool closes the connection instead of keeping it inconsistent.
     """
     if not getattr(conn, "_stmt_cache_enabled", True):
         return
@@ -279,6 +291,9 @@ def _clear_asyncpg_statement_cache(conn: Any) -> None:
             "connections with statement_cache_size=0"
         )
     drop()
+    pending = getattr(conn, "_stmts_to_close", None)
+    if isinstance(pending, set):
+        pending.clear()
 
 
 def warm_connect_args(
