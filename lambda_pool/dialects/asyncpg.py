@@ -304,15 +304,17 @@ async def _prepared_statement(conn: Any, text: str) -> Any:
 
     What ``Connection.fetch()`` does, which gives no command status and no column names
     of an empty result: asyncpg's ``_prepare(use_cache=True)`` (private, so looked up
-    defensively; without it, the public ``prepare()``, one more round trip per
-    statement).  ``name=False`` takes asyncpg's own choice: a cached statement gets a
-    name (``__asyncpg_stmt_<n>__``), one too long to cache or on a connection without a
-    cache is unnamed, as in ``fetch()``.
+    defensively; without it, the public ``prepare()`` of an unnamed statement, one more
+    round trip per statement).  ``name=False`` takes asyncpg's own choice: a cached
+    statement gets a name (``__asyncpg_stmt_<n>__``), one too long to cache or on a
+    connection without a cache (transaction pooling) is unnamed, as in ``fetch()``
+    (``prepare()`` without a name would name it, even without a cache before asyncpg
+    0.31, and a named statement must not reach a transaction pooler).
     """
     prepare = getattr(conn, "_prepare", None)
     if callable(prepare):
         return await prepare(text, name=False, use_cache=True)
-    return await conn.prepare(text)
+    return await conn.prepare(text, name="")
 
 
 def _forget_stale_statements(conn: Any, exc: BaseException) -> None:
