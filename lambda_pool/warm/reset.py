@@ -181,10 +181,13 @@ def _g_reset_asyncpg(
         except Exception as exc:
             if conn.is_closed() or conn.is_in_transaction():
                 raise  # nothing more can be sent (the pool closes it)
-            # E.g. PL/pgSQL not usable: DISCARD ALL does it all, asyncpg's cached
-            # statements included (so its cache is emptied below), from now on.
-            log.info("asyncpg session reset refused, using DISCARD ALL: %s", exc)
-            _asyncpg_reset_refused.add(conn)
+            # DISCARD ALL does it all, asyncpg's cached statements included (so its
+            # cache is emptied below): this time when a step of the reset failed (its
+            # own SQLSTATE), from now on when the server refused to run it at all
+            # (PL/pgSQL not usable).
+            log.info("asyncpg session reset failed, using DISCARD ALL: %s", exc)
+            if getattr(exc, "sqlstate", None) != ASYNCPG_RESET_FAILED_SQLSTATE:
+                _asyncpg_reset_refused.add(conn)
         else:
             _asyncpg_reset_proven.add(conn)
             return
@@ -214,8 +217,11 @@ def reset_session(conn: Any, *, discard: bool = True) -> None:
     server-side preparation; :func:`warm_connect_args`); when a user turns preparation back
     on, the cache is cleared here after the discard.
 
-    asyncpg's statement cache has the same hazard, worse: see
-    :func:`_clear_asyncpg_statement_cache`.  This function is for blocking connections;
+    asyncpg's statement cache has the same hazard, worse (see
+    :func:`_clear_asyncpg_statement_cache`), so an asyncpg connection is reset with
+    :data:`ASYNCPG_SESSION_RESET` instead, which does what ``DISCARD ALL`` does but
+    keeps the statements asyncpg caches; ``DISCARD ALL`` remains its fallback on a
+    server that refuses it.  This function is for blocking connections;
     :func:`areset_session` runs the same steps on an asyncio one.
     """
 
