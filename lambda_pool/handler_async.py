@@ -260,6 +260,8 @@ class AsyncInvocationConnection(AsyncConnection):
     _opening: list[str] | None = None
     # Set for the final commit: the session reset sent in the same message.
     _commit_then: str | None = None
+    # Set for the final rollback: the session reset sent in the same message (asyncpg).
+    _rollback_then: str | None = None
 
     async def execute(self, statement: str, parameters: Any = None) -> Result:
         opening = self._opening_prelude()
@@ -295,11 +297,24 @@ class AsyncInvocationConnection(AsyncConnection):
                 else:
                     reset = await apsycopg_commit_then(arg, statements)
                 if reset:
-                    mark = getattr(self.engine.pool, "mark_session_reset", None)
-                    if callable(mark) and self._proxy is not None:
-                        mark(self._proxy)
+                    self._mark_session_reset()
+            return None
+        if op is ConnOp.ROLLBACK and self._rollback_then is not None:
+            statements, self._rollback_then = self._rollback_then, None
+            from lambda_pool.dialects.asyncpg import asyncpg_rollback_then
+
+            with deadlines.step("rollback"):
+                if await asyncpg_rollback_then(arg, statements):
+                    self._mark_session_reset()
             return None
         return await super()._perform(step)
+
+    def _mark_session_reset(self) -> None:
+        """Tell the pool the session was reset with the transaction's end: its return
+        sends nothing more."""
+        mark = getattr(self.engine.pool, "mark_session_reset", None)
+        if callable(mark) and self._proxy is not None:
+            mark(self._proxy)
 
     def _opening_prelude(self) -> list[str] | None:
         """The statements to send with ``BEGIN`` and the next statement when it opens a
@@ -346,6 +361,18 @@ class AsyncInvocationConnection(AsyncConnection):
             await self.commit()
         finally:
             self._commit_then = None
+
+    async def _rollback_for_return(self) -> None:
+        """Roll back before the connection goes back to the pool, with the session reset
+        in the same message on asyncpg when it would go with a commit
+        (:func:`_reset_to_send_with_commit`); psycopg's is sent on return."""
+        proxy = self._proxy
+        if proxy is not None and self.engine.dialect.driver == "asyncpg":
+            self._rollback_then = _reset_to_send_with_commit(self.engine, proxy)
+        try:
+            await self.rollback()
+        finally:
+            self._rollback_then = None
 
     async def commit(self) -> None:
         await super().commit()
@@ -419,7 +446,7 @@ async def _end_after_error(connection: AsyncInvocationConnection, exc: BaseExcep
         if ending is _Ending.INVALIDATE:
             await connection.invalidate(exc)
         elif ending is _Ending.ROLLBACK:
-            await connection.rollback()
+            await connection._rollback_for_return()
     except Exception as cleanup_error:
         _report_cleanup_failure(cleanup_error)
         try:
@@ -436,7 +463,7 @@ async def _commit(
     ending = _ending_after_return(connection, connection._transaction_failed)
     if ending is _Ending.ROLLBACK_FAILED:
         _report_failed_transaction(instrumentation)
-        await connection.rollback()
+        await connection._rollback_for_return()
     elif ending is _Ending.COMMIT:
         await connection._commit_for_return()
 

@@ -497,3 +497,74 @@ def test_a_server_refusing_the_asyncpg_reset_is_reset_with_discard_all(
     assert not any(s.startswith("COMMIT; ") for s in statements)
     # The statements' prepares (DISCARD ALL dropped asyncpg's cache), and no closes.
     assert replies == len(statements) + 3
+
+
+def test_a_handler_error_rolls_back_with_the_reset_in_as_many_round_trips_as_raw(
+    wire: Wire, raw: RawHeld
+) -> None:
+    @with_connection(wire.asyncpg_url)
+    async def handler(event: Any, context: Any, connection: Any) -> Any:
+        row = (
+            await connection.execute(
+                "SELECT current_setting('application_name'), "
+                "(SELECT count(*) FROM pg_prepared_statements WHERE from_sql)"
+            )
+        ).one()
+        if event.get("fail"):
+            await connection.execute("SET application_name = 'leaked'")
+            await connection.execute("PREPARE leaked_plan AS SELECT 1")
+            raise ValueError("the handler failed")
+        return tuple(row)
+
+    class Failed(Exception):
+        pass
+
+    async def raw_failing() -> None:
+        async with raw.conn.transaction():
+            await raw.conn.fetch("SELECT 1")
+            raise Failed
+
+    def raw_call() -> None:
+        with pytest.raises(Failed):
+            raw.loop.run_until_complete(raw_failing())
+
+    def failing() -> None:
+        with pytest.raises(ValueError, match="the handler failed"):
+            _invoke(handler, {"fail": True})
+
+    assert _invoke(handler) == ("", 0)  # warm-up: the reset proves itself alone
+    failing()  # its statements are prepared and cached
+    replies, statements = wire.count(failing, _backend_pid(handler))
+    raw_call()
+    raw_replies, raw_statements = wire.count(raw_call, raw.pid())
+
+    assert raw_replies == 3 and raw_statements[-1].startswith("ROLLBACK")
+    # BEGIN with SET LOCAL; the row; SET; PREPARE; ROLLBACK with the reset: the raw
+    # connection's BEGIN, statement and ROLLBACK, plus the two statements it does not run.
+    assert replies == raw_replies + 2
+    assert statements[-1].startswith("ROLLBACK; RESET ALL; SET SESSION AUTHORIZATION DEFAULT;")
+    assert _invoke(handler) == ("", 0)  # nothing of the failed invocation stayed
+
+
+def test_a_handler_returning_after_a_failed_statement_rolls_back_with_the_reset(
+    wire: Wire,
+) -> None:
+    @with_connection(wire.asyncpg_url)
+    async def handler(event: Any, context: Any, connection: Any) -> str:
+        await connection.execute("SET application_name = 'leaked'")
+        try:
+            await connection.execute("SELECT 1 / 0")
+        except asyncpg.exceptions.DivisionByZeroError:
+            return "caught"
+        return "not raised"
+
+    @with_connection(wire.asyncpg_url)
+    async def reader(event: Any, context: Any, connection: Any) -> str:
+        return str(
+            (await connection.execute("SELECT current_setting('application_name')")).scalar()
+        )
+
+    assert _invoke(handler) == "caught"
+    _, statements = wire.count(lambda: _invoke(handler), _backend_pid(handler))
+    assert statements[-1].startswith("ROLLBACK; RESET ALL;")
+    assert _invoke(reader) == ""

@@ -52,6 +52,7 @@ __all__ = [
     "asyncpg_bounded",
     "asyncpg_commit_then",
     "asyncpg_connection_loop",
+    "asyncpg_rollback_then",
     "asyncpg_socket_fileno",
     "asyncpg_terminate",
 ]
@@ -347,14 +348,24 @@ async def asyncpg_commit_then(conn: Any, reset: str) -> bool:
     ``reset`` succeeded too: after a committed transaction its failure is not the
     caller's to hear about; the caller then resets the session the ordinary way.
     """
+    return await _end_then(conn, "COMMIT", reset)
+
+
+async def asyncpg_rollback_then(conn: Any, reset: str) -> bool:
+    """:func:`asyncpg_commit_then` with ``ROLLBACK``: one round trip where a handler's
+    error would cost two (the rollback, then the reset on return)."""
+    return await _end_then(conn, "ROLLBACK", reset)
+
+
+async def _end_then(conn: Any, ending: str, reset: str) -> bool:
     from lambda_pool.warm.reset import ASYNCPG_RESET_FAILED_SQLSTATE
 
     try:
-        await asyncpg_bounded(conn, conn.execute(f"COMMIT; {reset}"), "commit")
+        await asyncpg_bounded(conn, conn.execute(f"{ending}; {reset}"), ending.lower())
     except Exception as exc:
         if getattr(exc, "sqlstate", None) != ASYNCPG_RESET_FAILED_SQLSTATE:
             raise
-        log.info("lambda-pool: the session reset sent with COMMIT failed: %s", exc)
+        log.info("lambda-pool: the session reset sent with %s failed: %s", ending, exc)
         return False
     return True
 
