@@ -568,3 +568,19 @@ def test_a_handler_returning_after_a_failed_statement_rolls_back_with_the_reset(
     _, statements = wire.count(lambda: _invoke(handler), _backend_pid(handler))
     assert statements[-1].startswith("ROLLBACK; RESET ALL;")
     assert _invoke(reader) == ""
+
+
+def test_a_session_authorization_set_by_a_superuser_handler_is_reset(wire: Wire) -> None:
+    admin_url = wire.proxy.url_for(wire.server.admin_dsn)
+
+    @with_connection(admin_url.replace("postgresql://", "postgresql+asyncpg://", 1))
+    async def handler(event: Any, context: Any, connection: Any) -> tuple[str, str]:
+        row = (await connection.execute("SELECT session_user, current_user")).one()
+        if event.get("switch"):
+            await connection.execute(f'SET SESSION AUTHORIZATION "{wire.server.user}"')
+        return str(row[0]), str(row[1])
+
+    admin = wire.server.admin_user
+    assert _invoke(handler) == (admin, admin)  # warm-up: the reset proves itself alone
+    _invoke(handler, {"switch": True})  # the reset travels with this COMMIT
+    assert _invoke(handler) == (admin, admin)
