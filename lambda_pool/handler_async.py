@@ -48,9 +48,10 @@ pool's session reset when the pool offers it (``session_reset_after_commit``), s
 return sends nothing more.  On asyncpg, ``BEGIN`` and ``SET LOCAL`` go out as one simple
 query (the dialect would send ``BEGIN`` alone there anyway); each statement is one
 round trip once asyncpg has it in its statement cache (bind and execute; two the first
-time: prepare, then bind and execute), and the final ``COMMIT`` carries the asyncpg
-form of the session reset (:data:`lambda_pool.warm.reset.ASYNCPG_SESSION_RESET`, which
-keeps the cached statements).
+time: prepare, then bind and execute), and the final ``COMMIT`` (or the ``ROLLBACK``
+after the handler's error) carries the asyncpg form of the session reset
+(:data:`lambda_pool.warm.reset.ASYNCPG_SESSION_RESET`, which keeps the cached
+statements).
 """
 
 from __future__ import annotations
