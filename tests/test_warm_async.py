@@ -214,7 +214,7 @@ async def test_exception_mid_transaction_leaves_no_transaction_or_session_state(
             await conn.execute(
                 "SELECT current_setting('statement_timeout'),"
                 " current_setting('application_name') <> 'leaked',"
-                " (SELECT count(*) FROM pg_prepared_statements),"
+                " (SELECT count(*) FROM pg_prepared_statements WHERE from_sql),"
                 " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
                 "    AND pid = pg_backend_pid()),"
                 " to_regclass('pg_temp.scratch') IS NULL,"

@@ -190,6 +190,10 @@ class _Flow:
                 if upstream is None:
                     upstream = socket.create_connection(proxy.upstream, timeout=5.0)
                     upstream.settimeout(None)
+                    # A request written in two pieces (asyncpg's Parse then Bind) would
+                    # otherwise wait for the first piece's ACK: Nagle against delayed
+                    # ACK, about 40 ms on loopback, which is not the network modelled.
+                    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     with proxy._changed:
                         self.upstream = upstream
                         if self.ended or proxy._closing:
