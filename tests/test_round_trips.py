@@ -334,10 +334,6 @@ def test_rows_of_a_statement_sent_with_begin_are_typed_as_psycopg_returns_them(
     assert update.rowcount == 0
 
 
-def _async_url(wire: Wire, driver: str) -> str:
-    return wire.url.replace("postgresql://", f"postgresql+{driver}://", 1)
-
-
 def test_async_psycopg_takes_the_blocking_paths_two_round_trips(wire: Wire) -> None:
     @with_connection(wire.url)
     async def handler(event: Any, context: Any, connection: Any) -> int:
