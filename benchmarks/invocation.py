@@ -63,6 +63,32 @@ def _raw_held(stack: contextlib.ExitStack, url: str) -> Any:
     return op
 
 
+def _raw_with_our_messages(stack: contextlib.ExitStack, url: str) -> Any:
+    """The floor of a correct warm invocation: a raw held psycopg connection sending the
+    two messages lambda-pool's warm handler sends (``BEGIN; SET LOCAL statement_timeout;
+    SELECT 1`` and ``COMMIT; <session reset>``) with the deadline set, through the same
+    functions, and nothing else: what remains between this row and the handler's is
+    lambda-pool's own work; between this row and the raw held one, the reset's."""
+    import psycopg
+
+    from lambda_pool import deadlines
+    from lambda_pool.dialects._psycopg_deadline import DeadlineConnection
+    from lambda_pool.dialects.psycopg import psycopg_commit_then, psycopg_execute_opening
+    from lambda_pool.warm.reset import SESSION_RESET_STATEMENTS
+
+    conn = DeadlineConnection.connect(url, prepare_threshold=None)
+    stack.callback(conn.close)
+    assert isinstance(conn, psycopg.Connection)
+    prelude = ["SET LOCAL statement_timeout = 86400000"]
+
+    def op() -> None:
+        with deadlines.use(deadlines.Deadline.after(86400.0)):
+            psycopg_execute_opening(conn, "SELECT 1", None, prelude)
+            psycopg_commit_then(conn, SESSION_RESET_STATEMENTS)
+
+    return op
+
+
 def _decorated(stack: contextlib.ExitStack, url: str, statement_timeout: Any) -> Case:
     """A warm ``@with_connection()`` handler running ``SELECT 1``, invoked as Lambda
     would (a context whose remaining time is far from the end)."""
@@ -173,6 +199,12 @@ def measure_invocation(
                 _invocation(warm_ping),
                 group,
                 facts=contenders.warm_stats_since_now(warm_ping),
+            ),
+            Case(
+                "invocation.raw_held.lambda_pool_messages",
+                "raw held, sending the warm handler's two messages (reset, deadline)",
+                _raw_with_our_messages(stack, db.libpq_url),
+                group,
             ),
             _decorated(stack, db.lambda_pool_url, "deadline"),
             _decorated(stack, db.lambda_pool_url, None),

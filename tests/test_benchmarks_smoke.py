@@ -69,6 +69,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "invocation": [
         "invocation.raw_held",
+        "invocation.raw_held.lambda_pool_messages",
         "invocation.lambda_pool.nullpool",
         "invocation.lambda_pool.warm",
         "invocation.lambda_pool.warm.preping",
