@@ -296,13 +296,14 @@ class InvocationConnection(Connection):
     def _opening_prelude(self) -> list[str] | None:
         return _opening_prelude(self)
 
-    def _commit_for_return(self) -> None:
+    def _commit_for_return(self, status: int | None = None) -> None:
         """Commit before the connection goes back to the pool: with the warm pool's
         session reset in the same message when it offers one (one round trip).
 
         That commit is ``commit()``'s procedure (``_g_finish``) inline, as for the
-        opening statement: it ends every warm invocation."""
-        statements = _reset_to_send_with_commit(self)
+        opening statement: it ends every warm invocation.  ``status``: libpq's
+        transaction status when the caller read it already."""
+        statements = _reset_to_send_with_commit(self, status)
         if statements is None:
             self.commit()
             return
@@ -404,13 +405,16 @@ def _opening_prelude(connection: Any) -> list[str] | None:
     return [f"SET LOCAL statement_timeout = {int(timeout_ms)}"]
 
 
-def _reset_to_send_with_commit(connection: Any) -> str | None:
+def _reset_to_send_with_commit(connection: Any, status: int | None = None) -> str | None:
     """The session reset to send in the final ``COMMIT``'s message: psycopg, a
-    transaction open, and the warm pool offering it; else ``None``."""
+    transaction open (``status``, libpq's transaction status, when the caller read it),
+    and the warm pool offering it; else ``None``."""
     proxy = connection._proxy
     if proxy is None or connection.engine.dialect.driver != "psycopg":
         return None
-    if _transaction_status(proxy.driver_connection) != 2:  # not in a transaction
+    if status is None:
+        status = _transaction_status(proxy.driver_connection)
+    if status != 2:  # not in a transaction
         return None
     return _session_reset_after_commit(connection.engine, proxy)
 
@@ -518,25 +522,24 @@ def _end_after_error(connection: Any, exc: BaseException) -> None:
 
 
 def _commit(connection: Any, instrumentation: Instrumentation | None) -> None:
-    """Commit the handler's work (errors propagate: the caller must know it was lost)."""
+    """Commit the handler's work (errors propagate: the caller must know it was lost).
+
+    libpq's transaction status, read once, decides: idle (the handler sent nothing, or
+    ended its own transaction) needs nothing, and the driver's commit would only go
+    through its machinery to do nothing; failed (it caught a database error) is rolled
+    back and reported (PostgreSQL would answer COMMIT with ROLLBACK); open is committed.
+    """
     proxy = connection._proxy
-    if (
-        proxy is not None
-        and not connection.closed
-        and _transaction_status(proxy.driver_connection) == 0
-    ):
-        # libpq says no transaction is open (the handler sent nothing, or ended its own
-        # transaction): there is nothing to commit, and the driver's commit would only
-        # go through its machinery to do nothing.
+    if proxy is None or connection.closed or connection.invalidated:
         return
-    ending = _ending_after_return(
-        connection, lambda: _transaction_status(_driver_of(connection)) == 3
-    )
-    if ending is _Ending.ROLLBACK_FAILED:
+    status = _transaction_status(proxy.driver_connection)
+    if status == 0:
+        return
+    if status == 3:
         _report_failed_transaction(instrumentation)
         connection.rollback()
-    elif ending is _Ending.COMMIT:
-        connection._commit_for_return()
+        return
+    connection._commit_for_return(status)
 
 
 def _close_quietly(connection: Any) -> None:
