@@ -53,10 +53,15 @@ def _asyncpg_reset_statement(conn: Any, statement: str) -> Any:
 #: (https://www.postgresql.org/docs/current/sql-discard.html), each of which, unlike
 #: ``DISCARD ALL``, may run inside the implicit transaction of a multi-statement query:
 #: so they can follow the invocation's ``COMMIT`` in the same message (one round trip).
+#: All but ``DISCARD PLANS``: once ``DEALLOCATE ALL`` has dropped the prepared
+#: statements, the plans left are the server's own caches (PL/pgSQL functions'), which
+#: no user can see (PostgreSQL replans when what a plan depends on changes,
+#: ``search_path`` included); dropping them at every return would only make each
+#: invocation plan its functions anew (as for asyncpg's reset, below).  Each statement
+#: is a plain one with no ``;`` inside: the SQLAlchemy adapter splits on it.
 SESSION_RESET_STATEMENTS = (
     "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; "
-    "UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; "
-    "DISCARD SEQUENCES"
+    "UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
 )
 
 
