@@ -12,6 +12,12 @@ Two groups, each compared with its lambda-pool row:
 * **ready**: an engine created and the driver imported: everything a handler needs
   before its first connect.  (SQLAlchemy's psycopg dialect module and lambda-pool's
   ``create_engine`` both import psycopg; ``import psycopg`` alone is the floor.)
+
+Besides, what a static-password engine adds on top of its driver (issue 13, goal 1: at
+most 10 ms and 1.04x), paired in one process: ``import psycopg`` timed, then ``import
+lambda_pool; lambda_pool.create_engine(url)`` timed on top of it.  The medians of the
+added milliseconds and of the per-process ratio go into a note and the ``facts`` of the
+``ready.lambda_pool`` row.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from benchmarks.report import Row, Section, ratio
 from benchmarks.timing import median
 
-__all__ = ["IMPORT_CASES", "ImportCase", "measure_imports"]
+__all__ = ["IMPORT_CASES", "PAIRED_URL", "ImportCase", "measure_imports", "time_paired"]
 
 _URL = "postgresql://user@localhost:5432/db"
 _SA_URL = "postgresql+psycopg://user@localhost:5432/db"
@@ -104,18 +110,62 @@ def time_statement(statement: str, *, timeout: float = 60.0) -> float:
     return float(completed.stdout.strip().splitlines()[-1])
 
 
+_PAIRED_TEMPLATE = """\
+import time as _bench_time
+_bench_t0 = _bench_time.perf_counter()
+import psycopg
+_bench_t1 = _bench_time.perf_counter()
+import lambda_pool
+lambda_pool.create_engine({url!r})
+_bench_t2 = _bench_time.perf_counter()
+print(repr(((_bench_t1 - _bench_t0) * 1000.0, (_bench_t2 - _bench_t1) * 1000.0)))
+"""
+
+#: The URL of the paired measurement (a static password: no credential module loads).
+PAIRED_URL = "postgresql://u:p@h/d"
+
+
+def time_paired(*, timeout: float = 60.0) -> tuple[float, float]:
+    """``(import psycopg, lambda-pool on top of it)`` in milliseconds, in one fresh process."""
+    env = dict(os.environ)
+    for name in ("PYTHONSTARTUP", "PYTHONPROFILEIMPORTTIME", "PYTHONDONTWRITEBYTECODE"):
+        env.pop(name, None)
+    completed = subprocess.run(
+        [sys.executable, "-c", _PAIRED_TEMPLATE.format(url=PAIRED_URL)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"the paired import timing failed (exit {completed.returncode}): "
+            f"{completed.stderr.strip()[-2000:]}"
+        )
+    floor, added = completed.stdout.strip().splitlines()[-1].strip("()").split(",")
+    return float(floor), float(added)
+
+
 def measure_imports(repeats: int, *, seed: int = 20240601) -> Section:
     """Time every :data:`IMPORT_CASES` statement ``repeats`` times, interleaved."""
     rng = random.Random(seed)
-    for case in IMPORT_CASES:  # untimed: byte-code caches written, page cache warm
-        time_statement(case.statement)
+    for each in IMPORT_CASES:  # untimed: byte-code caches written, page cache warm
+        time_statement(each.statement)
+    time_paired()
     samples: dict[str, list[float]] = {case.id: [] for case in IMPORT_CASES}
-    order = list(IMPORT_CASES)
+    paired: list[tuple[float, float]] = []
+    order: list[ImportCase | None] = [*IMPORT_CASES, None]  # None: the paired process
     for _ in range(repeats):
         rng.shuffle(order)
         for case in order:
-            samples[case.id].append(time_statement(case.statement))
+            if case is None:
+                paired.append(time_paired())
+            else:
+                samples[case.id].append(time_statement(case.statement))
     medians = {case_id: median(values) for case_id, values in samples.items()}
+    paired_added = median([added for _, added in paired])
+    paired_ratio = median([(floor + added) / floor for floor, added in paired])
     section = Section(
         name="import",
         title="Import cost (cold start, fresh interpreter per sample)",
@@ -126,6 +176,9 @@ def measure_imports(repeats: int, *, seed: int = 20240601) -> Section:
             "ready rows (engine created, driver imported) with "
             "'lambda_pool.create_engine(url) + psycopg'",
             f"median of {repeats} interleaved fresh processes; interpreter start-up excluded",
+            'static engine on top of its driver, paired in one process ("import psycopg", '
+            f'then "import lambda_pool; lambda_pool.create_engine({PAIRED_URL!r})"): '
+            f"+{paired_added:.1f} ms, {paired_ratio:.3f}x (issue 13 goal: <= 10 ms, <= 1.04x)",
         ],
     )
     for case in IMPORT_CASES:
@@ -137,6 +190,15 @@ def measure_imports(repeats: int, *, seed: int = 20240601) -> Section:
                 median=value,
                 samples=samples[case.id],
                 ratios={"lambda-pool": ratio(value, medians[case.baseline])},
+                facts=(
+                    {
+                        "paired_added_ms": paired_added,
+                        "paired_ratio": paired_ratio,
+                        "paired_samples": [list(pair) for pair in paired],
+                    }
+                    if case.id == _READY_BASELINE
+                    else {}
+                ),
             )
         )
     return section

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from lambda_pool._drive import drive as run_sync
 from lambda_pool._drive import drive_async as run_async
 from lambda_pool._record import Constant, StaticGeneric
+from lambda_pool._registry import register
 from lambda_pool.dialects.base import AsyncDialect, SyncDialect
 from lambda_pool.engine_setup import ConnectWrapper, build_engine_parts, engine_logger
 from lambda_pool.exc import InvalidRequestError, ResourceClosedError
@@ -46,9 +47,12 @@ __all__ = [
 Params = Sequence[Any] | Mapping[str, Any] | None
 
 T = TypeVar("T")
-D = TypeVar("D", bound="SyncDialect | AsyncDialect")
-E = TypeVar("E", bound="EngineBase[Any]")
-EngineT = TypeVar("EngineT", bound="EngineBase[Any]")
+if TYPE_CHECKING:
+    # Only type checkers see these (the generic bases below name them as strings): a
+    # TypeVar with a bound compiles it at import.
+    D = TypeVar("D", bound="SyncDialect | AsyncDialect")
+    E = TypeVar("E", bound="EngineBase[Any]")
+    EngineT = TypeVar("EngineT", bound="EngineBase[Any]")
 
 
 class ConnOp(Constant):
@@ -95,7 +99,7 @@ class TransactionCore:
             yield from self._connection._g_end_transaction(self, commit=commit)
 
 
-class ConnectionCore(StaticGeneric[E]):
+class ConnectionCore(StaticGeneric["E"]):
     """A checked-out connection's state and procedures, with no I/O of its own.
 
     Rules (both shells): the driver opens a transaction with the first statement and
@@ -287,7 +291,7 @@ class _PoolAtFirstUse:
         return pool
 
 
-class EngineBase(StaticGeneric[D]):
+class EngineBase(StaticGeneric["D"]):
     """A URL, a dialect (``D``) and a pool; the shells add ``connect()`` and ``dispose()``.
 
     ``engine.pool`` is the current pool; ``dispose()`` replaces it with a fresh one
@@ -350,7 +354,8 @@ class EngineBase(StaticGeneric[D]):
     @classmethod
     def _create(cls: type[EngineT], url: str | URL, kwargs: Mapping[str, Any]) -> EngineT:
         """Build from ``create_engine``/``create_async_engine`` keywords and register it
-        for disposal at shutdown (``lambda_pool.lifecycle``)."""
+        for disposal at shutdown (``lambda_pool.lifecycle``, whose registry
+        :mod:`lambda_pool._registry` is)."""
         parts = build_engine_parts(url, kwargs, is_async=cls._is_async)
         assert parts.dialect.is_async == cls._is_async
         dialect: Any = parts.dialect
@@ -366,8 +371,6 @@ class EngineBase(StaticGeneric[D]):
             transaction_pooling=parts.transaction_pooling,
             connect_wrappers=parts.connect_wrappers,
         )
-        from lambda_pool.lifecycle import register
-
         register(engine)
         return engine
 

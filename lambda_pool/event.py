@@ -52,10 +52,11 @@ engine's and the pool instance's together; within each of the two groups,
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lambda_pool.exc import ArgumentError
 
@@ -90,7 +91,8 @@ ENGINE_EVENTS: dict[str, tuple[str, ...]] = {
 }
 _ARGUMENTS: dict[str, tuple[str, ...]] = {**EVENTS, **ENGINE_EVENTS}
 
-F = TypeVar("F", bound=Callable[..., Any])
+if TYPE_CHECKING:  # annotations only: building the bound costs time at every cold start
+    F = TypeVar("F", bound=Callable[..., Any])
 
 # Ordering key source: inserted listeners take negative numbers so they sort first.
 _sequence = itertools.count(1)
@@ -226,17 +228,17 @@ def fire_do_connect(
 
 
 def _registry_for(target: Any) -> EventRegistry:
-    from lambda_pool.pool.base import Pool  # the pool imports this module: import late
-
     if isinstance(target, type):
+        from lambda_pool.pool.base import Pool  # the pool imports this module: import late
+
         if getattr(target, "_pool_events_reach_every_pool", False):
             target = Pool  # an engine class: every pool (SQLAlchemy's rule)
         if issubclass(target, Pool):
             registry = class_registry(target, create=True)
             assert registry is not None
             return registry
-    elif isinstance(target, Pool):
-        return target._instance_events
+    elif _is_pool(target):
+        return target._instance_events  # type: ignore[no-any-return]
     else:
         for attribute in ("pool_events", "dispatch"):
             candidate = getattr(target, attribute, None)
@@ -245,6 +247,8 @@ def _registry_for(target: Any) -> EventRegistry:
         sync_engine = getattr(target, "sync_engine", None)
         if sync_engine is not None and sync_engine is not target:
             return _registry_for(sync_engine)
+        from lambda_pool.pool.base import Pool
+
         pool = getattr(target, "pool", None)
         if isinstance(pool, Pool):
             return pool._instance_events
@@ -252,6 +256,13 @@ def _registry_for(target: Any) -> EventRegistry:
         f"Cannot listen for pool events on {target!r}; accepted targets: a Pool class, "
         "a Pool instance, or an engine (an object with 'pool_events' or a 'pool')"
     )
+
+
+def _is_pool(target: object) -> bool:
+    """Whether ``target`` is a pool, without importing the pool machinery to find out: an
+    engine's listeners go to the engine, and its pool is built at the first connect."""
+    base = sys.modules.get("lambda_pool.pool.base")
+    return base is not None and isinstance(target, base.Pool)
 
 
 def listen(

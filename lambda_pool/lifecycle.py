@@ -57,10 +57,19 @@ import logging
 import os
 import signal
 import threading
-import weakref
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
+
+# The registry itself lives in lambda_pool._registry: create_engine() registers every
+# engine without loading this module (its shutdown machinery is needed only when
+# install_shutdown_hooks() or dispose_all() is called).
+from lambda_pool._registry import (
+    _snapshot_refs,
+    register,
+    registered_engines,
+    unregister,
+)
 
 __all__ = [
     "DEFAULT_SHUTDOWN_BUDGET_S",
@@ -99,13 +108,6 @@ class ShutdownDisposable(Protocol):
     def dispose_for_shutdown(self) -> None: ...
 
 
-# id(engine) -> weak reference. A dict of weakrefs rather than a WeakSet so engines that
-# are unhashable (``__eq__`` without ``__hash__``) can register too. No lock: the
-# SIGTERM handler reads this from the main thread, possibly while the main thread was
-# interrupted inside ``register``; plain dict operations are atomic under the GIL, a
-# lock would deadlock there.
-_registry: dict[int, weakref.ReferenceType[Any]] = {}
-
 _restore_generation = 0
 
 # What install_shutdown_hooks has installed so far (each part is installed once).
@@ -121,58 +123,6 @@ _budget_s = DEFAULT_SHUTDOWN_BUDGET_S
 _shutdown_disposed = False
 
 _extension_id: str | None = None
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def register(engine: Any) -> Any:
-    """Remember ``engine`` (weakly) so :func:`dispose_all` disposes it; returns it.
-
-    ``engine`` needs ``dispose()`` or ``dispose_for_shutdown()`` (see the module
-    docstring) and must support weak references. Registering twice is harmless.
-    """
-    if not (
-        callable(getattr(engine, "dispose_for_shutdown", None))
-        or callable(getattr(engine, "dispose", None))
-    ):
-        raise TypeError(
-            f"{type(engine).__name__} has neither dispose() nor dispose_for_shutdown(); "
-            "lambda_pool.lifecycle.register() needs one of them"
-        )
-    key = id(engine)
-
-    def _forget(ref: weakref.ReferenceType[Any], key: int = key) -> None:
-        # Only drop our own entry: the id may already belong to a newer engine.
-        if _registry.get(key) is ref:
-            _registry.pop(key, None)
-
-    existing = _registry.get(key)
-    if existing is None or existing() is not engine:
-        _registry[key] = weakref.ref(engine, _forget)
-    return engine
-
-
-def unregister(engine: Any) -> None:
-    """Forget ``engine``; :func:`dispose_all` will not touch it any more."""
-    ref = _registry.get(id(engine))
-    if ref is not None and ref() is engine:
-        _registry.pop(id(engine), None)
-
-
-def registered_engines() -> list[Any]:
-    """The registered engines still alive, oldest registration first."""
-    return [e for e in (r() for r in _snapshot_refs()) if e is not None]
-
-
-def _snapshot_refs() -> list[weakref.ReferenceType[Any]]:
-    # A weakref callback from another thread could resize the dict mid-copy.
-    for _ in range(5):
-        try:
-            return list(_registry.values())
-        except RuntimeError:
-            continue
-    return []
 
 
 def restore_generation() -> int:

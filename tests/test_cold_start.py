@@ -158,3 +158,154 @@ def test_the_plain_value_classes_compare_print_and_freeze_like_dataclasses() -> 
     assert repr(attempt) == "ConnectAttempt(is_async=False, connection='opened')"
     with pytest.raises(TypeError):
         hash(attempt)
+
+
+def _loaded_after(code: str) -> set[str]:
+    """The lambda_pool modules in ``sys.modules`` after ``code`` ran in a fresh interpreter.
+
+    (``-X importtime`` does not report modules loaded by ``importlib.import_module``, as
+    ``lambda_pool.__getattr__`` and the dialect registry load theirs.)
+    """
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code + "\nimport sys\n"
+            "print('\\n'.join(m for m in sys.modules if m.split('.')[0] == 'lambda_pool'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(completed.stdout.split())
+
+
+# Issue 13, goal 1: what a static-password engine costs at Init is mostly these modules
+# (unmarshalling, class bodies, one import each). A module added here is a cold-start
+# cost every user pays: load it at first use instead, or change this list knowingly.
+STATIC_ENGINE_MODULES = {
+    "lambda_pool",
+    "lambda_pool._drive",
+    "lambda_pool._record",
+    "lambda_pool._registry",
+    "lambda_pool.connect_retry",
+    "lambda_pool.conninfo",
+    "lambda_pool.deadlines",
+    "lambda_pool.dialects",
+    "lambda_pool.dialects.base",
+    "lambda_pool.dialects.psycopg",
+    "lambda_pool.engine",
+    "lambda_pool.engine_core",
+    "lambda_pool.engine_setup",
+    "lambda_pool.event",
+    "lambda_pool.exc",
+    "lambda_pool.result",
+    "lambda_pool.url",
+}
+
+
+def test_a_static_engine_loads_exactly_the_pinned_lambda_pool_modules() -> None:
+    loaded = _loaded_after(
+        "import lambda_pool\nlambda_pool.create_engine('postgresql://u:p@127.0.0.1:1/db')"
+    )
+
+    assert loaded == STATIC_ENGINE_MODULES
+
+
+def test_a_default_pool_is_built_at_first_use_and_read_directly_after() -> None:
+    # create_engine() checks everything but builds a keyword-less NullPool at the first
+    # use of engine.pool (connect, raw_connection, event.listen on the pool...): the pool
+    # machinery is loaded then, and later reads are plain attribute reads.
+    code = (
+        "import sys, lambda_pool\n"
+        "from lambda_pool import event\n"
+        "engine = lambda_pool.create_engine('postgresql://u:p@127.0.0.1:1/db')\n"
+        "event.listen(engine, 'connect', lambda dbapi, record: None)\n"
+        "engine.dispose()\n"
+        "engine.dispose_for_shutdown()\n"
+        "print('before', 'lambda_pool.pool' in sys.modules, 'pool' in vars(engine))\n"
+        "pool = engine.pool\n"
+        "print('after', type(pool).__name__, vars(engine)['pool'] is pool is engine.pool)\n"
+        "print('listener', len(pool._merge_listeners('connect')))\n"
+        "engine.dispose()\n"
+        "print('disposed', engine.pool is not pool, type(engine.pool).__name__)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    assert completed.stdout.split("\n")[:4] == [
+        "before False False",
+        "after NullPool True",
+        "listener 1",
+        "disposed True NullPool",
+    ]
+
+
+def test_pool_keywords_build_the_pool_in_create_engine() -> None:
+    # A pool keyword is checked against its pool class at create_engine(), so that pool
+    # is built there as before (only the keyword-less default waits).
+    code = (
+        "import lambda_pool\n"
+        "engine = lambda_pool.create_engine('postgresql://u:p@127.0.0.1:1/db', pool_size=1)\n"
+        "print(type(vars(engine)['pool']).__name__)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    assert completed.stdout.strip() == "QueuePool"
+
+
+def test_the_url_split_finds_what_sqlalchemys_url_regex_finds() -> None:
+    # lambda_pool.url splits a URL with string methods instead of compiling SQLAlchemy's
+    # grammar (0.4 ms per cold start): same groups, '@' and ':' backtracking included.
+    import random
+    import re
+
+    from lambda_pool.url import _split_url
+
+    grammar = re.compile(
+        r"""
+            (?P<name>[\w+]+)://
+            (?:
+                (?P<username>[^:/]*)
+                (?::(?P<password>[^@]*))?
+            @)?
+            (?P<hostlist>[^/?]*)
+            (?:/(?P<database>[^?]*))?
+            (?:\?(?P<query>.*))?
+        """,
+        re.X | re.S,
+    )
+
+    def expected(text: str) -> tuple[str | None, ...] | None:
+        match = grammar.match(text)
+        if match is None:
+            return None
+        assert match.end() == len(text)
+        return match.group("name", "username", "password", "hostlist", "database", "query")
+
+    rng = random.Random(13)
+    alphabet = "ab:/@?+_\n é%3.=&-[],"
+    prefixes = ["postgresql://", "postgresql+psycopg://", "sqlite:///", "é_1://", "a b://"]
+    prefixes += ["://", "x:/", "", "+://"]
+    for _ in range(20000):
+        text = rng.choice(prefixes) + "".join(
+            rng.choice(alphabet) for _ in range(rng.randint(0, 16))
+        )
+        assert _split_url(text) == expected(text), text
+
+
+def test_the_plain_constants_copy_pickle_and_print_like_enum_members() -> None:
+    import copy
+    import pickle
+
+    from lambda_pool.engine_core import ConnOp
+    from lambda_pool.pool.core import Op, Stale
+
+    assert copy.copy(Op.CLOSE) is copy.deepcopy(Op.CLOSE) is pickle.loads(pickle.dumps(Op.CLOSE))
+    assert repr(Stale.RECYCLE) == "<Stale.RECYCLE: 'recycle'>"
+    assert (Stale.RECYCLE.name, Stale.RECYCLE.value) == ("RECYCLE", "recycle")
+    assert ConnOp.CLOSE is not Op.CLOSE and ConnOp.CLOSE != Op.CLOSE
+    assert {ConnOp.EXECUTE: 1}[ConnOp.EXECUTE] == 1
