@@ -271,11 +271,13 @@ _pool_build_lock = threading.Lock()
 class _PoolAtFirstUse:
     """``engine.pool`` of an engine whose default pool is built when first used.
 
-    A non-data descriptor, as :func:`functools.cached_property`: the first access builds
-    the pool (importing :mod:`lambda_pool.pool`) and stores it in the instance's
-    ``__dict__``, which every later access reads directly, without calling this.  So
-    ``create_engine`` does not load the pool machinery and a checkout pays nothing for
-    the laziness.  ``engine.pool = other`` (``dispose()``) replaces it as before.
+    It sits on a private subclass of the engine's class (same name, nothing else added;
+    see :func:`_pending_pool_class`) that the engine has until then.  The first access
+    builds the pool (importing :mod:`lambda_pool.pool`), stores it in the instance's
+    ``__dict__`` and turns the engine back into an instance of its public class, where
+    ``pool`` is a plain instance attribute.  So ``create_engine`` does not load the pool
+    machinery, and the public classes carry no descriptor: one there would keep every
+    checkout's ``engine.pool`` read from being specialised by the interpreter.
     """
 
     def __get__(self, engine: EngineBase[Any] | None, owner: type | None = None) -> Any:
@@ -288,7 +290,33 @@ class _PoolAtFirstUse:
                 assert factory is not None
                 pool = engine.__dict__["pool"] = factory()
                 engine._pool_factory = None
+            public: type[EngineBase[Any]] = getattr(type(engine), "_public_class", type(engine))
+            engine.__class__ = public
         return pool
+
+
+_pending_pool_classes: dict[type, type] = {}
+
+
+def _pending_pool_class(cls: type[EngineBase[Any]]) -> type[EngineBase[Any]]:
+    """``cls`` with :class:`_PoolAtFirstUse` as ``pool``: an engine's class until its pool
+    is built (same name, module and layout, so ``__class__`` can be set back)."""
+    pending = _pending_pool_classes.get(cls)
+    if pending is None:
+        pending = type(
+            cls.__name__,
+            (cls,),
+            {
+                "__slots__": (),
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+                "pool": _PoolAtFirstUse(),
+                "_public_class": cls,
+            },
+        )
+        _pending_pool_classes[cls] = pending
+    return pending
 
 
 class EngineBase(StaticGeneric["D"]):
@@ -301,10 +329,7 @@ class EngineBase(StaticGeneric["D"]):
     (see :class:`_PoolAtFirstUse`).
     """
 
-    if TYPE_CHECKING:
-        pool: Pool
-    else:
-        pool = _PoolAtFirstUse()
+    pool: Pool
 
     #: Whether the dialect's I/O methods are coroutines (which factory builds it).
     _is_async: ClassVar[bool]
@@ -335,6 +360,8 @@ class EngineBase(StaticGeneric["D"]):
             self.pool = pool
         elif pool_factory is None:
             raise TypeError("an engine needs a pool or a pool_factory")
+        else:
+            self.__class__ = _pending_pool_class(type(self))
         #: Engine-level pool listeners (``lambda_pool.event`` finds them here).
         self.pool_events = pool_events
         self.credentials = credentials

@@ -223,9 +223,14 @@ def test_a_default_pool_is_built_at_first_use_and_read_directly_after() -> None:
         "event.listen(engine, 'connect', lambda dbapi, record: None)\n"
         "engine.dispose()\n"
         "engine.dispose_for_shutdown()\n"
-        "print('before', 'lambda_pool.pool' in sys.modules, 'pool' in vars(engine))\n"
+        "print('before', 'lambda_pool.pool' in sys.modules, 'pool' in vars(engine),\n"
+        "      type(engine).__name__, isinstance(engine, lambda_pool.Engine))\n"
         "pool = engine.pool\n"
         "print('after', type(pool).__name__, vars(engine)['pool'] is pool is engine.pool)\n"
+        "# Built: the engine is a plain Engine again, with no descriptor named pool on any\n"
+        "# class of it (one would keep each checkout's engine.pool read unspecialised).\n"
+        "print('class', type(engine) is lambda_pool.Engine,\n"
+        "      any('pool' in vars(cls) for cls in type(engine).__mro__))\n"
         "print('listener', len(pool._merge_listeners('connect')))\n"
         "engine.dispose()\n"
         "print('disposed', engine.pool is not pool, type(engine.pool).__name__)\n"
@@ -234,12 +239,28 @@ def test_a_default_pool_is_built_at_first_use_and_read_directly_after() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
 
-    assert completed.stdout.split("\n")[:4] == [
-        "before False False",
+    assert completed.stdout.split("\n")[:5] == [
+        "before False False Engine True",
         "after NullPool True",
+        "class True False",
         "listener 1",
         "disposed True NullPool",
     ]
+
+
+def test_an_async_engines_default_pool_is_built_at_first_use_too() -> None:
+    code = (
+        "from lambda_pool.asyncio import AsyncEngine, create_async_engine\n"
+        "engine = create_async_engine('postgresql+psycopg://u:p@127.0.0.1:1/db')\n"
+        "print('pool' in vars(engine), type(engine).__name__, isinstance(engine, AsyncEngine))\n"
+        "pool = engine.pool\n"
+        "print(type(pool).__name__, pool.is_async, type(engine) is AsyncEngine)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    assert completed.stdout.split("\n")[:2] == ["False AsyncEngine True", "NullPool True True"]
 
 
 def test_pool_keywords_build_the_pool_in_create_engine() -> None:
