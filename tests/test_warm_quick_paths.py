@@ -184,3 +184,86 @@ def test_a_backend_terminated_between_invocations_is_replaced_without_an_error(
         assert handler.engine.pool.stats.opened == 2  # type: ignore[attr-defined]
     finally:
         handler.engine.dispose()  # type: ignore[attr-defined]
+
+
+_RULES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
+    # (case, WarmConnectionInfo changes, ReusePolicy/other settings, connection state)
+    ("reusable", {}, {}, "idle"),
+    ("opened by another process", {"opener_pid": -1}, {}, "idle"),
+    ("opened before a SnapStart restore", {"opened_generation": -1}, {}, "idle"),
+    ("its last reset failed", {"reset_failed": True}, {}, "idle"),
+    ("idle longer than the threshold", {"last_used_at": -3600.0}, {}, "idle"),
+    ("the wall clock went backwards", {"last_used_at": 3600.0}, {}, "idle"),
+    ("pinged at every checkout", {}, {"pre_ping_idle_seconds": 0.0}, "idle"),
+    ("never pinged", {"last_used_at": -3600.0}, {"pre_ping_idle_seconds": None}, "idle"),
+    ("older than recycle", {"opened_at": -3600.0}, {"recycle": 60.0}, "idle"),
+    ("credentials expired", {}, {"expired": True}, "idle"),
+    (
+        "credentials expired, recycle on expiry off",
+        {},
+        {"expired": True, "recycle_on_credentials_expiry": False},
+        "idle",
+    ),
+    ("left in a transaction", {}, {}, "in transaction"),
+    ("closed", {}, {}, "closed"),
+    ("the server said goodbye", {}, {}, "terminated"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "info_changes", "settings", "state"), _RULES, ids=[rule[0] for rule in _RULES]
+)
+def test_the_quick_reuse_check_agrees_with_the_guards_decision(
+    lp_postgres: PostgresServer,
+    lp_postgres_url: str,
+    lp_application_name: str,
+    case: str,
+    info_changes: dict[str, Any],
+    settings: dict[str, Any],
+    state: str,
+) -> None:
+    import dataclasses
+
+    from lambda_pool.warm import Reuse, ReusePolicy, warm_engine
+    from lambda_pool.warm.guard import WARM_INFO_KEY
+
+    engine = warm_engine(_url(lp_postgres_url, lp_application_name))
+    try:
+        with engine.connect() as connection:
+            connection.execute("SELECT 1")
+            connection.commit()
+        pool = engine.pool
+        record = pool._slots.record  # type: ignore[attr-defined]
+        guard = pool._guard  # type: ignore[attr-defined]
+        info = record.info[WARM_INFO_KEY]
+        now = guard.clock()
+        for name, change in info_changes.items():
+            # Times are given relative to now; the rest as they are.
+            value = now + change if name in {"last_used_at", "opened_at"} else change
+            setattr(info, name, value)
+        policy_changes = {
+            key: value
+            for key, value in settings.items()
+            if key in {f.name for f in dataclasses.fields(ReusePolicy)}
+        }
+        guard.policy = dataclasses.replace(guard.policy, **policy_changes)
+        expire_at = now - 1.0 if settings.get("expired") else None
+        conn = record.dbapi_connection
+        if state == "in transaction":
+            conn.execute("SELECT 1")
+        elif state == "closed":
+            conn.close()
+        elif state == "terminated":
+            assert lp_postgres.terminate(lp_application_name) == 1
+
+        decision = guard.decide(conn, info, expire_at)
+        assert guard.reusable_now(conn, info, expire_at) is isinstance(decision, Reuse), (
+            case,
+            decision,
+        )
+        if case in {"reusable", "never pinged", "credentials expired, recycle on expiry off"}:
+            assert isinstance(decision, Reuse), case
+        if state == "in transaction":
+            conn.rollback()
+    finally:
+        engine.dispose()

@@ -15,7 +15,14 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from lambda_pool.warm.driver import DriverState, _running_loop, probe_driver
+from lambda_pool.warm.driver import (
+    DriverState,
+    _is_psycopg,
+    _pq_transaction_status,
+    _running_loop,
+    _socket_readable,
+    probe_driver,
+)
 from lambda_pool.warm.policy import ConnectionState, ReuseDecision, ReusePolicy, decide_reuse
 from lambda_pool.warm.stats import WarmStats
 
@@ -117,6 +124,38 @@ class WarmGuard:
             same_event_loop=same_loop,
         )
         return decide_reuse(state, self.clock(), self.policy)
+
+    def reusable_now(
+        self, conn: Any, info: WarmConnectionInfo, credentials_expire_at: float | None
+    ) -> bool:
+        """True only when :meth:`decide` would say :class:`Reuse` for a blocking psycopg
+        connection, checked in :func:`decide_reuse`'s order without building its
+        records: the warm checkout asks this first and calls :meth:`decide` (which names
+        the reason) only when it is ``False``.  Every warm invocation asks, so it reads
+        the state directly (``tests/test_warm_quick_paths.py`` checks it agrees with
+        :meth:`decide` over every rule)."""
+        if info.loop is not None or info.reset_failed or not _is_psycopg(conn):
+            return False
+        if info.opener_pid != os.getpid() or info.opened_generation != _restore_generation():
+            return False
+        if conn.closed or conn.broken or _pq_transaction_status(conn) != 0:
+            return False
+        policy = self.policy
+        now = self.clock()
+        recycle = policy.recycle
+        if recycle is not None and recycle >= 0 and now - info.opened_at > recycle:
+            return False
+        if (
+            policy.recycle_on_credentials_expiry
+            and credentials_expire_at is not None
+            and now >= credentials_expire_at
+        ):
+            return False
+        idle = now - info.last_used_at
+        threshold = policy.pre_ping_idle_seconds
+        if threshold is not None and (idle < 0 or idle > threshold or threshold == 0):
+            return False
+        return not _socket_readable(conn)
 
     def mark_returned(self, info: WarmConnectionInfo) -> None:
         """Start the idle timer: the connection just came back from an invocation."""

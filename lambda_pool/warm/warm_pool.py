@@ -311,10 +311,10 @@ class WarmPool(Pool):
         ):
             return self._run_sync(self._g_hand_out(Acquire.TAKE, record, proxy))
         record.info.pop(SESSION_RESET_KEY, None)
-        decision = self._guard.decide(
+        if not self._guard.reusable_now(
             self._dialect.get_driver_connection(dbapi), info, record.info.get(CREDENTIALS_EXPIRE_AT)
-        )
-        if not isinstance(decision, Reuse):
+        ):
+            # The procedure decides again, names the reason, pings or replaces.
             return self._run_sync(self._g_hand_out(Acquire.TAKE, record, proxy))
         self.stats.record_reused()
         record.fresh = False
