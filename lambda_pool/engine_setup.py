@@ -7,7 +7,10 @@ classes by the same rule and treat credentials the same way:
   ``pool_timeout`` without one selects ``QueuePool`` (``AsyncAdaptedQueuePool`` for
   async engines); an in-memory SQLite URL gets ``SingletonThreadPool`` (its database
   lives only as long as its connection, as in SQLAlchemy); everything else gets
-  ``NullPool``, the serverless default.
+  ``NullPool``, the serverless default.  Such a default pool, chosen with no pool
+  keyword, is built at the engine's first use (``EngineParts.pool_factory``), so
+  ``create_engine`` does not load :mod:`lambda_pool.pool`; any pool keyword is checked
+  against its class, and the pool built, in ``create_engine`` as before.
 * **credentials** (docs/ARCHITECTURE.md, "Credentials ↔ engine"): the provider is
   asked on every new connection; an authentication failure calls ``refresh()`` and
   retries once; ``expires_at`` goes to ``record.info[CREDENTIALS_EXPIRE_KEY]`` and a
