@@ -16,87 +16,31 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from wire_support import Wire, logging_wire
 
 from lambda_pool import with_connection
 from lambda_pool.dialects.asyncpg import asyncpg_commit_then
 from lambda_pool.testing.context import LambdaContext
-from lambda_pool.testing.faults import FaultProxy
-from lambda_pool.testing.postgres import EmbeddedPostgres
 from lambda_pool.warm import forget_cached_engines
 from lambda_pool.warm.reset import ASYNCPG_RESET_FAILED_SQLSTATE, ASYNCPG_SESSION_RESET
 
 asyncpg = pytest.importorskip("asyncpg")
 
-_LOG_LINE = re.compile(r"^(\d+)\|.*?LOG:  (?:statement|execute [^:]*): (.*)$")
-
-
-@dataclass
-class Wire:
-    """The logging server, the proxy in front of it, and how to read both."""
-
-    server: EmbeddedPostgres
-    proxy: FaultProxy
-
-    @property
-    def url(self) -> str:
-        return self.proxy.url_for(self.server.dsn)
-
-    @property
-    def asyncpg_url(self) -> str:
-        return self.url.replace("postgresql://", "postgresql+asyncpg://", 1)
-
-    def statements(self, since: int, pid: int) -> list[str]:
-        """Statements backend ``pid`` logged after byte ``since`` of the log."""
-        text = self.server.log_file.read_text()[since:]
-        found = []
-        for line in text.splitlines():
-            match = _LOG_LINE.match(line)
-            if match and int(match.group(1)) == pid:
-                found.append(match.group(2).strip())
-        return found
-
-    def count(self, call: Callable[[], Any], pid: int) -> tuple[int, list[str]]:
-        """``(server replies, logged statements)`` of one ``call()``."""
-        since = len(self.server.log_file.read_text())
-        self.proxy.clear_counters()
-        call()
-        replies = self.proxy.counters().replies
-        # The logger writes asynchronously of the reply; wait until the lines are in.
-        for _ in range(50):
-            if self.statements(since, pid):
-                break
-            time.sleep(0.02)
-        time.sleep(0.05)
-        return replies, self.statements(since, pid)
-
 
 @pytest.fixture(scope="module")
 def wire() -> Iterator[Wire]:
-    settings = {"log_statement": "all", "log_line_prefix": "%p|"}
-    with EmbeddedPostgres(settings=settings, ssl=False) as server:
-        loop = asyncio.new_event_loop()
-        try:
-            conn = loop.run_until_complete(asyncpg.connect(server.dsn))
-            loop.run_until_complete(
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS items (id serial PRIMARY KEY, v int); "
-                    "CREATE TABLE IF NOT EXISTS checked (v int, CONSTRAINT v_unique UNIQUE (v) "
-                    "DEFERRABLE INITIALLY DEFERRED); "
-                    "CREATE TABLE IF NOT EXISTS shape (a int); "
-                    "INSERT INTO shape VALUES (1)"
-                )
-            )
-            loop.run_until_complete(conn.close())
-        finally:
-            loop.close()
-        with FaultProxy.in_front_of(server.dsn) as proxy:
-            yield Wire(server, proxy)
+    with logging_wire(
+        "CREATE TABLE IF NOT EXISTS items (id serial PRIMARY KEY, v int); "
+        "CREATE TABLE IF NOT EXISTS checked (v int, CONSTRAINT v_unique UNIQUE (v) "
+        "DEFERRABLE INITIALLY DEFERRED); "
+        "CREATE TABLE IF NOT EXISTS shape (a int); "
+        "INSERT INTO shape VALUES (1)"
+    ) as found:
+        yield found
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +101,7 @@ def _assert_commit_carries_the_reset(statement: str) -> None:
 def test_select_one_takes_no_more_round_trips_than_a_raw_held_asyncpg_connection(
     wire: Wire, raw: RawHeld
 ) -> None:
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def handler(event: Any, context: Any, connection: Any) -> int:
         return int((await connection.execute("SELECT 1")).scalar())
 
@@ -177,7 +121,7 @@ def test_select_one_takes_no_more_round_trips_than_a_raw_held_asyncpg_connection
 
 
 def test_insert_and_select_take_no_more_round_trips_than_raw(wire: Wire, raw: RawHeld) -> None:
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def handler(event: Any, context: Any, connection: Any) -> int:
         await connection.execute("INSERT INTO items (v) VALUES (%s)", (7,))
         result = await connection.execute("SELECT count(*) FROM items WHERE v = %s", (7,))
@@ -207,7 +151,7 @@ def test_insert_and_select_take_no_more_round_trips_than_raw(wire: Wire, raw: Ra
 def test_without_statement_timeout_begin_goes_alone_and_three_round_trips_remain(
     wire: Wire,
 ) -> None:
-    @with_connection(wire.asyncpg_url, statement_timeout=None)
+    @with_connection(wire.url_for_driver("asyncpg"), statement_timeout=None)
     async def handler(event: Any, context: Any, connection: Any) -> int:
         return int((await connection.execute("SELECT 1")).scalar())
 
@@ -227,7 +171,7 @@ def test_transaction_pooling_keeps_no_prepared_statement_and_sends_no_reset(wire
     return only rolls back what is open (nothing after COMMIT)."""
     query = "SELECT count(*) FROM pg_prepared_statements"
 
-    @with_connection(wire.asyncpg_url, transaction_pooling=True)
+    @with_connection(wire.url_for_driver("asyncpg"), transaction_pooling=True)
     async def handler(event: Any, context: Any, connection: Any) -> int:
         return int((await connection.execute(query)).scalar())
 
@@ -250,7 +194,7 @@ def test_transaction_pooling_keeps_no_prepared_statement_and_sends_no_reset(wire
 
 
 def test_nothing_one_invocation_leaves_in_the_session_reaches_the_next(wire: Wire) -> None:
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def handler(event: Any, context: Any, connection: Any) -> dict[str, Any]:
         if event.get("dirty"):
             for statement in (
@@ -294,7 +238,7 @@ def test_nothing_one_invocation_leaves_in_the_session_reaches_the_next(wire: Wir
         )
         return dict(zip(names, row, strict=True))
 
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def last_value(event: Any, context: Any, connection: Any) -> str:
         try:
             await connection.execute("SELECT lastval()")
@@ -332,7 +276,7 @@ def test_a_statement_error_is_raised_by_the_statement_that_caused_it(
 ) -> None:
     seen: list[str] = []
 
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def handler(event: Any, context: Any, connection: Any) -> str:
         try:
             await connection.execute(sql, params)
@@ -347,7 +291,7 @@ def test_a_statement_error_is_raised_by_the_statement_that_caused_it(
 
 
 def test_a_commit_that_fails_raises_and_the_next_invocation_starts_clean(wire: Wire) -> None:
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def handler(event: Any, context: Any, connection: Any) -> int:
         await connection.execute("SET application_name = 'before_failed_commit'")
         if event.get("fail"):
@@ -355,7 +299,7 @@ def test_a_commit_that_fails_raises_and_the_next_invocation_starts_clean(wire: W
             await connection.execute("INSERT INTO checked (v) VALUES (%s), (%s)", (5, 5))
         return 1
 
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def reader(event: Any, context: Any, connection: Any) -> tuple[str, int, int]:
         row = (
             await connection.execute(
@@ -413,7 +357,7 @@ def test_a_cached_statement_whose_result_type_changed_fails_once_then_is_prepare
     statement and the error aborts the transaction, so it cannot be retried there; the
     cache is emptied, and the next invocation prepares the statement anew."""
 
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def handler(event: Any, context: Any, connection: Any) -> tuple[Any, ...]:
         return tuple((await connection.execute("SELECT * FROM shape")).one())
 
@@ -467,7 +411,7 @@ def _session_state_handler(url: str) -> Callable[..., Any]:
 def test_a_role_switched_to_without_plpgsql_does_not_stop_the_reset_sent_with_commit(
     wire: Wire, plpgsql_only_for_the_app_role: str
 ) -> None:
-    handler = _session_state_handler(wire.asyncpg_url)
+    handler = _session_state_handler(wire.url_for_driver("asyncpg"))
     dirty = [f"SET ROLE {plpgsql_only_for_the_app_role}", "PREPARE leaked_plan AS SELECT 1"]
 
     _invoke(handler)  # warm-up: the reset proves itself alone
@@ -481,7 +425,7 @@ def test_a_role_switched_to_without_plpgsql_does_not_stop_the_reset_sent_with_co
 def test_a_server_refusing_the_asyncpg_reset_is_reset_with_discard_all(
     wire: Wire, plpgsql_only_for_the_app_role: str
 ) -> None:
-    handler = _session_state_handler(wire.asyncpg_url)
+    handler = _session_state_handler(wire.url_for_driver("asyncpg"))
     with wire.server.admin_connect() as admin:
         admin.execute(f'REVOKE USAGE ON LANGUAGE plpgsql FROM "{wire.server.user}"')
     dirty = ["SET application_name = 'leaked'", "PREPARE leaked_plan AS SELECT 1"]
@@ -502,7 +446,7 @@ def test_a_server_refusing_the_asyncpg_reset_is_reset_with_discard_all(
 def test_a_handler_error_rolls_back_with_the_reset_in_as_many_round_trips_as_raw(
     wire: Wire, raw: RawHeld
 ) -> None:
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def handler(event: Any, context: Any, connection: Any) -> Any:
         row = (
             await connection.execute(
@@ -549,7 +493,7 @@ def test_a_handler_error_rolls_back_with_the_reset_in_as_many_round_trips_as_raw
 def test_a_handler_returning_after_a_failed_statement_rolls_back_with_the_reset(
     wire: Wire,
 ) -> None:
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def handler(event: Any, context: Any, connection: Any) -> str:
         await connection.execute("SET application_name = 'leaked'")
         try:
@@ -558,7 +502,7 @@ def test_a_handler_returning_after_a_failed_statement_rolls_back_with_the_reset(
             return "caught"
         return "not raised"
 
-    @with_connection(wire.asyncpg_url)
+    @with_connection(wire.url_for_driver("asyncpg"))
     async def reader(event: Any, context: Any, connection: Any) -> str:
         return str(
             (await connection.execute("SELECT current_setting('application_name')")).scalar()

@@ -16,14 +16,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from wire_support import Wire, logging_wire
 
 from lambda_pool.exc import DeadlineExceededError
-from lambda_pool.testing.faults import FaultProxy
-from lambda_pool.testing.postgres import EmbeddedPostgres
 
 psycopg = pytest.importorskip("psycopg")
 sqlalchemy = pytest.importorskip("sqlalchemy")
@@ -33,57 +31,16 @@ from sqlalchemy import event, text  # noqa: E402
 from lambda_pool import deadlines  # noqa: E402
 from lambda_pool.sqlalchemy import forget_cached_engines, warm_engine  # noqa: E402
 
-_LOG_LINE = re.compile(r"^(\d+)\|.*?LOG:  (?:statement|execute [^:]*): (.*)$")
 _RESET = re.compile(
     r"BEGIN; CLOSE ALL; .*DEALLOCATE ALL; UNLISTEN \*; SELECT pg_advisory_unlock_all\(\); "
     r".*DISCARD TEMP; DISCARD SEQUENCES; COMMIT"
 )
 
 
-@dataclass
-class Wire:
-    """The logging server, the proxy in front of it, and how to read both."""
-
-    server: EmbeddedPostgres
-    proxy: FaultProxy
-
-    @property
-    def url(self) -> str:
-        return self.proxy.url_for(self.server.dsn)
-
-    def statements(self, since: int, pid: int) -> list[str]:
-        """Statements backend ``pid`` logged after byte ``since`` of the log."""
-        found = []
-        for line in self.server.log_file.read_text()[since:].splitlines():
-            match = _LOG_LINE.match(line)
-            if match and int(match.group(1)) == pid:
-                found.append(match.group(2).strip())
-        return found
-
-    def count(self, call: Callable[[], Any], pid: Callable[[], int]) -> tuple[int, list[str]]:
-        """``(server replies, logged statements)`` of one ``call()``."""
-        since = len(self.server.log_file.read_text())
-        self.proxy.clear_counters()
-        call()
-        replies = self.proxy.counters().replies
-        backend = pid()
-        # The logger writes asynchronously of the reply; wait until the last line is in.
-        for _ in range(50):
-            if self.statements(since, backend):
-                break
-            time.sleep(0.02)
-        time.sleep(0.05)
-        return replies, self.statements(since, backend)
-
-
 @pytest.fixture(scope="module")
 def wire() -> Iterator[Wire]:
-    settings = {"log_statement": "all", "log_line_prefix": "%p|"}
-    with EmbeddedPostgres(settings=settings, ssl=False) as server:
-        with psycopg.connect(server.dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS items (id serial PRIMARY KEY, v int)")
-        with FaultProxy.in_front_of(server.dsn) as proxy:
-            yield Wire(server, proxy)
+    with logging_wire("CREATE TABLE IF NOT EXISTS items (id serial PRIMARY KEY, v int)") as found:
+        yield found
 
 
 @pytest.fixture(autouse=True)
