@@ -106,6 +106,37 @@ def _goal_lines(rows: dict[str, dict[str, Row]]) -> list[str]:
                 f"| round trips of a warm `@with_connection()` SELECT 1 at {ms:g} ms vs raw "
                 f"held | {ours} vs {floor} replies | ≤ raw | {met} |"
             )
+    lines.extend(_cpu_goal_lines(rows.get("invocation", {})))
+    return lines
+
+
+def _cpu_goal_lines(invocation: dict[str, Row]) -> list[str]:
+    """Goal 2: a warm ``@with_connection()`` invocation (deadline on) against the raw held
+    connection, from the invocation table's warm pass: time per invocation and this
+    process's user CPU; and the same against the floor of a correct warm invocation."""
+    ours = invocation.get("invocation.lambda_pool.with_connection")
+    raw = invocation.get("invocation.raw_held")
+    floor = invocation.get("invocation.raw_held.lambda_pool_messages")
+    if ours is None or raw is None:
+        return []
+    lines = []
+    for key, what in (("warm_pass_us", "time"), ("client_user_cpu_us", "user CPU")):
+        for baseline, name in ((raw, "raw held"), (floor, "raw held sending the same messages")):
+            if baseline is None:
+                continue
+            mine, theirs = ours.facts.get(key), baseline.facts.get(key)
+            if not mine or not theirs:
+                continue
+            value = mine / theirs
+            # The bar is against raw held; the floor (the same messages, reset included)
+            # is shown beside it to tell the reset's share from lambda-pool's own.
+            bar, met = ("≤ 1.30x", "yes" if value <= 1.3 else "no")
+            if baseline is floor:
+                bar, met = "(context)", "—"
+            lines.append(
+                f"| {what} of a warm `@with_connection()` SELECT 1, deadline on, vs {name} "
+                f"| {_ratio(value)} | {bar} | {met} |"
+            )
     return lines
 
 
