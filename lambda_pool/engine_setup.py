@@ -40,15 +40,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lambda_pool._record import Record
-from lambda_pool.connect_retry import (
-    KEYWORDS as _RETRY_KEYWORDS,
-)
-from lambda_pool.connect_retry import (
-    ConnectRetry,
-    connect_retry_from_kwargs,
-    retry_connect_async,
-    retry_connect_sync,
-)
 from lambda_pool.dialects import load_dialect
 from lambda_pool.dialects.base import AsyncDialect, SyncDialect
 from lambda_pool.event import EventRegistry, fire_do_connect
@@ -57,6 +48,7 @@ from lambda_pool.url import URL, make_url
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lambda_pool.auth.base import CredentialProvider, Credentials
+    from lambda_pool.connect_retry import ConnectRetry
     from lambda_pool.pool import Pool
 
 __all__ = [
@@ -104,6 +96,11 @@ TRANSACTION_POOLING_QUERY_KEY = "transaction_pooling"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+# lambda_pool.connect_retry's KEYWORDS (a test keeps them equal), named here so that an
+# engine created without them loads that module at its first connect, not at Init.
+_RETRY_KEYWORDS = frozenset(
+    {"connect_retries", "connect_retry_backoff", "connect_retry_random", "connect_retry_sleep"}
+)
 ACCEPTED_KEYWORDS = frozenset(_POOL_KEYWORDS) | _ENGINE_KEYWORDS | _RETRY_KEYWORDS
 
 
@@ -169,6 +166,7 @@ class EngineParts(Record):
     echo: bool | str
     logging_name: str | None
     transaction_pooling: bool
+    #: ``None``: the default policy, built at the first connect.
     connect_retry: ConnectRetry | None
     connect_wrappers: list[ConnectWrapper]
 
@@ -598,7 +596,12 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
             )
         driver_url = driver_url.difference_update_query([TRANSACTION_POOLING_QUERY_KEY])
     transaction_pooling = bool(kw.get("transaction_pooling", url_pooling or False))
-    connect_retry = connect_retry_from_kwargs(kw, is_async=is_async)
+    # No retry keyword: the default policy (it retries), built at the first connect.
+    connect_retry: ConnectRetry | None = None
+    if not _RETRY_KEYWORDS.isdisjoint(kw):
+        from lambda_pool.connect_retry import connect_retry_from_kwargs
+
+        connect_retry = connect_retry_from_kwargs(kw, is_async=is_async)
 
     ready_pool = kw.get("pool")
     if ready_pool is not None:
@@ -708,7 +711,7 @@ def build_engine_parts(url: str | URL, kw: Mapping[str, Any], *, is_async: bool)
             return driver.connect_sync(cparams)
 
         pool_creator = pool_creator_sync
-    if connect_retry.policy.retries > 0:
+    if connect_retry is None or connect_retry.policy.retries > 0:
         pool_creator = _with_capacity_retry(pool_creator, dialect, connect_retry, is_async)
     connect_wrappers: list[ConnectWrapper] = []
     pool_creator = _with_connect_wrappers(pool_creator, connect_wrappers, is_async)
@@ -772,20 +775,37 @@ def _with_connect_wrappers(
 def _with_capacity_retry(
     creator: Callable[..., Any],
     dialect: SyncDialect | AsyncDialect,
-    retry: ConnectRetry,
+    retry: ConnectRetry | None,
     is_async: bool,
 ) -> Callable[..., Any]:
     """``creator`` retried on capacity errors (outermost: an authentication retry inside
-    it runs again on each attempt, with the provider's cached credentials)."""
+    it runs again on each attempt, with the provider's cached credentials).
+
+    ``retry`` ``None`` is the default policy, built (and :mod:`lambda_pool.connect_retry`
+    imported) at the first connect: once per new connection, never per checkout.
+    """
+
+    def policy() -> ConnectRetry:
+        nonlocal retry
+        if retry is None:
+            from lambda_pool.connect_retry import connect_retry_from_kwargs
+
+            retry = connect_retry_from_kwargs({}, is_async=is_async)
+        return retry
+
     if is_async:
 
         async def connect_with_retry_async() -> Any:
-            return await retry_connect_async(creator, dialect.is_capacity_error, retry)
+            from lambda_pool.connect_retry import retry_connect_async
+
+            return await retry_connect_async(creator, dialect.is_capacity_error, policy())
 
         return connect_with_retry_async
 
     def connect_with_retry() -> Any:
-        return retry_connect_sync(creator, dialect.is_capacity_error, retry)
+        from lambda_pool.connect_retry import retry_connect_sync
+
+        return retry_connect_sync(creator, dialect.is_capacity_error, policy())
 
     return connect_with_retry
 

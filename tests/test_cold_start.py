@@ -188,7 +188,6 @@ STATIC_ENGINE_MODULES = {
     "lambda_pool._drive",
     "lambda_pool._record",
     "lambda_pool._registry",
-    "lambda_pool.connect_retry",
     "lambda_pool.conninfo",
     "lambda_pool.deadlines",
     "lambda_pool.dialects",
@@ -202,6 +201,13 @@ STATIC_ENGINE_MODULES = {
     "lambda_pool.result",
     "lambda_pool.url",
 }
+
+
+def test_the_engine_knows_every_connect_retry_keyword() -> None:
+    # engine_setup names them itself so that connect_retry loads at the first connect.
+    from lambda_pool import connect_retry, engine_setup
+
+    assert engine_setup._RETRY_KEYWORDS == connect_retry.KEYWORDS
 
 
 def test_a_static_engine_loads_exactly_the_pinned_lambda_pool_modules() -> None:
