@@ -3,7 +3,9 @@
 Options: ``--quick`` (few iterations, for the smoke test), ``--json PATH``,
 ``--database-url URL`` (else ``$DATABASE_URL``, else a throw-away embedded
 PostgreSQL on loopback), ``--only SECTION`` (repeatable: ``import``, ``checkout``,
-``invocation``, ``async``, ``latency``, ``coldstart``; ``async`` is the asyncio checkout
+``invocation``, ``instructions``, ``async``, ``latency``, ``coldstart``; ``instructions``
+counts the client's instructions per warm invocation under valgrind (benchmarks/
+instructions.py); ``async`` is the asyncio checkout
 and invocation tables; ``latency`` (benchmarks/latency.py) and ``coldstart`` run their own
 embedded servers (and moto server); ``deploy``, run only
 when named, measures the ``sam build`` output into docs/deploy.md; ``fleet``, run
@@ -33,15 +35,16 @@ from benchmarks.async_pools import measure_async
 from benchmarks.checkout import measure_checkout
 from benchmarks.coldstart import measure_coldstart
 from benchmarks.imports import measure_imports
+from benchmarks.instructions import measure_instructions
 from benchmarks.invocation import measure_invocation
 from benchmarks.latency import measure_latency
 from benchmarks.report import Section, format_sections, write_json
 from benchmarks.server import database
 
-SECTIONS = ("import", "checkout", "invocation", "async", "latency", "coldstart")
+SECTIONS = ("import", "checkout", "invocation", "instructions", "async", "latency", "coldstart")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 #: Sections that need the PostgreSQL server.
-DATABASE_SECTIONS = ("checkout", "invocation", "async")
+DATABASE_SECTIONS = ("checkout", "invocation", "instructions", "async")
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         warmup_ops=settings.invocation_warmup,
                     )
                 )
+            if "instructions" in wanted:
+                sections.append(measure_instructions(db, quick=args.quick))
             if "async" in wanted:
                 sections += measure_async(
                     db,

@@ -1,0 +1,180 @@
+"""Client CPU per warm invocation, counted in instructions (valgrind's callgrind).
+
+Time on a shared 2-core machine moves by 2x between runs, and the server's work shares
+the cores with the client's.  Instructions executed by the client process do not: the
+same code, inputs and interpreter give the same count whatever else the machine does.
+Each contender runs in a fresh process under ``valgrind --tool=callgrind`` twice, once
+with ``small`` and once with ``large`` invocations after the same warm-up; the count per
+invocation is the difference divided by the difference in invocations, so start-up,
+imports, connecting and exit cancel out (the server runs outside valgrind and is not
+counted).
+
+Contenders: the raw psycopg connection held in a global (``SELECT 1``, ``commit()``);
+the floor of a correct warm invocation (that connection sending the two messages the
+warm handler sends, session reset and deadline included); and a warm
+``@with_connection()`` handler, deadline on and ``statement_timeout=None``.
+
+``python -m benchmarks.instructions MODE COUNT`` is the worker a run starts (``URL`` in
+the environment).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+from benchmarks.report import Row, Section, ratio
+from benchmarks.server import Database
+
+__all__ = ["measure_instructions"]
+
+RAW = "raw held"
+MODES = (
+    ("raw", "instructions.raw_held", "raw psycopg connection held in a global (the floor)"),
+    (
+        "floor",
+        "instructions.raw_held.lambda_pool_messages",
+        "raw held, sending the warm handler's two messages (reset, deadline)",
+    ),
+    (
+        "handler",
+        "instructions.lambda_pool.with_connection",
+        "lambda-pool @with_connection() warm handler, deadline on",
+    ),
+    (
+        "handler_no_timeout",
+        "instructions.lambda_pool.with_connection.no_timeout",
+        "lambda-pool @with_connection() warm handler, statement_timeout=None",
+    ),
+)
+_COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def _operation(mode: str, url: str) -> Any:
+    """The invocation ``mode`` stands for, ready to call (run inside the worker)."""
+    if mode == "raw":
+        import psycopg
+
+        conn = psycopg.connect(url, prepare_threshold=None)
+
+        def raw() -> None:
+            conn.execute("SELECT 1")
+            conn.commit()
+
+        return raw
+    if mode == "floor":
+        from lambda_pool import deadlines
+        from lambda_pool.dialects._psycopg_deadline import DeadlineConnection
+        from lambda_pool.dialects.psycopg import psycopg_commit_then, psycopg_execute_opening
+        from lambda_pool.warm.reset import SESSION_RESET_STATEMENTS
+
+        held = DeadlineConnection.connect(url, prepare_threshold=None)
+        prelude = ["SET LOCAL statement_timeout = 86400000"]
+
+        def floor() -> None:
+            with deadlines.use(deadlines.Deadline.after(86400.0)):
+                psycopg_execute_opening(held, "SELECT 1", None, prelude)
+                psycopg_commit_then(held, SESSION_RESET_STATEMENTS)
+
+        return floor
+    import lambda_pool
+    from lambda_pool.testing.context import LambdaContext
+
+    timeout = None if mode == "handler_no_timeout" else "deadline"
+    scheme_url = "postgresql+psycopg" + url[url.index("://") :]
+
+    @lambda_pool.with_connection(scheme_url, statement_timeout=timeout)
+    def handler(event: Any, context: Any, connection: Any) -> None:
+        connection.execute("SELECT 1")
+
+    context = LambdaContext(remaining_ms=24 * 3600 * 1000)
+
+    def invoke() -> None:
+        handler({}, context)
+
+    return invoke
+
+
+def _worker(mode: str, count: int) -> None:
+    op = _operation(mode, os.environ["URL"])
+    for _ in range(20):  # warm-up: the connection opened, caches filled
+        op()
+    for _ in range(count):
+        op()
+
+
+def _instructions(mode: str, count: int, url: str) -> int:
+    completed = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            "-m",
+            "benchmarks.instructions",
+            mode,
+            str(count),
+        ],
+        env=dict(os.environ, URL=url),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    found = _COLLECTED.search(completed.stderr)
+    if completed.returncode != 0 or found is None:
+        raise RuntimeError(
+            f"callgrind run of {mode!r} failed (exit {completed.returncode}): "
+            f"{completed.stderr[-2000:]}"
+        )
+    return int(found.group(1))
+
+
+def measure_instructions(db: Database, *, quick: bool) -> Section:
+    """Instructions per warm invocation of each contender (thousands), against raw held."""
+    small, large = (5, 15) if quick else (100, 400)
+    section = Section(
+        name="instructions",
+        title="Client CPU per warm invocation (instructions, callgrind)",
+        unit="k instr/op",
+        baselines=[RAW],
+        notes=[
+            "instructions the client process executes per invocation (valgrind callgrind): "
+            f"({large} - {small} invocations) difference, so start-up and connect cancel out",
+            "the same code and inputs give the same count whatever the machine is doing",
+        ],
+    )
+    if shutil.which("valgrind") is None:
+        section.notes.append("not measured: valgrind is not installed (apt-get install valgrind)")
+        return section
+    # Quick mode (the smoke test) counts the two ends only: each run starts an
+    # interpreter under valgrind, about ten seconds.
+    modes = [m for m in MODES if not quick or m[0] in {"raw", "handler"}]
+    counts: dict[str, float] = {}
+    for mode, row_id, _ in modes:
+        url = db.libpq_url
+        per_op = (_instructions(mode, large, url) - _instructions(mode, small, url)) / (
+            large - small
+        )
+        counts[row_id] = per_op / 1000.0
+    raw = counts["instructions.raw_held"]
+    for _, row_id, label in modes:
+        value = counts[row_id]
+        section.rows.append(
+            Row(
+                id=row_id,
+                label=label,
+                median=value,
+                samples=[value],
+                ratios={RAW: ratio(value, raw)},
+            )
+        )
+    return section
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], int(sys.argv[2]))
