@@ -12,7 +12,9 @@ counted).
 Contenders: the raw psycopg connection held in a global (``SELECT 1``, ``commit()``);
 the floor of a correct warm invocation (that connection sending the two messages the
 warm handler sends, session reset and deadline included); and a warm
-``@with_connection()`` handler, deadline on and ``statement_timeout=None``.
+``@with_connection()`` handler, deadline on and ``statement_timeout=None``.  And a pool
+checkout + return, no I/O: lambda-pool's ``QueuePool`` against psycopg_pool's
+``getconn``/``putconn``.
 
 ``python -m benchmarks.instructions MODE COUNT`` is the worker a run starts (``URL`` in
 the environment).
@@ -33,29 +35,72 @@ from benchmarks.server import Database
 __all__ = ["measure_instructions"]
 
 RAW = "raw held"
+PSYCOPG_POOL = "psycopg_pool"
+#: (worker mode, row id, label, the baseline its ratio is taken against)
 MODES = (
-    ("raw", "instructions.raw_held", "raw psycopg connection held in a global (the floor)"),
+    ("raw", "instructions.raw_held", "raw psycopg connection held in a global (the floor)", RAW),
     (
         "floor",
         "instructions.raw_held.lambda_pool_messages",
         "raw held, sending the warm handler's two messages (reset, deadline)",
+        RAW,
     ),
     (
         "handler",
         "instructions.lambda_pool.with_connection",
         "lambda-pool @with_connection() warm handler, deadline on",
+        RAW,
     ),
     (
         "handler_no_timeout",
         "instructions.lambda_pool.with_connection.no_timeout",
         "lambda-pool @with_connection() warm handler, statement_timeout=None",
+        RAW,
+    ),
+    (
+        "queuepool",
+        "instructions.checkout.lambda_pool.queuepool",
+        "[checkout + return] lambda-pool QueuePool (engine.raw_connection().close())",
+        PSYCOPG_POOL,
+    ),
+    (
+        "psycopg_pool",
+        "instructions.checkout.psycopg_pool.getconn",
+        "[checkout + return] psycopg_pool getconn/putconn",
+        PSYCOPG_POOL,
     ),
 )
+#: The row each baseline is.
+BASELINE_ROWS = {
+    RAW: "instructions.raw_held",
+    PSYCOPG_POOL: "instructions.checkout.psycopg_pool.getconn",
+}
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
 def _operation(mode: str, url: str) -> Any:
     """The invocation ``mode`` stands for, ready to call (run inside the worker)."""
+    if mode == "queuepool":
+        import lambda_pool
+
+        engine = lambda_pool.create_engine(
+            "postgresql+psycopg" + url[url.index("://") :], poolclass=lambda_pool.QueuePool
+        )
+
+        def checkout() -> None:
+            engine.raw_connection().close()
+
+        return checkout
+    if mode == "psycopg_pool":
+        from psycopg_pool import ConnectionPool
+
+        pool = ConnectionPool(url, min_size=1, max_size=1, open=True)
+        pool.wait()
+
+        def getconn() -> None:
+            pool.putconn(pool.getconn())
+
+        return getconn
     if mode == "raw":
         import psycopg
 
@@ -137,11 +182,13 @@ def _instructions(mode: str, count: int, url: str) -> int:
 def measure_instructions(db: Database, *, quick: bool) -> Section:
     """Instructions per warm invocation of each contender (thousands), against raw held."""
     small, large = (5, 15) if quick else (100, 400)
+    # A checkout is a fifth of an invocation: more of them for the same precision.
+    scale = {"queuepool": 10, "psycopg_pool": 10}
     section = Section(
         name="instructions",
         title="Client CPU per warm invocation (instructions, callgrind)",
         unit="k instr/op",
-        baselines=[RAW],
+        baselines=[RAW, PSYCOPG_POOL],
         notes=[
             "instructions the client process executes per invocation (valgrind callgrind): "
             f"({large} - {small} invocations) difference, so start-up and connect cancel out",
@@ -155,22 +202,24 @@ def measure_instructions(db: Database, *, quick: bool) -> Section:
     # interpreter under valgrind, about ten seconds.
     modes = [m for m in MODES if not quick or m[0] in {"raw", "handler"}]
     counts: dict[str, float] = {}
-    for mode, row_id, _ in modes:
+    for mode, row_id, _, _ in modes:
         url = db.libpq_url
-        per_op = (_instructions(mode, large, url) - _instructions(mode, small, url)) / (
-            large - small
-        )
+        few, many = small * scale.get(mode, 1), large * scale.get(mode, 1)
+        per_op = (_instructions(mode, many, url) - _instructions(mode, few, url)) / (many - few)
         counts[row_id] = per_op / 1000.0
-    raw = counts["instructions.raw_held"]
-    for _, row_id, label in modes:
+    for _, row_id, label, baseline in modes:
         value = counts[row_id]
+        anchor = counts.get(BASELINE_ROWS[baseline])
         section.rows.append(
             Row(
                 id=row_id,
                 label=label,
                 median=value,
                 samples=[value],
-                ratios={RAW: ratio(value, raw)},
+                ratios={
+                    name: ratio(value, anchor) if name == baseline else None
+                    for name in section.baselines
+                },
             )
         )
     return section
