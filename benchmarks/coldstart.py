@@ -35,12 +35,12 @@ import logging
 import os
 import random
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.imports import fresh_output
 from benchmarks.report import Row, Section, ratio
 from benchmarks.timing import median
 
@@ -94,27 +94,20 @@ class _Server:
 
 
 def _run(contender: _Contender, timeout: float = 120.0) -> tuple[float, bool]:
-    env = dict(os.environ)
-    for name in ("PYTHONSTARTUP", "PYTHONPROFILEIMPORTTIME", "PYTHONDONTWRITEBYTECODE"):
-        env.pop(name, None)
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL"):
-        env.pop(name, None)
+    # No profile or endpoint of the caller's: every mode signs with the fake credentials.
+    env: dict[str, str | None] = dict.fromkeys(
+        ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL")
+    )
     env.update(_FAKE_AWS)
     env.update(contender.env)
-    completed = subprocess.run(
-        [contender.python, "-c", _TEMPLATE.format(statement=contender.statement)],
-        capture_output=True,
-        text=True,
-        env=env,
+    line = fresh_output(
+        _TEMPLATE.format(statement=contender.statement),
+        f"cold start of {contender.label!r}",
+        python=contender.python,
+        env_changes=env,
         timeout=timeout,
-        check=False,
     )
-    if completed.returncode != 0:
-        raise RuntimeError(
-            f"cold start of {contender.label!r} failed (exit {completed.returncode}): "
-            f"{completed.stderr.strip()[-2000:]}"
-        )
-    elapsed, boto3_loaded = ast.literal_eval(completed.stdout.strip().splitlines()[-1])
+    elapsed, boto3_loaded = ast.literal_eval(line)
     return float(elapsed), bool(boto3_loaded)
 
 

@@ -26,6 +26,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from benchmarks.report import Row, Section, ratio
@@ -88,14 +89,30 @@ print(repr((_bench_time.perf_counter() - _bench_t0) * 1000.0))
 """
 
 
-def time_statement(statement: str, *, timeout: float = 60.0) -> float:
-    """Milliseconds ``statement`` takes in a fresh interpreter (this one's executable)."""
+def fresh_output(
+    code: str,
+    what: str,
+    *,
+    python: str = sys.executable,
+    env_changes: Mapping[str, str | None] | None = None,
+    timeout: float = 60.0,
+) -> str:
+    """The last line ``code`` prints in a fresh interpreter (``python``).
+
+    A stray ``PYTHONSTARTUP``, ``-X importtime`` or ``PYTHONDONTWRITEBYTECODE`` from the
+    caller must not skew one contender, so they are removed; ``env_changes`` then sets
+    (or, with ``None``, removes) more.  A failure raises ``RuntimeError`` naming ``what``.
+    """
     env = dict(os.environ)
-    # A stray PYTHONSTARTUP or -X importtime from the caller must not skew one contender.
     for name in ("PYTHONSTARTUP", "PYTHONPROFILEIMPORTTIME", "PYTHONDONTWRITEBYTECODE"):
         env.pop(name, None)
+    for name, value in (env_changes or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     completed = subprocess.run(
-        [sys.executable, "-c", _TEMPLATE.format(statement=statement)],
+        [python, "-c", code],
         capture_output=True,
         text=True,
         env=env,
@@ -104,10 +121,15 @@ def time_statement(statement: str, *, timeout: float = 60.0) -> float:
     )
     if completed.returncode != 0:
         raise RuntimeError(
-            f"timing {statement!r} failed (exit {completed.returncode}): "
-            f"{completed.stderr.strip()[-2000:]}"
+            f"{what} failed (exit {completed.returncode}): {completed.stderr.strip()[-2000:]}"
         )
-    return float(completed.stdout.strip().splitlines()[-1])
+    return completed.stdout.strip().splitlines()[-1]
+
+
+def time_statement(statement: str, *, timeout: float = 60.0) -> float:
+    """Milliseconds ``statement`` takes in a fresh interpreter (this one's executable)."""
+    code = _TEMPLATE.format(statement=statement)
+    return float(fresh_output(code, f"timing {statement!r}", timeout=timeout))
 
 
 _PAIRED_TEMPLATE = """\
@@ -127,23 +149,9 @@ PAIRED_URL = "postgresql://u:p@h/d"
 
 def time_paired(*, timeout: float = 60.0) -> tuple[float, float]:
     """``(import psycopg, lambda-pool on top of it)`` in milliseconds, in one fresh process."""
-    env = dict(os.environ)
-    for name in ("PYTHONSTARTUP", "PYTHONPROFILEIMPORTTIME", "PYTHONDONTWRITEBYTECODE"):
-        env.pop(name, None)
-    completed = subprocess.run(
-        [sys.executable, "-c", _PAIRED_TEMPLATE.format(url=PAIRED_URL)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(
-            f"the paired import timing failed (exit {completed.returncode}): "
-            f"{completed.stderr.strip()[-2000:]}"
-        )
-    floor, added = completed.stdout.strip().splitlines()[-1].strip("()").split(",")
+    code = _PAIRED_TEMPLATE.format(url=PAIRED_URL)
+    line = fresh_output(code, "the paired import timing", timeout=timeout)
+    floor, added = line.strip("()").split(",")
     return float(floor), float(added)
 
 
