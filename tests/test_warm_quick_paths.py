@@ -267,3 +267,35 @@ def test_the_quick_reuse_check_agrees_with_the_guards_decision(
             conn.rollback()
     finally:
         engine.dispose()
+
+
+def test_an_interruption_in_the_warm_checkout_gives_the_slot_back_and_keeps_the_connection(
+    lp_postgres_url: str, lp_application_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @with_connection(_url(lp_postgres_url, lp_application_name))
+    def handler(event: Any, context: Any, connection: Any) -> int:
+        return int(connection.execute("SELECT pg_backend_pid()").scalar())
+
+    try:
+        first = _invoke(handler)
+        guard = handler.engine.pool._guard  # type: ignore[attr-defined]
+        real = guard.reusable_now
+        resets: list[object] = []
+        event.listen(handler.engine, "reset", lambda *args: resets.append(args))  # type: ignore[attr-defined]
+
+        def interrupted(*args: Any) -> bool:
+            monkeypatch.setattr(guard, "reusable_now", real)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(guard, "reusable_now", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _invoke(handler)
+        # Given back at once, untouched: not left for the garbage collector to return
+        # (which would reset a session nobody used).
+        assert handler.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert resets == []
+        assert _invoke(handler) == first
+        stats = handler.engine.pool.stats  # type: ignore[attr-defined]
+        assert (stats.opened, stats.overflow_connections) == (1, 0)
+    finally:
+        handler.engine.dispose()  # type: ignore[attr-defined]

@@ -302,18 +302,31 @@ class WarmPool(Pool):
         proxy = PoolProxiedConnection(self, record)
         dbapi = record.dbapi_connection
         starttime = record.starttime
-        info = record.info.get(WARM_INFO_KEY)
-        if (
-            dbapi is None
-            or self._invalidate_time > starttime
-            or record.soft_invalidate_time > starttime
-            or not isinstance(info, WarmConnectionInfo)
-        ):
-            return self._run_sync(self._g_hand_out(Acquire.TAKE, record, proxy))
-        record.info.pop(SESSION_RESET_KEY, None)
-        if not self._guard.reusable_now(
-            self._dialect.get_driver_connection(dbapi), info, record.info.get(CREDENTIALS_EXPIRE_AT)
-        ):
+        try:
+            info = record.info.get(WARM_INFO_KEY)
+            reusable = (
+                dbapi is not None
+                and self._invalidate_time <= starttime
+                and record.soft_invalidate_time <= starttime
+                and isinstance(info, WarmConnectionInfo)
+            )
+            if reusable:
+                assert isinstance(info, WarmConnectionInfo)
+                record.info.pop(SESSION_RESET_KEY, None)
+                reusable = self._guard.reusable_now(
+                    self._dialect.get_driver_connection(dbapi),
+                    info,
+                    record.info.get(CREDENTIALS_EXPIRE_AT),
+                )
+        except BaseException:
+            # Interrupted before the connection was handed out (KeyboardInterrupt, a
+            # driver raising from a property): the slot comes back, the connection is kept.
+            proxy._closed = True
+            with self._lock:
+                slots.release(record)
+                self._notify_locked()
+            raise
+        if not reusable:
             # The procedure decides again, names the reason, pings or replaces.
             return self._run_sync(self._g_hand_out(Acquire.TAKE, record, proxy))
         self.stats.record_reused()
@@ -472,16 +485,19 @@ class WarmPool(Pool):
             super()._return_sync(proxy, transaction_was_reset)
             return
         proxy._closed = True
-        del record.info[SESSION_RESET_KEY]
-        if driver.prepare_threshold is not None:
-            _clear_psycopg_prepared_cache(driver)
-        info = record.info.get(WARM_INFO_KEY)
-        if isinstance(info, WarmConnectionInfo):
-            self._guard.mark_returned(info)
-        with self._lock:
-            keep = self._slots.release(record)
-            if self._sync_waiters or self._async_waiters:
-                self._notify_locked()
+        try:
+            del record.info[SESSION_RESET_KEY]
+            if driver.prepare_threshold is not None:
+                _clear_psycopg_prepared_cache(driver)
+            info = record.info.get(WARM_INFO_KEY)
+            if isinstance(info, WarmConnectionInfo):
+                self._guard.mark_returned(info)
+        finally:
+            # Whatever interrupted the bookkeeping, the slot comes back (as _g_release).
+            with self._lock:
+                keep = self._slots.release(record)
+                if self._sync_waiters or self._async_waiters:
+                    self._notify_locked()
         if not keep:
             self._run_sync(self._g_close_connection(record))
 
