@@ -24,6 +24,7 @@ the environment).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -115,20 +116,10 @@ def _operation(mode: str, url: str) -> Any:
 
         return raw
     if mode == "floor":
-        from lambda_pool import deadlines
-        from lambda_pool.dialects._psycopg_deadline import DeadlineConnection
-        from lambda_pool.dialects.psycopg import psycopg_commit_then, psycopg_execute_opening
-        from lambda_pool.warm.reset import SESSION_RESET_STATEMENTS
+        from benchmarks.invocation import raw_with_handler_messages
 
-        held = DeadlineConnection.connect(url, prepare_threshold=None)
-        prelude = ["SET LOCAL statement_timeout = 86400000"]
-
-        def floor() -> None:
-            with deadlines.use(deadlines.Deadline.after(86400.0)):
-                psycopg_execute_opening(held, "SELECT 1", None, prelude)
-                psycopg_commit_then(held, SESSION_RESET_STATEMENTS)
-
-        return floor
+        # The worker's connection lives as long as its process: the stack is never closed.
+        return raw_with_handler_messages(contextlib.ExitStack(), url)
     import lambda_pool
     from lambda_pool.testing.context import LambdaContext
 

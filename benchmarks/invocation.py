@@ -32,7 +32,7 @@ from benchmarks.report import Section, add_case_rows
 from benchmarks.server import Database
 from benchmarks.timing import Case, run_interleaved
 
-__all__ = ["measure_invocation"]
+__all__ = ["measure_invocation", "raw_with_handler_messages"]
 
 NULLPOOL = "NullPool"
 RAW = "raw held"
@@ -63,7 +63,7 @@ def _raw_held(stack: contextlib.ExitStack, url: str) -> Any:
     return op
 
 
-def _raw_with_our_messages(stack: contextlib.ExitStack, url: str) -> Any:
+def raw_with_handler_messages(stack: contextlib.ExitStack, url: str) -> Any:
     """The floor of a correct warm invocation: a raw held psycopg connection sending the
     two messages lambda-pool's warm handler sends (``BEGIN; SET LOCAL statement_timeout;
     SELECT 1`` and ``COMMIT; <session reset>``) with the deadline set, through the same
@@ -203,7 +203,7 @@ def measure_invocation(
             Case(
                 "invocation.raw_held.lambda_pool_messages",
                 "raw held, sending the warm handler's two messages (reset, deadline)",
-                _raw_with_our_messages(stack, db.libpq_url),
+                raw_with_handler_messages(stack, db.libpq_url),
                 group,
             ),
             _decorated(stack, db.lambda_pool_url, "deadline"),
