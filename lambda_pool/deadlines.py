@@ -90,7 +90,7 @@ class Deadline:
                 "reached the server and only its answer was lost; check before writing "
                 "again, or make the write idempotent"
             )
-        return DeadlineExceededError(message, step=step, remaining_ms=left_ms)
+        return DeadlineExceededError(message, step=step, remaining_ms=left_ms, cause=cause)
 
     def __repr__(self) -> str:
         return f"<Deadline {self.remaining() * 1000:.0f} ms left ({self.source})>"
@@ -99,6 +99,15 @@ class Deadline:
 _current: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
     "lambda_pool.deadline", default=None
 )
+
+
+#: :func:`current` without a Python frame of its own, for the paths every statement takes.
+current_deadline = _current.get
+#: What :class:`use` does on entry (``token = set_current(bound)``) and exit
+#: (``reset_current(token)``), for the decorator's per-invocation path; :class:`use`
+#: chooses the earlier of the two deadlines first, which that caller does inline.
+set_current = _current.set
+reset_current = _current.reset
 
 
 def current() -> Deadline | None:

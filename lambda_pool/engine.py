@@ -78,9 +78,6 @@ class Connection(ConnectionCore["Engine"]):
     _rollback_verb = "call"
     _begun_hint = "commit or roll it back first"
 
-    def __init__(self, engine: Engine, proxy: PoolProxiedConnection) -> None:
-        super().__init__(engine, proxy)
-
     # --- the shell: perform each step directly -------------------------------------------
 
     def _run(self, proc: Proc[Any]) -> Any:

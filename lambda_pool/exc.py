@@ -52,13 +52,17 @@ class DeadlineExceededError(LambdaPoolError, builtins.TimeoutError):
     """A blocking step (connect, pre-ping, statement, commit, reset) did not end before
     the invocation's deadline; its connection was discarded.
 
-    ``step`` names the step, ``remaining_ms`` the time it had left when it started.
+    ``step`` names the step, ``remaining_ms`` the time it had left when it started,
+    ``cause`` what was seen (e.g. that the server did not answer), in words.
     """
 
-    def __init__(self, message: str, *, step: str = "", remaining_ms: int = 0) -> None:
+    def __init__(
+        self, message: str, *, step: str = "", remaining_ms: int = 0, cause: str = ""
+    ) -> None:
         super().__init__(message)
         self.step = step
         self.remaining_ms = remaining_ms
+        self.cause = cause
 
 
 class CapacityExhaustedError(DeadlineExceededError):

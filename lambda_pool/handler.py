@@ -71,7 +71,7 @@ from lambda_pool.dialects.psycopg import (
 )
 from lambda_pool.engine import Connection
 from lambda_pool.engine_core import ConnOp
-from lambda_pool.exc import ArgumentError, StatementTimeoutError
+from lambda_pool.exc import ArgumentError, DeadlineExceededError, StatementTimeoutError
 from lambda_pool.result import Result
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from lambda_pool.config import Settings
     from lambda_pool.engine import Engine
     from lambda_pool.observability import Instrumentation
+    from lambda_pool.pool import PoolProxiedConnection
     from lambda_pool.url import URL
 
 __all__ = ["DEADLINE", "with_connection"]
@@ -109,25 +110,27 @@ class _Deadline:
     """How long statements of one invocation may run.
 
     ``policy`` is ``"deadline"`` (remaining time minus ``margin_ms``), a fixed number of
-    milliseconds, or ``None`` (no bound).  Without a context offering
-    ``get_remaining_time_in_millis`` (a local call) the deadline policy bounds nothing.
+    milliseconds, or ``None`` (no bound).  ``remaining_ms``: the context's remaining time,
+    read once when the invocation starts (:func:`_remaining_ms_of`), ``None`` without a
+    context that can tell (a local call), when the deadline policy bounds nothing.  The
+    time left later is counted down from it on the monotonic clock: Lambda's remaining
+    time runs down with real time, and reading the context again would cost a call.
     """
 
-    def __init__(self, policy: str | int | None, margin_ms: int, context: Any) -> None:
+    __slots__ = ("ends_at", "margin_ms", "policy")
+
+    def __init__(self, policy: str | int | None, margin_ms: int, remaining_ms: int | None) -> None:
         self.policy = policy
         self.margin_ms = margin_ms
-        remaining = getattr(context, "get_remaining_time_in_millis", None)
-        self._remaining: Callable[[], Any] | None = (
-            remaining if policy == DEADLINE and callable(remaining) else None
+        self.ends_at: float | None = (
+            _monotonic() + remaining_ms / 1000.0
+            if policy == DEADLINE and remaining_ms is not None
+            else None
         )
 
     def remaining_ms(self) -> int | None:
-        if self._remaining is None:
-            return None
-        try:
-            return int(self._remaining())
-        except Exception:  # a context stand-in that cannot tell: do not guess
-            return None
+        ends_at = self.ends_at
+        return None if ends_at is None else int((ends_at - _monotonic()) * 1000.0)
 
     def timeout_ms(self) -> tuple[int | None, int | None]:
         """``(statement_timeout in ms or None, remaining ms or None)`` for a statement now.
@@ -135,24 +138,29 @@ class _Deadline:
         Raises :class:`StatementTimeoutError` when the remaining time is not more than
         the margin: a statement started now would be cut off by Lambda.
         """
-        if isinstance(self.policy, int):
-            return self.policy, None
-        remaining = self.remaining_ms()
-        if remaining is None:
+        policy = self.policy
+        if isinstance(policy, int):
+            return policy, None
+        ends_at = self.ends_at
+        if ends_at is None:
             return None, None
+        remaining = int((ends_at - _monotonic()) * 1000.0)
         budget = remaining - self.margin_ms
         if budget <= 0:  # 0 would mean "no timeout" to PostgreSQL
-            raise StatementTimeoutError(
-                f"the invocation has {remaining} ms left, not more than the statement-timeout "
-                f"margin of {self.margin_ms} ms, so no statement was started (Lambda would end "
-                "the invocation mid-query); raise the function's timeout, make earlier work "
-                "faster, or lower the margin (with_connection(timeout_margin_ms=...) or "
-                "LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS)"
-            )
+            raise self.no_time_left(remaining)
         # The client stops waiting at the same deadline (lambda_pool.deadlines); the
         # server's cancellation comes a little sooner, so on a healthy network a slow
         # query ends with PostgreSQL's clear error and the connection is kept.
         return budget - min(_REPLY_ALLOWANCE_MS, budget // 5), remaining
+
+    def no_time_left(self, remaining_ms: int) -> StatementTimeoutError:
+        return StatementTimeoutError(
+            f"the invocation has {remaining_ms} ms left, not more than the statement-timeout "
+            f"margin of {self.margin_ms} ms, so no statement was started (Lambda would end "
+            "the invocation mid-query); raise the function's timeout, make earlier work "
+            "faster, or lower the margin (with_connection(timeout_margin_ms=...) or "
+            "LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS)"
+        )
 
     def exceeded(self, timeout_ms: int, remaining_ms: int | None) -> StatementTimeoutError:
         if remaining_ms is None:
@@ -170,7 +178,19 @@ class _Deadline:
         )
 
 
-def _blocking_deadline(context: Any, margin_ms: int) -> deadlines.Deadline | None:
+def _remaining_ms_of(context: Any) -> int | None:
+    """The context's remaining time in ms, read once per invocation; ``None`` without a
+    context that can tell (a local call, a stand-in whose method fails)."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is None:
+        return None
+    try:
+        return int(remaining())
+    except Exception:  # a context stand-in that cannot tell: do not guess
+        return None
+
+
+def _blocking_deadline(remaining_ms: int | None, margin_ms: int) -> deadlines.Deadline | None:
     """The bound for every blocking step of this invocation (connect, pre-ping, each
     statement, commit, reset on return): the context's remaining time minus the margin,
     as a :class:`lambda_pool.deadlines.Deadline`; ``None`` without a context that can
@@ -179,18 +199,17 @@ def _blocking_deadline(context: Any, margin_ms: int) -> deadlines.Deadline | Non
     It applies whatever ``statement_timeout`` says: that option sets the server-side
     bound of statements, this one bounds the client's waits, even on a silent network.
     """
-    remaining = getattr(context, "get_remaining_time_in_millis", None)
-    if not callable(remaining):
+    if remaining_ms is None:
         return None
-    try:
-        remaining_ms = int(remaining())
-    except Exception:  # a context stand-in that cannot tell: do not guess
-        return None
-    return deadlines.Deadline.after(
-        (remaining_ms - margin_ms) / 1000.0,
+    return deadlines.Deadline(
+        _monotonic() + (remaining_ms - margin_ms) / 1000.0,
         margin_ms=margin_ms,
-        source="invocation's deadline (Lambda's remaining time minus the margin)",
+        source=_BLOCKING_SOURCE,
     )
+
+
+_BLOCKING_SOURCE = "invocation's deadline (Lambda's remaining time minus the margin)"
+_monotonic = time.monotonic
 
 
 def _is_statement_timeout(exc: BaseException) -> bool:
@@ -230,15 +249,32 @@ class InvocationConnection(Connection):
     _opening: list[str] | None = None
     # Set for the final commit: the session reset sent in the same message.
     _commit_then: str | None = None
+    # The warm invocation's lane (with_connection sets both when the warm pool's quick
+    # checkout lent a psycopg connection): while the connection still holds that proxy,
+    # the opening statement and the final commit skip the general checks.
+    _lane_proxy: PoolProxiedConnection | None = None
+    _lane_driver: Any = None
+    # The session reset the warm pool offered to send with the final COMMIT.
+    _lane_reset = ""
 
     def execute(self, statement: str, parameters: Any = None) -> Any:
-        opening = self._opening_prelude()
+        driver = self._lane_driver
+        if (
+            driver is not None
+            and self._proxy is self._lane_proxy
+            and not self._closed
+            and not self._invalidated
+        ):
+            opening = _prelude_now(self) if psycopg_opens_in_pipeline(driver) else None
+        else:
+            driver = None
+            opening = _opening_prelude(self)
         if opening is None:
             self._arm()
         self._opening = opening
         try:
             if opening is not None and isinstance(statement, str):
-                return self._execute_opening(statement, parameters, opening)
+                return self._execute_opening(driver, statement, parameters, opening)
             return super().execute(statement, parameters)
         except Exception as exc:
             armed = self._armed
@@ -250,21 +286,28 @@ class InvocationConnection(Connection):
         finally:
             self._opening = None
 
-    def _execute_opening(self, statement: str, parameters: Any, prelude: list[str]) -> Result:
+    def _execute_opening(
+        self, dbapi: Any, statement: str, parameters: Any, prelude: list[str]
+    ) -> Result:
         """``execute()``'s procedure (``_g_execute``) for the statement that opens the
         transaction, inline: every invocation's first statement takes this path, and the
-        procedure's generators cost more CPU than the round trip it saves.
-        ``_opening_prelude`` found the connection checked out, open and usable."""
-        proxy = self._proxy
-        assert proxy is not None
-        dbapi = proxy.dbapi_connection
-        self._engine._log_statement(statement)
+        procedure's generators cost more CPU than the round trip it saves.  The
+        connection is checked out, open and usable; ``dbapi``: its driver connection
+        when the caller has it (the lane's), else ``None``."""
+        if dbapi is None:
+            proxy = self._proxy
+            assert proxy is not None
+            dbapi = proxy.dbapi_connection
+        engine = self._engine
+        logger = engine._logger  # engine._log_statement(), inline
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("%s", statement)
         self._begun = True
         self._opening = None
         try:
             outcome = psycopg_execute_opening(dbapi, statement, parameters, prelude)
         except Exception as exc:
-            if self._engine.dialect.is_disconnect(exc, dbapi):
+            if engine.dialect.is_disconnect(exc, dbapi):
                 self._run(self._g_invalidate(exc))
             raise
         return Result(
@@ -293,9 +336,6 @@ class InvocationConnection(Connection):
             )
         return self._deadline.exceeded(timeout_ms, remaining_ms)
 
-    def _opening_prelude(self) -> list[str] | None:
-        return _opening_prelude(self)
-
     def _commit_for_return(self, status: int | None = None) -> None:
         """Commit before the connection goes back to the pool: with the warm pool's
         session reset in the same message when it offers one (one round trip).
@@ -322,6 +362,37 @@ class InvocationConnection(Connection):
             raise
         if reset:
             _session_reset_done(self._engine, proxy)
+
+    def _commit_and_return_in_lane(self) -> None:
+        """The warm invocation's end on its lane: ``COMMIT`` and the session reset in
+        one message (:func:`psycopg_commit_then`, the step named ``commit``), then the
+        connection given back with nothing more to send
+        (``WarmPool.return_after_session_reset``).  When a reset statement failed the
+        connection is returned the ordinary way, which resets it again."""
+        proxy = self._lane_proxy
+        assert proxy is not None
+        dbapi = self._lane_driver
+        self._transaction = None
+        self._begun = False
+        try:
+            reset = psycopg_commit_then(dbapi, self._lane_reset)
+        except DeadlineExceededError as exc:
+            # Named here rather than with deadlines.step("commit") around the call:
+            # the wait names its step only when it gives up, and this saves every
+            # invocation the context variable's round.
+            bound = deadlines.current()
+            if exc.step != "statement" or bound is None:
+                raise
+            raise bound.exceeded("commit", exc.remaining_ms / 1000.0, exc.cause) from None
+        except Exception as exc:
+            if self._engine.dialect.is_disconnect(exc, dbapi):
+                self._run(self._g_invalidate(exc))
+            raise
+        if not reset:
+            return  # close() returns it the ordinary way
+        self._closed = True
+        self._proxy = None
+        proxy._pool.return_after_session_reset(proxy)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         """Return the connection to the pool; with nothing left to roll back, the
@@ -367,11 +438,15 @@ def _timeout_now(connection: Any, deadline: _Deadline) -> tuple[int | None, int 
     try:
         return deadline.timeout_ms()
     except StatementTimeoutError:
-        if connection._instrumentation is not None:
-            connection._instrumentation.statement_timeout(
-                None, deadline.remaining_ms() or 0, deadline.margin_ms
-            )
+        _report_fail_fast(connection, deadline)
         raise
+
+
+def _report_fail_fast(connection: Any, deadline: _Deadline) -> None:
+    if connection._instrumentation is not None:
+        connection._instrumentation.statement_timeout(
+            None, deadline.remaining_ms() or 0, deadline.margin_ms
+        )
 
 
 def _opens_with_begin(connection: Any) -> bool:
@@ -393,10 +468,21 @@ def _opening_prelude(connection: Any) -> list[str] | None:
     ``connection._armed`` as ``_arm`` does."""
     if not _opens_with_begin(connection):
         return None
+    return _prelude_now(connection)
+
+
+def _prelude_now(connection: Any) -> list[str]:
+    """The ``SET LOCAL statement_timeout`` to open a transaction with now (none without
+    a bound); sets ``connection._armed``."""
     deadline = connection._deadline
-    timeout_ms, remaining_ms = (
-        (None, None) if deadline is None else _timeout_now(connection, deadline)
-    )
+    if deadline is None:
+        connection._armed = None
+        return []
+    try:
+        timeout_ms, remaining_ms = deadline.timeout_ms()
+    except StatementTimeoutError:
+        _report_fail_fast(connection, deadline)
+        raise
     if timeout_ms is None:
         connection._armed = None
         return []
@@ -530,14 +616,22 @@ def _commit(connection: Any, instrumentation: Instrumentation | None) -> None:
     back and reported (PostgreSQL would answer COMMIT with ROLLBACK); open is committed.
     """
     proxy = connection._proxy
-    if proxy is None or connection.closed or connection.invalidated:
+    if proxy is None or connection._closed or connection._invalidated:
         return
-    status = _transaction_status(proxy.driver_connection)
+    lane = proxy is connection._lane_proxy
+    status = (
+        int(connection._lane_driver.pgconn.transaction_status)
+        if lane
+        else _transaction_status(proxy.driver_connection)
+    )
     if status == 0:
         return
     if status == 3:
         _report_failed_transaction(instrumentation)
         connection.rollback()
+        return
+    if lane and status == 2:
+        connection._commit_and_return_in_lane()
         return
     connection._commit_for_return(status)
 
@@ -618,16 +712,18 @@ def _refuse_given_connection(kwargs: dict[str, Any]) -> None:
         )
 
 
-def _fail_fast(deadline: _Deadline, instrumentation: Instrumentation | None) -> None:
+def _fail_fast(
+    deadline: _Deadline, instrumentation: Instrumentation | None, remaining_ms: int | None
+) -> None:
     """Raise :class:`StatementTimeoutError` before the pool is touched (no connect, no
-    checkout) when the invocation has no more time left than the margin."""
-    if deadline.policy != DEADLINE:
+    checkout) when the invocation has no more time left than the margin
+    (``remaining_ms``: the context's remaining time, as read at the start)."""
+    if deadline.policy != DEADLINE or remaining_ms is None:
         return
-    remaining = deadline.remaining_ms()
-    if remaining is not None and remaining <= deadline.margin_ms:
+    if remaining_ms <= deadline.margin_ms:
         if instrumentation is not None:
-            instrumentation.statement_timeout(None, remaining, deadline.margin_ms)
-        deadline.timeout_ms()  # raises StatementTimeoutError with the message
+            instrumentation.statement_timeout(None, remaining_ms, deadline.margin_ms)
+        raise deadline.no_time_left(remaining_ms)
 
 
 class _EngineRecipe:
@@ -817,19 +913,43 @@ def with_connection(
 
         @functools.wraps(fn)
         def handler(event: Any, context: Any, *args: Any, **kwargs: Any) -> Any:
-            _refuse_given_connection(kwargs)
+            # Every warm invocation runs this: the steps are calls of their own only
+            # where there is work to do (deadlines.use() and the decisions, inline).
+            if kwargs:
+                _refuse_given_connection(kwargs)
             instrumentation = observability.instrumentation_for(the_engine)
-            deadline = _Deadline(statement_timeout, margin_ms, context)
-            _fail_fast(deadline, instrumentation)
-            with deadlines.use(_blocking_deadline(context, margin_ms)):
-                started = time.perf_counter()
-                proxy = the_engine.raw_connection()
-                wait_ms = (time.perf_counter() - started) * 1000.0
+            remaining_ms = _remaining_ms_of(context)
+            deadline = _Deadline(statement_timeout, margin_ms, remaining_ms)
+            if (
+                remaining_ms is not None
+                and remaining_ms <= margin_ms
+                and statement_timeout == DEADLINE
+            ):
+                _fail_fast(deadline, instrumentation, remaining_ms)
+            bound = _blocking_deadline(remaining_ms, margin_ms)
+            outer = deadlines.current_deadline()
+            if outer is not None and (bound is None or outer.expires_at <= bound.expires_at):
+                bound = outer
+            token = deadlines.set_current(bound)
+            try:
+                pool = the_engine.pool
+                if instrumentation is None:
+                    proxy = pool.connect()
+                else:
+                    started = time.perf_counter()
+                    proxy = pool.connect()
+                    wait_ms = (time.perf_counter() - started) * 1000.0
+                    instrumentation.checkout_waited(wait_ms, proxy.dbapi_connection)
                 connection = InvocationConnection(the_engine, proxy)
                 connection._deadline = deadline if statement_timeout is not None else None
                 connection._instrumentation = instrumentation
-                if instrumentation is not None:
-                    instrumentation.checkout_waited(wait_ms, proxy.dbapi_connection)
+                # The warm pool's quick checkout lent it (WarmPool's LentWarmConnection;
+                # duck-typed: handler -> warm stays an import-free edge).
+                reset = getattr(proxy, "session_reset_with_commit", None)
+                if reset is not None:
+                    connection._lane_proxy = proxy
+                    connection._lane_driver = proxy._record.dbapi_connection  # type: ignore[union-attr]
+                    connection._lane_reset = reset
                 try:
                     try:
                         # Nothing is sent before the handler's first statement: it
@@ -841,7 +961,10 @@ def with_connection(
                     _commit(connection, instrumentation)
                     return result
                 finally:
-                    _close_quietly(connection)
+                    if not connection._closed:
+                        _close_quietly(connection)
+            finally:
+                deadlines.reset_current(token)
 
         # Tests and diagnostics reach the engine through the handler.
         handler.engine = the_engine  # type: ignore[attr-defined]

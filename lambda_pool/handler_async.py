@@ -82,6 +82,7 @@ from lambda_pool.handler import (
     _fail_fast,
     _is_statement_timeout,
     _refuse_given_connection,
+    _remaining_ms_of,
     _report_cleanup_failure,
     _report_failed_transaction,
     _transaction_status,
@@ -492,10 +493,11 @@ async def _invoke(
     from lambda_pool import observability
 
     instrumentation = observability.instrumentation_for(engine)
-    deadline = _Deadline(statement_timeout, margin_ms, context)
-    _fail_fast(deadline, instrumentation)
+    remaining_ms = _remaining_ms_of(context)
+    deadline = _Deadline(statement_timeout, margin_ms, remaining_ms)
+    _fail_fast(deadline, instrumentation, remaining_ms)
     # Set inside the invocation's task, so only this invocation's work sees it.
-    with deadlines.use(_blocking_deadline(context, margin_ms)):
+    with deadlines.use(_blocking_deadline(remaining_ms, margin_ms)):
         started = time.perf_counter()
         connection = AsyncInvocationConnection(engine)
         await connection.start()

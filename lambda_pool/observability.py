@@ -103,6 +103,8 @@ _FRESH_KEY = "lambda_pool.observability.fresh"
 
 _registry_lock = threading.Lock()
 _instrumented: weakref.WeakKeyDictionary[Any, Instrumentation] = weakref.WeakKeyDictionary()
+# False until the first instrument(): most processes never call it.
+_any_instrumented = False
 
 
 def _backend_pid(dbapi_connection: Any) -> int | None:
@@ -425,16 +427,20 @@ def instrument(
     the current one) and adds no second set of listeners, so several handlers sharing a
     warm engine report each event once.  Returns the engine's :class:`Instrumentation`.
     """
+    global _any_instrumented
     with _registry_lock:
         instrumentation = _instrumented.get(engine)
         if instrumentation is None:
             instrumentation = Instrumentation(engine)
             _instrumented[engine] = instrumentation
+            _any_instrumented = True
         instrumentation.configure(logger=logger, metrics=metrics, tracer=tracer)
     return instrumentation
 
 
 def instrumentation_for(engine: Any) -> Instrumentation | None:
     """The engine's :class:`Instrumentation`, or ``None`` when it was never instrumented."""
+    if not _any_instrumented:
+        return None  # asked at every invocation: no lock, no weak-key lookup
     with _registry_lock:
         return _instrumented.get(engine)

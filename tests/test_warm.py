@@ -380,8 +380,9 @@ def test_snapstart_restore_replaces_the_connection(
     pool = make_pool()
     with pool.connect() as conn:
         first = _backend_pid(conn)
-    generation = lifecycle.restore_generation()
-    monkeypatch.setattr(lifecycle, "restore_generation", lambda: generation + 1)
+    # What _after_restore() counts first (its dispose_all() would close the connection
+    # itself, hiding whether the generation rule replaces it).
+    monkeypatch.setattr(lifecycle, "_restore_generation", lifecycle.restore_generation() + 1)
     with pool.connect() as conn:
         assert _backend_pid(conn) != first
     assert pool.stats.replaced == {"restored": 1}

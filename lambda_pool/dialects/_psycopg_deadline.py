@@ -35,6 +35,7 @@ imports psycopg: the dialects import it only when they connect.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,6 +60,10 @@ _PQTRANS_ACTIVE = 1
 # At most this much of the time left is kept for a cancel request (see _bounds).
 _CANCEL_RESERVE = 0.1
 _NO_ANSWER = "the server did not answer (the network may be a black hole)"
+# Bound once: the blocking wait runs them for every statement and commit.
+_current_deadline = deadlines.current_deadline
+_monotonic = time.monotonic
+_psycopg_wait = psycopg.Connection.wait
 
 
 class _ConnectDeadline(Exception):
@@ -184,14 +189,19 @@ class DeadlineConnection(psycopg.Connection[Any]):
         return bounded_connect_gen(super()._connect_gen(conninfo))
 
     def wait(self, gen: Any, interval: float = _POLL_INTERVAL, timeout: float | None = None) -> Any:
-        bound, bounded, left = _bounds(timeout)
+        # _bounds() inline: every statement and commit waits here at least once.
+        bound = _current_deadline()
         if bound is None:
-            return super().wait(gen, interval, timeout)
+            return _psycopg_wait(self, gen, interval, timeout)
+        left = bound.expires_at - _monotonic()
         if left <= 0:
             _close(gen)
             raise _exceeded(self, bound, left, "no time was left")
+        until = left - (_CANCEL_RESERVE if left >= _CANCEL_RESERVE * 10 else left / 10)
         try:
-            return super().wait(gen, interval, bounded)
+            return _psycopg_wait(
+                self, gen, interval, until if timeout is None or timeout > until else timeout
+            )
         except errors._WaitTimeout:
             if timeout is not None and timeout < left - _cancel_reserve(left):
                 raise  # the caller's own, shorter timeout (e.g. notifies())

@@ -225,14 +225,26 @@ def psycopg_opens_in_pipeline(conn: Any) -> bool:
     (blocking or asyncio): idle, outside autocommit, with psycopg's default ``BEGIN`` (no
     isolation level, read-only or deferrable setting, which would change that
     statement), and not in a pipeline."""
-    return (
-        not conn.autocommit
-        and int(conn.pgconn.transaction_status) == 0
-        and conn.isolation_level is None
-        and conn.read_only is None
-        and conn.deferrable is None
-        and getattr(conn, "_pipeline", None) is None
-    )
+    try:
+        # The fields behind psycopg's properties, read directly: every invocation's
+        # first statement asks, and each property is a call.
+        return (
+            not conn._autocommit
+            and conn.pgconn.transaction_status == 0
+            and conn._isolation_level is None
+            and conn._read_only is None
+            and conn._deferrable is None
+            and conn._pipeline is None
+        )
+    except AttributeError:  # a psycopg that renamed them: its public properties
+        return (
+            not conn.autocommit
+            and int(conn.pgconn.transaction_status) == 0
+            and conn.isolation_level is None
+            and conn.read_only is None
+            and conn.deferrable is None
+            and getattr(conn, "_pipeline", None) is None
+        )
 
 
 def opening_query(
@@ -339,10 +351,12 @@ def psycopg_execute_opening(
     waited on by the connection's ``wait()`` (bounded by the deadline), under its lock.
     """
     psycopg = _psycopg or _modules()
-    encoding = conn.info.encoding
+    pgconn = conn.pgconn
+    # What conn.info.encoding reads (psycopg's own conn_encoding), without building a
+    # ConnectionInfo for it.
+    encoding = pgconn._encoding
     query, with_statement = opening_query(sql, params, prelude, encoding)
     with conn.lock:
-        pgconn = conn.pgconn
         pgconn.send_query(query)
         results = conn.wait(psycopg.generators.execute(pgconn))
     outcome = opening_outcome(conn, results, len(prelude), with_statement, encoding)
@@ -365,9 +379,9 @@ def psycopg_commit_then(conn: Any, statements: str) -> bool:
     to hear about; the caller then resets the session the ordinary way.
     """
     psycopg = _psycopg or _modules()
-    encoding = conn.info.encoding
+    pgconn = conn.pgconn
+    encoding = pgconn._encoding  # conn.info.encoding, as in psycopg_execute_opening
     with conn.lock:
-        pgconn = conn.pgconn
         pgconn.send_query(f"COMMIT; {statements}".encode(encoding))
         results = conn.wait(psycopg.generators.execute(pgconn))
     return commit_then_outcome(results, encoding)
@@ -376,13 +390,15 @@ def psycopg_commit_then(conn: Any, statements: str) -> bool:
 def commit_then_outcome(results: Sequence[Any], encoding: str) -> bool:
     """What :func:`psycopg_commit_then` got back (libpq results, one per statement):
     raises the ``COMMIT``'s error, else tells whether every later statement succeeded."""
-    if results and results[0].status == _FATAL_ERROR:
+    if not results:
+        return False
+    if results[0].status == _FATAL_ERROR:
         psycopg = _psycopg or _modules()
         raise psycopg.errors.error_from_result(results[0], encoding=encoding)
-    if len(results) < 2:
-        return False
-    statuses = [result.status for result in results]
-    return _FATAL_ERROR not in statuses
+    for result in results:
+        if result.status == _FATAL_ERROR:
+            return False
+    return len(results) > 1
 
 
 # libpq's ExecStatus values (psycopg.pq.ExecStatus), by value: no import.

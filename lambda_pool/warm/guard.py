@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import select
 import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from lambda_pool import lifecycle
 from lambda_pool.warm.driver import (
     DriverState,
     _is_psycopg,
-    _pq_transaction_status,
     _running_loop,
     _socket_readable,
     probe_driver,
@@ -54,6 +55,11 @@ class WarmConnectionInfo:
     last_used_at: float
     reset_failed: bool = False
     loop: weakref.ReferenceType[asyncio.AbstractEventLoop] | None = None
+    #: A zero-timeout poll of a blocking psycopg connection's socket (``select.poll``'s
+    #: ``poll``, the socket registered once), made at the first warm checkout.
+    socket_poll: Callable[[int], list[Any]] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     def opening_loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop the connection was opened on, if it was one and it still exists."""
@@ -136,9 +142,16 @@ class WarmGuard:
         :meth:`decide` over every rule)."""
         if info.loop is not None or info.reset_failed or not _is_psycopg(conn):
             return False
-        if info.opener_pid != os.getpid() or info.opened_generation != _restore_generation():
+        # lifecycle.restore_generation(), read directly: every warm checkout asks.
+        if (
+            info.opener_pid != os.getpid()
+            or info.opened_generation != lifecycle._restore_generation
+        ):
             return False
-        if conn.closed or conn.broken or _pq_transaction_status(conn) != 0:
+        # libpq's state, read as psycopg's closed and broken do: anything but
+        # CONNECTION_OK (0) is closed, broken or not yet connected.
+        pgconn = conn.pgconn
+        if pgconn.status != 0 or pgconn.transaction_status != 0:
             return False
         policy = self.policy
         now = self.clock()
@@ -155,7 +168,12 @@ class WarmGuard:
         threshold = policy.pre_ping_idle_seconds
         if threshold is not None and (idle < 0 or idle > threshold or threshold == 0):
             return False
-        return not _socket_readable(conn)
+        poll = info.socket_poll
+        if poll is None:
+            poll = info.socket_poll = _socket_poller(pgconn.socket)
+            if poll is None:
+                return not _socket_readable(conn)
+        return not poll(0)
 
     def mark_returned(self, info: WarmConnectionInfo) -> None:
         """Start the idle timer: the connection just came back from an invocation."""
@@ -163,6 +181,15 @@ class WarmGuard:
 
 
 def _restore_generation() -> int:
-    from lambda_pool import lifecycle
-
     return lifecycle.restore_generation()
+
+
+def _socket_poller(fileno: int) -> Callable[[int], list[Any]] | None:
+    """``poll`` of a ``select.poll`` object watching ``fileno`` for input or EOF (what
+    :func:`~lambda_pool.warm.driver._socket_readable` asks, with the registration done
+    once), or ``None`` where there is no ``poll()`` or no socket."""
+    if fileno < 0 or not hasattr(select, "poll"):
+        return None
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN | select.POLLPRI)
+    return poller.poll

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, ClassVar
 
+from lambda_pool import event
 from lambda_pool.exc import ArgumentError, DeadlineExceededError, InvalidRequestError
 from lambda_pool.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 from lambda_pool.pool import base as pool_base
@@ -19,7 +20,6 @@ from lambda_pool.pool import core as pool_core
 from lambda_pool.pool.core import Acquire, Op
 from lambda_pool.warm.driver import (
     _is_psycopg,
-    _pq_transaction_status,
     _running_loop,
     abandon_inherited_connection,
 )
@@ -46,6 +46,30 @@ from lambda_pool.warm.reset import (
     g_reset_session,
 )
 from lambda_pool.warm.stats import WarmStats
+
+
+def _returns_its_argument(get_driver_connection: Callable[[Any], Any]) -> bool:
+    """Whether the dialect's ``get_driver_connection`` is the identity (lambda-pool's own
+    dialects: drivers are not wrapped), so the quick paths may skip calling it."""
+    probe = object()
+    try:
+        return get_driver_connection(probe) is probe
+    except Exception:
+        return False
+
+
+class LentWarmConnection(PoolProxiedConnection):
+    """The proxy the quick warm checkout lends: the kept psycopg connection, found
+    reusable without I/O.
+
+    ``session_reset_with_commit``: the statements that reset the session, to send in the
+    final ``COMMIT``'s message (``None`` in transaction-pooling mode, where nothing but
+    the transaction is reset); ``with_connection`` then gives it back with
+    :meth:`WarmPool.return_after_session_reset`.  What
+    :meth:`WarmPool.session_reset_after_commit` answers, known without the call.
+    """
+
+    session_reset_with_commit: str | None = None
 
 
 class WarmSlots(pool_core.Slots[ConnectionPoolEntry]):
@@ -83,7 +107,7 @@ class WarmSlots(pool_core.Slots[ConnectionPoolEntry]):
 
     def release(self, record: ConnectionPoolEntry) -> bool:
         self.out -= 1
-        self._bump()
+        self.version += 1  # _bump(), inline: every warm return
         if record is self.record:
             self.in_use = False
             return True
@@ -211,6 +235,10 @@ class WarmPool(Pool):
             pre_ping=False,
         )
         self.stats = stats if stats is not None else WarmStats()
+        self._warm = self._warm_slots()
+        # The quick paths read these instead of asking at every invocation.
+        self._driver_is_dbapi = _returns_its_argument(self._dialect.get_driver_connection)
+        self._quiet_checkout = self._quiet_return = -1
         self._guard = WarmGuard(
             ReusePolicy(
                 recycle=float(recycle) if recycle >= 0 else None,
@@ -288,10 +316,16 @@ class WarmPool(Pool):
         kept, in use, listeners, after a fork or an invalidation); when the guard asks
         for a ping or a replacement, the procedure runs on the taken slot and decides
         again.  Every warm invocation takes this path, which is why it is not a
-        generator run by ``drive()``: the steps are the procedure's, in its order."""
-        if self._is_async or pool_base._forks != self._forks_seen or self._listeners("checkout"):
+        generator run by ``drive()``: the steps are the procedure's, in its order, and
+        each reads its state directly (attributes, not properties or helpers: on
+        Lambda the CPU they would cost is billed at every invocation)."""
+        if (
+            self._is_async
+            or pool_base._forks != self._forks_seen
+            or (self._quiet_checkout != event._generation and not self._find_quiet())
+        ):
             return None
-        slots = self._warm_slots()
+        slots = self._warm
         with self._lock:
             record = slots.record
             if record is None or slots.in_use:
@@ -299,11 +333,12 @@ class WarmPool(Pool):
             # WarmSlots.acquire() taking the kept record.
             slots.out += 1
             slots.in_use = True
-        proxy = PoolProxiedConnection(self, record)
+        proxy = LentWarmConnection(self, record)
         dbapi = record.dbapi_connection
         starttime = record.starttime
         try:
-            info = record.info.get(WARM_INFO_KEY)
+            info_map = record._info
+            info = None if info_map is None else info_map.get(WARM_INFO_KEY)
             reusable = (
                 dbapi is not None
                 and self._invalidate_time <= starttime
@@ -311,12 +346,13 @@ class WarmPool(Pool):
                 and isinstance(info, WarmConnectionInfo)
             )
             if reusable:
-                assert isinstance(info, WarmConnectionInfo)
-                record.info.pop(SESSION_RESET_KEY, None)
+                assert info_map is not None and isinstance(info, WarmConnectionInfo)
+                if SESSION_RESET_KEY in info_map:
+                    del info_map[SESSION_RESET_KEY]
                 reusable = self._guard.reusable_now(
-                    self._dialect.get_driver_connection(dbapi),
+                    dbapi if self._driver_is_dbapi else self._dialect.get_driver_connection(dbapi),
                     info,
-                    record.info.get(CREDENTIALS_EXPIRE_AT),
+                    info_map.get(CREDENTIALS_EXPIRE_AT),
                 )
         except BaseException:
             # Interrupted before the connection was handed out (KeyboardInterrupt, a
@@ -329,12 +365,30 @@ class WarmPool(Pool):
         if not reusable:
             # The procedure decides again, names the reason, pings or replaces.
             return self._run_sync(self._g_hand_out(Acquire.TAKE, record, proxy))
-        self.stats.record_reused()
+        stats = self.stats
+        with stats._lock:  # stats.record_reused(), inline
+            stats.reused += 1
+        if stats._listeners:
+            stats._emit("reused", {})
         record.fresh = False
+        if not self._transaction_pooling and self._driver_is_dbapi:
+            proxy.session_reset_with_commit = SESSION_RESET_STATEMENTS
         logger = self._logger
         if logger.debug_forced or logger.logger.isEnabledFor(10):  # logging.DEBUG
             logger.debug("Connection %r checked out from pool", dbapi)
         return proxy
+
+    def _find_quiet(self) -> bool:
+        """Whether no ``checkout`` listener is registered for this pool now (the quick
+        checkout fires none), remembered until the listeners change
+        (``event._generation``); likewise, in ``_quiet_return``, no ``reset`` or
+        ``checkin`` listener (the quick return fires neither)."""
+        generation = event._generation
+        quiet_checkout = not self._listeners("checkout")
+        quiet_return = not (self._listeners("reset") or self._listeners("checkin"))
+        self._quiet_checkout = generation if quiet_checkout else -1
+        self._quiet_return = generation if quiet_return else -1
+        return quiet_checkout
 
     def _check_fork(self) -> None:
         # The base class drops the parent's connections without closing them; release
@@ -463,43 +517,84 @@ class WarmPool(Pool):
         (listeners, a transaction left open, a separate connection) takes the procedure.
         """
         record = proxy._record
+        info_map = None if record is None else record._info
         if (
-            record is None
-            or not record.info.get(SESSION_RESET_KEY)
-            or record is not self._warm_slots().record
+            info_map is None
+            or not info_map.get(SESSION_RESET_KEY)
+            or not self._return_quickly(proxy, info_map)
+        ):
+            super()._return_sync(proxy, transaction_was_reset)
+
+    def return_after_session_reset(self, proxy: PoolProxiedConnection) -> None:
+        """Give back ``proxy``'s connection, whose session was reset right after its
+        last commit (the statements :meth:`session_reset_after_commit` offered, sent in
+        the ``COMMIT``'s message, all succeeded): :meth:`mark_session_reset` and
+        ``proxy.close()`` in one step, for ``with_connection``'s warm invocations."""
+        record = proxy._record
+        if record is None or record is not self._warm.record or proxy._closed:
+            proxy.close()
+            return
+        info_map = record._info
+        if info_map is None:
+            info_map = record.info
+        if not self._return_quickly(proxy, info_map):
+            info_map[SESSION_RESET_KEY] = True
+            proxy.close()
+
+    def _find_quiet_return(self) -> bool:
+        self._find_quiet()
+        return self._quiet_return != -1
+
+    def _return_quickly(self, proxy: PoolProxiedConnection, info_map: dict[Any, Any]) -> bool:
+        """The return of a kept connection whose session was reset with its commit and
+        that is idle now, inline: nothing is sent, only the procedure's bookkeeping
+        (prepared-statement cache emptied as after ``DISCARD ALL``, idle timer started,
+        slot given back).  ``False``, having done nothing, when the procedure must run
+        instead (listeners, a transaction left open, a separate or retired connection,
+        another reset mode)."""
+        record = proxy._record
+        assert record is not None
+        if (
+            record is not self._warm.record
             or record._epoch != self._epoch
             or pool_base._forks != self._forks_seen
-            or self._listeners("reset")
-            or self._listeners("checkin")
+            or (self._quiet_return != event._generation and not self._find_quiet_return())
+            or proxy._nested != 1
+            or self._reset_on_return != pool_core.RESET_ROLLBACK
+            or not self._skip_idle_rollback
         ):
-            super()._return_sync(proxy, transaction_was_reset)
-            return
+            return False
         dbapi = record.dbapi_connection
-        driver = None if dbapi is None else self._dialect.get_driver_connection(dbapi)
-        if (
-            driver is None
-            or not _is_psycopg(driver)
-            or _pq_transaction_status(driver) != 0
-            or self._reset_step(dbapi, transaction_was_reset) is not None
-        ):
-            super()._return_sync(proxy, transaction_was_reset)
-            return
+        driver = (
+            dbapi
+            if self._driver_is_dbapi or dbapi is None
+            else self._dialect.get_driver_connection(dbapi)
+        )
+        if driver is None or not _is_psycopg(driver) or driver.pgconn.transaction_status != 0:
+            return False
+        logger = self._logger
+        if logger.debug_forced or logger.logger.isEnabledFor(10):  # as _reset_step() logs
+            logger.debug("Connection %r being returned to pool; rollback", dbapi)
         proxy._closed = True
         try:
-            del record.info[SESSION_RESET_KEY]
-            if driver.prepare_threshold is not None:
+            info_map.pop(SESSION_RESET_KEY, None)
+            try:
+                # What psycopg runs after DISCARD ALL; the reset deallocated them.
+                driver._prepared.clear()
+            except AttributeError:
                 _clear_psycopg_prepared_cache(driver)
-            info = record.info.get(WARM_INFO_KEY)
+            info = info_map.get(WARM_INFO_KEY)
             if isinstance(info, WarmConnectionInfo):
-                self._guard.mark_returned(info)
+                info.last_used_at = self._guard.clock()  # WarmGuard.mark_returned(), inline
         finally:
             # Whatever interrupted the bookkeeping, the slot comes back (as _g_release).
             with self._lock:
-                keep = self._slots.release(record)
+                keep = self._warm.release(record)
                 if self._sync_waiters or self._async_waiters:
                     self._notify_locked()
         if not keep:
             self._run_sync(self._g_close_connection(record))
+        return True
 
     def _g_reset(
         self,
@@ -542,8 +637,8 @@ class WarmPool(Pool):
         ``with_connection`` sends them in the same message as its final ``COMMIT`` and
         then calls :meth:`mark_session_reset`, so the return sends nothing more.
         """
-        record = proxy.record
-        if self._transaction_pooling or record is None or not self._warm_slots().is_warm(record):
+        record = proxy._record
+        if self._transaction_pooling or record is None or record is not self._warm.record:
             return None
         return SESSION_RESET_STATEMENTS
 
