@@ -389,10 +389,14 @@ class InvocationConnection(Connection):
                 self._run(self._g_invalidate(exc))
             raise
         if not reset:
-            return  # close() returns it the ordinary way
-        self._closed = True
-        self._proxy = None
-        proxy._pool.return_after_session_reset(proxy)  # type: ignore[attr-defined]
+            return  # close() returns it the ordinary way, which resets it again
+        pool: Any = proxy._pool
+        if pool.return_after_session_reset(proxy):
+            self._closed = True
+            self._proxy = None
+        else:
+            # close() returns it the ordinary way, and sends nothing more if it is idle.
+            pool.mark_session_reset(proxy)
 
     def close(self) -> None:
         """Return the connection to the pool; with nothing left to roll back, the
@@ -478,6 +482,19 @@ def _prelude_now(connection: Any) -> list[str]:
     if deadline is None:
         connection._armed = None
         return []
+    ends_at = deadline.ends_at
+    if ends_at is not None:
+        # deadline.timeout_ms() for the deadline policy, inline (every invocation's first
+        # statement); the method raises the fail-fast error when nothing is left.
+        remaining = int((ends_at - _monotonic()) * 1000.0)
+        budget = remaining - deadline.margin_ms
+        if budget > 0:
+            allowance = budget // 5
+            timeout = budget - (
+                allowance if allowance < _REPLY_ALLOWANCE_MS else _REPLY_ALLOWANCE_MS
+            )
+            connection._armed = (timeout, remaining)
+            return [f"SET LOCAL statement_timeout = {timeout}"]
     try:
         timeout_ms, remaining_ms = deadline.timeout_ms()
     except StatementTimeoutError:
@@ -918,15 +935,24 @@ def with_connection(
             if kwargs:
                 _refuse_given_connection(kwargs)
             instrumentation = observability.instrumentation_for(the_engine)
-            remaining_ms = _remaining_ms_of(context)
+            # _remaining_ms_of() and _blocking_deadline(), inline.
+            remaining_ms: int | None = None
+            ask = getattr(context, "get_remaining_time_in_millis", None)
+            if ask is not None:
+                try:
+                    remaining_ms = int(ask())
+                except Exception:  # a context stand-in that cannot tell: do not guess
+                    remaining_ms = None
             deadline = _Deadline(statement_timeout, margin_ms, remaining_ms)
-            if (
-                remaining_ms is not None
-                and remaining_ms <= margin_ms
-                and statement_timeout == DEADLINE
-            ):
-                _fail_fast(deadline, instrumentation, remaining_ms)
-            bound = _blocking_deadline(remaining_ms, margin_ms)
+            bound = None
+            if remaining_ms is not None:
+                if remaining_ms <= margin_ms and statement_timeout == DEADLINE:
+                    _fail_fast(deadline, instrumentation, remaining_ms)
+                bound = deadlines.Deadline(
+                    _monotonic() + (remaining_ms - margin_ms) / 1000.0,
+                    margin_ms=margin_ms,
+                    source=_BLOCKING_SOURCE,
+                )
             outer = deadlines.current_deadline()
             if outer is not None and (bound is None or outer.expires_at <= bound.expires_at):
                 bound = outer
@@ -958,7 +984,17 @@ def with_connection(
                     except BaseException as exc:
                         _end_after_error(connection, exc)
                         raise
-                    _commit(connection, instrumentation)
+                    if (
+                        proxy is connection._lane_proxy
+                        and connection._proxy is proxy
+                        and not connection._closed
+                        and not connection._invalidated
+                        and connection._lane_driver.pgconn.transaction_status == 2
+                    ):
+                        # _commit()'s decision for the lane, inline: a transaction open.
+                        connection._commit_and_return_in_lane()
+                    else:
+                        _commit(connection, instrumentation)
                     return result
                 finally:
                     if not connection._closed:

@@ -2,7 +2,7 @@
 
 A warm ``@with_connection()`` invocation checks the kept connection out and gives it
 back without the pool's generator procedures when no I/O and no listener needs them
-(``WarmPool._checkout_warm_quickly`` / ``WarmPool._return_sync``).  These tests run real
+(``WarmPool.connect`` / ``WarmPool.return_after_session_reset``).  These tests run real
 handlers against the real server and pin what must not change: one backend reused and
 counted once per invocation, nothing of the session reaching the next invocation,
 psycopg's prepared-statement cache emptied with the server's, listeners still fired once
@@ -11,6 +11,7 @@ each, the idle ping still sent, a separate connection still closed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -299,3 +300,46 @@ def test_an_interruption_in_the_warm_checkout_gives_the_slot_back_and_keeps_the_
         assert (stats.opened, stats.overflow_connections) == (1, 0)
     finally:
         handler.engine.dispose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["default", "autocommit", "isolation_level", "read_only", "deferrable", "pipeline", "in_tx"],
+)
+def test_the_opening_check_reads_psycopgs_fields_as_its_properties_do(
+    lp_postgres_url: str, setting: str
+) -> None:
+    """``psycopg_opens_in_pipeline`` reads the fields behind psycopg's properties (every
+    invocation asks); each public setting that changes ``BEGIN`` must still turn it off,
+    and the answer must be the one the public properties give."""
+    from lambda_pool.dialects.psycopg import psycopg_opens_in_pipeline
+
+    def by_properties(conn: Any) -> bool:
+        return (
+            not conn.autocommit
+            and conn.info.transaction_status == 0
+            and conn.isolation_level is None
+            and conn.read_only is None
+            and conn.deferrable is None
+            and getattr(conn, "_pipeline", None) is None
+        )
+
+    with psycopg.connect(lp_postgres_url) as conn:
+        for name in ("_autocommit", "_isolation_level", "_read_only", "_deferrable", "_pipeline"):
+            assert hasattr(conn, name), f"psycopg no longer has {name}: the fallback runs"
+        with contextlib.ExitStack() as stack:
+            if setting == "autocommit":
+                conn.autocommit = True
+            elif setting == "isolation_level":
+                conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+            elif setting == "read_only":
+                conn.read_only = True
+            elif setting == "deferrable":
+                conn.deferrable = True
+            elif setting == "pipeline":
+                stack.enter_context(conn.pipeline())
+            elif setting == "in_tx":
+                conn.execute("SELECT 1")
+            expected = setting == "default"
+            assert by_properties(conn) is expected
+            assert psycopg_opens_in_pipeline(conn) is expected

@@ -256,13 +256,12 @@ def opening_query(
     """The simple query that begins the transaction: ``BEGIN``, ``prelude`` and, when it
     takes no parameters (and is no ``COPY``, which needs psycopg's copy API), the
     statement itself; and whether the statement is in it."""
-    parts = ["BEGIN", *prelude]
-    with_statement = params is None and not sql.lstrip()[:4].upper().startswith("COPY")
-    if with_statement:
-        parts.append(sql)
+    with_statement = params is None and sql.lstrip()[:4].upper() != "COPY"
     # "; " after each: a statement may end in a -- comment only when it is the last.
     # In the connection's client encoding, as psycopg sends a query.
-    return "; ".join(parts).encode(encoding), with_statement
+    if with_statement:
+        return "; ".join(["BEGIN", *prelude, sql]).encode(encoding), True
+    return "; ".join(["BEGIN", *prelude]).encode(encoding), False
 
 
 class _Psycopg:
@@ -324,7 +323,12 @@ def opening_outcome(
     transformer = psycopg.transformer(conn)
     transformer.set_pgresult(outcome)
     rows = transformer.load_rows(0, outcome.ntuples, tuple)
-    keys = tuple([outcome.fname(i).decode(encoding) for i in range(outcome.nfields)])
+    nfields = outcome.nfields
+    keys = (
+        (outcome.fname(0).decode(encoding),)  # the common case, without a comprehension
+        if nfields == 1
+        else tuple([outcome.fname(i).decode(encoding) for i in range(nfields)])
+    )
     return ExecResult(keys, rows, outcome.ntuples, returns_rows=True)
 
 

@@ -329,7 +329,7 @@ class PoolProxiedConnection:
         await self.aclose()
 
     def __del__(self) -> None:
-        if getattr(self, "_closed", True):
+        if self._closed:  # a class default: set even if __init__ never ran
             return
         with contextlib.suppress(Exception):
             self._pool._collect(self)

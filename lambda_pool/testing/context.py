@@ -75,7 +75,8 @@ class LambdaContext:
     def get_remaining_time_in_millis(self) -> int:
         """Milliseconds until the deadline, never below zero (as the runtime reports)."""
         # round, not truncate: float subtraction would turn 300 ms into 299.
-        return max(0, round((self._deadline - self.clock()) * 1000))
+        left = (self._deadline - self.clock()) * 1000
+        return round(left) if left > 0 else 0
 
     def log(self, msg: object) -> None:
         """Write ``msg`` to the function's log, as the runtime's ``context.log`` does: to a

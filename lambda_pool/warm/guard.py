@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lambda_pool import lifecycle
 from lambda_pool.warm.driver import (
+    _PSYCOPG_CLASSES,
     DriverState,
     _is_psycopg,
     _running_loop,
@@ -140,7 +141,12 @@ class WarmGuard:
         the reason) only when it is ``False``.  Every warm invocation asks, so it reads
         the state directly (``tests/test_warm_quick_paths.py`` checks it agrees with
         :meth:`decide` over every rule)."""
-        if info.loop is not None or info.reset_failed or not _is_psycopg(conn):
+        if (
+            info.loop is not None
+            or info.reset_failed
+            # _is_psycopg(), its answer for the class read first
+            or not (_PSYCOPG_CLASSES.get(conn.__class__) or _is_psycopg(conn))
+        ):
             return False
         # lifecycle.restore_generation(), read directly: every warm checkout asks.
         if (

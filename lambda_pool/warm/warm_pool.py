@@ -19,6 +19,7 @@ from lambda_pool.pool import base as pool_base
 from lambda_pool.pool import core as pool_core
 from lambda_pool.pool.core import Acquire, Op
 from lambda_pool.warm.driver import (
+    _PSYCOPG_CLASSES,
     _is_psycopg,
     _running_loop,
     abandon_inherited_connection,
@@ -305,34 +306,35 @@ class WarmPool(Pool):
     # -- checkout ---------------------------------------------------------------------
 
     def connect(self) -> PoolProxiedConnection:
-        """Check a connection out (sync pools): the kept one when the reuse rules allow."""
-        proxy = self._checkout_warm_quickly()
-        return proxy if proxy is not None else super().connect()
+        """Check a connection out (sync pools): the kept one when the reuse rules allow.
 
-    def _checkout_warm_quickly(self) -> PoolProxiedConnection | None:
-        """The warm invocation's checkout, inline: the kept connection, idle, with no
-        ``checkout`` listener, taken and handed out when the guard says
-        :class:`Reuse` (no I/O).  ``None`` when the procedure must run instead (nothing
-        kept, in use, listeners, after a fork or an invalidation); when the guard asks
-        for a ping or a replacement, the procedure runs on the taken slot and decides
-        again.  Every warm invocation takes this path, which is why it is not a
-        generator run by ``drive()``: the steps are the procedure's, in its order, and
-        each reads its state directly (attributes, not properties or helpers: on
-        Lambda the CPU they would cost is billed at every invocation)."""
+        The warm invocation's checkout is here, inline: the kept connection, idle, with
+        no ``checkout`` listener, taken and handed out when the guard says
+        :class:`Reuse` (no I/O).  The procedure (``Pool.connect``) runs instead when
+        there is nothing kept, it is in use, there are listeners, after a fork or an
+        invalidation; when the guard asks for a ping or a replacement, the procedure
+        runs on the taken slot and decides again.  Every warm invocation takes this
+        path, which is why it is not a generator run by ``drive()``: the steps are the
+        procedure's, in its order, and each reads its state directly (attributes, not
+        properties or helpers: on Lambda the CPU they would cost is billed at every
+        invocation)."""
         if (
             self._is_async
             or pool_base._forks != self._forks_seen
             or (self._quiet_checkout != event._generation and not self._find_quiet())
         ):
-            return None
+            return super().connect()
         slots = self._warm
         with self._lock:
             record = slots.record
-            if record is None or slots.in_use:
-                return None
-            # WarmSlots.acquire() taking the kept record.
-            slots.out += 1
-            slots.in_use = True
+            if record is not None and not slots.in_use:
+                # WarmSlots.acquire() taking the kept record.
+                slots.out += 1
+                slots.in_use = True
+            else:
+                record = None
+        if record is None:
+            return super().connect()
         proxy = LentWarmConnection(self, record)
         dbapi = record.dbapi_connection
         starttime = record.starttime
@@ -365,9 +367,12 @@ class WarmPool(Pool):
         if not reusable:
             # The procedure decides again, names the reason, pings or replaces.
             return self._run_sync(self._g_hand_out(Acquire.TAKE, record, proxy))
+        # stats.record_reused(), inline and without the stats' lock: the kept
+        # connection is lent to one caller at a time (slots.in_use, under the pool's
+        # lock), so no other thread counts a reuse while this one does (a pool recreated
+        # by dispose() shares the stats, but the old one no longer lends its kept one).
         stats = self.stats
-        with stats._lock:  # stats.record_reused(), inline
-            stats.reused += 1
+        stats.reused += 1
         if stats._listeners:
             stats._emit("reused", {})
         record.fresh = False
@@ -521,42 +526,30 @@ class WarmPool(Pool):
         if (
             info_map is None
             or not info_map.get(SESSION_RESET_KEY)
-            or not self._return_quickly(proxy, info_map)
+            or not self.return_after_session_reset(proxy)
         ):
             super()._return_sync(proxy, transaction_was_reset)
 
-    def return_after_session_reset(self, proxy: PoolProxiedConnection) -> None:
-        """Give back ``proxy``'s connection, whose session was reset right after its
-        last commit (the statements :meth:`session_reset_after_commit` offered, sent in
-        the ``COMMIT``'s message, all succeeded): :meth:`mark_session_reset` and
-        ``proxy.close()`` in one step, for ``with_connection``'s warm invocations."""
-        record = proxy._record
-        if record is None or record is not self._warm.record or proxy._closed:
-            proxy.close()
-            return
-        info_map = record._info
-        if info_map is None:
-            info_map = record.info
-        if not self._return_quickly(proxy, info_map):
-            info_map[SESSION_RESET_KEY] = True
-            proxy.close()
+    def return_after_session_reset(self, proxy: PoolProxiedConnection) -> bool:
+        """Give back the kept connection, whose session was reset right after its last
+        commit (the statements :meth:`session_reset_after_commit` offered, sent in the
+        ``COMMIT``'s message, all succeeded) and which is idle now: nothing is sent,
+        only the procedure's bookkeeping, inline (prepared-statement cache emptied as
+        after ``DISCARD ALL``, idle timer started, slot given back).  Every warm
+        invocation of ``with_connection`` ends here.
 
-    def _find_quiet_return(self) -> bool:
-        self._find_quiet()
-        return self._quiet_return != -1
-
-    def _return_quickly(self, proxy: PoolProxiedConnection, info_map: dict[Any, Any]) -> bool:
-        """The return of a kept connection whose session was reset with its commit and
-        that is idle now, inline: nothing is sent, only the procedure's bookkeeping
-        (prepared-statement cache emptied as after ``DISCARD ALL``, idle timer started,
-        slot given back).  ``False``, having done nothing, when the procedure must run
-        instead (listeners, a transaction left open, a separate or retired connection,
-        another reset mode)."""
+        ``False``, having done nothing, when the procedure must run instead
+        (listeners, a transaction open again, a separate or retired connection, another
+        reset mode): the caller then marks it (:meth:`mark_session_reset`) and closes
+        the proxy, which sends nothing more if it is still idle.
+        """
         record = proxy._record
-        assert record is not None
+        info_map = None if record is None else record._info
         if (
-            record is not self._warm.record
-            or record._epoch != self._epoch
+            info_map is None
+            or proxy._closed
+            or record is not self._warm.record
+            or record._epoch != self._epoch  # type: ignore[union-attr]
             or pool_base._forks != self._forks_seen
             or (self._quiet_return != event._generation and not self._find_quiet_return())
             or proxy._nested != 1
@@ -564,13 +557,19 @@ class WarmPool(Pool):
             or not self._skip_idle_rollback
         ):
             return False
+        assert record is not None
         dbapi = record.dbapi_connection
         driver = (
             dbapi
             if self._driver_is_dbapi or dbapi is None
             else self._dialect.get_driver_connection(dbapi)
         )
-        if driver is None or not _is_psycopg(driver) or driver.pgconn.transaction_status != 0:
+        if (
+            driver is None
+            # _is_psycopg(), its answer for the class read first
+            or not (_PSYCOPG_CLASSES.get(driver.__class__) or _is_psycopg(driver))
+            or driver.pgconn.transaction_status != 0
+        ):
             return False
         logger = self._logger
         if logger.debug_forced or logger.logger.isEnabledFor(10):  # as _reset_step() logs
@@ -579,8 +578,12 @@ class WarmPool(Pool):
         try:
             info_map.pop(SESSION_RESET_KEY, None)
             try:
-                # What psycopg runs after DISCARD ALL; the reset deallocated them.
-                driver._prepared.clear()
+                # What psycopg runs after DISCARD ALL (the reset deallocated them), when
+                # it has anything to forget: the invocation's statements usually went
+                # out in the simple protocol, which prepares nothing.
+                prepared = driver._prepared
+                if prepared._counts or prepared._names:
+                    prepared.clear()
             except AttributeError:
                 _clear_psycopg_prepared_cache(driver)
             info = info_map.get(WARM_INFO_KEY)
@@ -588,13 +591,24 @@ class WarmPool(Pool):
                 info.last_used_at = self._guard.clock()  # WarmGuard.mark_returned(), inline
         finally:
             # Whatever interrupted the bookkeeping, the slot comes back (as _g_release).
+            slots = self._warm
             with self._lock:
-                keep = self._warm.release(record)
+                if record is slots.record:  # WarmSlots.release() of the kept one, inline
+                    slots.out -= 1
+                    slots.version += 1
+                    slots.in_use = False
+                    keep = True
+                else:
+                    keep = slots.release(record)
                 if self._sync_waiters or self._async_waiters:
                     self._notify_locked()
         if not keep:
             self._run_sync(self._g_close_connection(record))
         return True
+
+    def _find_quiet_return(self) -> bool:
+        self._find_quiet()
+        return self._quiet_return != -1
 
     def _g_reset(
         self,
