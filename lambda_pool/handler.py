@@ -934,7 +934,11 @@ def with_connection(
             # where there is work to do (deadlines.use() and the decisions, inline).
             if kwargs:
                 _refuse_given_connection(kwargs)
-            instrumentation = observability.instrumentation_for(the_engine)
+            instrumentation = (
+                observability.instrumentation_for(the_engine)
+                if observability._any_instrumented  # no call in the common case
+                else None
+            )
             # _remaining_ms_of() and _blocking_deadline(), inline.
             remaining_ms: int | None = None
             ask = getattr(context, "get_remaining_time_in_millis", None)
@@ -969,9 +973,9 @@ def with_connection(
                 connection = InvocationConnection(the_engine, proxy)
                 connection._deadline = deadline if statement_timeout is not None else None
                 connection._instrumentation = instrumentation
-                # The warm pool's quick checkout lent it (WarmPool's LentWarmConnection;
-                # duck-typed: handler -> warm stays an import-free edge).
-                reset = getattr(proxy, "session_reset_with_commit", None)
+                # Set by the warm pool's quick checkout (handler -> warm stays an
+                # import-free edge): the lane.
+                reset = proxy.session_reset_with_commit
                 if reset is not None:
                     connection._lane_proxy = proxy
                     connection._lane_driver = proxy._record.dbapi_connection  # type: ignore[union-attr]

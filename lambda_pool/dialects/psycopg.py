@@ -304,16 +304,18 @@ def opening_outcome(
     psycopg = _psycopg or _modules()
     if encoding is None:
         encoding = conn.info.encoding
-    for result in results:
-        status = result.status
+    # Only the last result can be a failure or a COPY: either ends the query string
+    # (the server skips the statements after an error; COPY waits for its data).
+    last = results[-1]
+    status = last.status
+    if status != _COMMAND_OK and status != _TUPLES_OK and status != _EMPTY_QUERY:
         if status == _FATAL_ERROR:
-            raise psycopg.errors.error_from_result(result, encoding=encoding)
-        if status != _COMMAND_OK and status != _TUPLES_OK and status != _EMPTY_QUERY:
-            # COPY or another state this path cannot finish: the session is unusable.
-            conn.pgconn.finish()
-            raise psycopg.errors.ProgrammingError(
-                "the statement needs psycopg's own API (COPY?); the connection was closed"
-            )
+            raise psycopg.errors.error_from_result(last, encoding=encoding)
+        # COPY or another state this path cannot finish: the session is unusable.
+        conn.pgconn.finish()
+        raise psycopg.errors.ProgrammingError(
+            "the statement needs psycopg's own API (COPY?); the connection was closed"
+        )
     if not with_statement:
         return None
     outcome = results[prelude_count + 1]  # after BEGIN and the prelude
@@ -399,10 +401,9 @@ def commit_then_outcome(results: Sequence[Any], encoding: str) -> bool:
     if results[0].status == _FATAL_ERROR:
         psycopg = _psycopg or _modules()
         raise psycopg.errors.error_from_result(results[0], encoding=encoding)
-    for result in results:
-        if result.status == _FATAL_ERROR:
-            return False
-    return len(results) > 1
+    # A failed statement ends the query string (the server skips the rest): only the
+    # last result can be one.
+    return len(results) > 1 and results[-1].status != _FATAL_ERROR
 
 
 # libpq's ExecStatus values (psycopg.pq.ExecStatus), by value: no import.

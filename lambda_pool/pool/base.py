@@ -207,6 +207,11 @@ class PoolProxiedConnection:
     _nested = 1  # SingletonThreadPool hands the same proxy to nested checkouts
     # The engine's Connection rolled back before close(): no second rollback.
     _transaction_reset = False
+    #: The statements that reset the session, to send in the same message as the
+    #: final ``COMMIT``: set by a pool that resets that way (the warm pool's quick
+    #: checkout); ``with_connection`` then sends them and gives the connection back
+    #: with the pool's ``return_after_session_reset``.
+    session_reset_with_commit: str | None = None
 
     def __init__(self, pool: Pool, record: ConnectionPoolEntry) -> None:
         self._pool = pool

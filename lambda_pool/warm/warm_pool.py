@@ -19,7 +19,6 @@ from lambda_pool.pool import base as pool_base
 from lambda_pool.pool import core as pool_core
 from lambda_pool.pool.core import Acquire, Op
 from lambda_pool.warm.driver import (
-    _PSYCOPG_CLASSES,
     _is_psycopg,
     _running_loop,
     abandon_inherited_connection,
@@ -48,6 +47,9 @@ from lambda_pool.warm.reset import (
 )
 from lambda_pool.warm.stats import WarmStats
 
+# record.info when the record never had one (read-only here: nothing is stored in it).
+_NO_INFO: dict[Any, Any] = {}
+
 
 def _returns_its_argument(get_driver_connection: Callable[[Any], Any]) -> bool:
     """Whether the dialect's ``get_driver_connection`` is the identity (lambda-pool's own
@@ -61,16 +63,11 @@ def _returns_its_argument(get_driver_connection: Callable[[Any], Any]) -> bool:
 
 class LentWarmConnection(PoolProxiedConnection):
     """The proxy the quick warm checkout lends: the kept psycopg connection, found
-    reusable without I/O.
-
-    ``session_reset_with_commit``: the statements that reset the session, to send in the
-    final ``COMMIT``'s message (``None`` in transaction-pooling mode, where nothing but
-    the transaction is reset); ``with_connection`` then gives it back with
-    :meth:`WarmPool.return_after_session_reset`.  What
-    :meth:`WarmPool.session_reset_after_commit` answers, known without the call.
+    reusable without I/O.  Its ``session_reset_with_commit`` is the session reset to send
+    in the final ``COMMIT``'s message (``None`` in transaction-pooling mode, where
+    nothing but the transaction is reset); ``with_connection`` then gives it back with
+    :meth:`WarmPool.return_after_session_reset`.
     """
-
-    session_reset_with_commit: str | None = None
 
 
 class WarmSlots(pool_core.Slots[ConnectionPoolEntry]):
@@ -240,6 +237,17 @@ class WarmPool(Pool):
         # The quick paths read these instead of asking at every invocation.
         self._driver_is_dbapi = _returns_its_argument(self._dialect.get_driver_connection)
         self._quiet_checkout = self._quiet_return = -1
+        # What a lent connection's final COMMIT may carry (LentWarmConnection), and
+        # whether return_after_session_reset() may give it back inline: both settled
+        # here, once (neither the dialect nor the reset mode changes).
+        self._reset_with_commit = (
+            None if transaction_pooling or not self._driver_is_dbapi else SESSION_RESET_STATEMENTS
+        )
+        self._returns_inline = (
+            self._driver_is_dbapi
+            and self._reset_on_return == pool_core.RESET_ROLLBACK
+            and self._skip_idle_rollback
+        )
         self._guard = WarmGuard(
             ReusePolicy(
                 recycle=float(recycle) if recycle >= 0 else None,
@@ -325,7 +333,11 @@ class WarmPool(Pool):
         ):
             return super().connect()
         slots = self._warm
-        with self._lock:
+        # acquire()/release() rather than "with": the same lock held the same way, for
+        # less CPU (the with statement's protocol costs about a lock's worth again).
+        lock = self._lock
+        lock.acquire()
+        try:
             record = slots.record
             if record is not None and not slots.in_use:
                 # WarmSlots.acquire() taking the kept record.
@@ -333,22 +345,22 @@ class WarmPool(Pool):
                 slots.in_use = True
             else:
                 record = None
+        finally:
+            lock.release()
         if record is None:
             return super().connect()
         proxy = LentWarmConnection(self, record)
         dbapi = record.dbapi_connection
         starttime = record.starttime
         try:
-            info_map = record._info
-            info = None if info_map is None else info_map.get(WARM_INFO_KEY)
-            reusable = (
-                dbapi is not None
+            info_map = record._info or _NO_INFO
+            info = info_map.get(WARM_INFO_KEY)
+            if (
+                isinstance(info, WarmConnectionInfo)
+                and dbapi is not None
                 and self._invalidate_time <= starttime
                 and record.soft_invalidate_time <= starttime
-                and isinstance(info, WarmConnectionInfo)
-            )
-            if reusable:
-                assert info_map is not None and isinstance(info, WarmConnectionInfo)
+            ):
                 if SESSION_RESET_KEY in info_map:
                     del info_map[SESSION_RESET_KEY]
                 reusable = self._guard.reusable_now(
@@ -356,6 +368,8 @@ class WarmPool(Pool):
                     info,
                     info_map.get(CREDENTIALS_EXPIRE_AT),
                 )
+            else:
+                reusable = False
         except BaseException:
             # Interrupted before the connection was handed out (KeyboardInterrupt, a
             # driver raising from a property): the slot comes back, the connection is kept.
@@ -376,8 +390,7 @@ class WarmPool(Pool):
         if stats._listeners:
             stats._emit("reused", {})
         record.fresh = False
-        if not self._transaction_pooling and self._driver_is_dbapi:
-            proxy.session_reset_with_commit = SESSION_RESET_STATEMENTS
+        proxy.session_reset_with_commit = self._reset_with_commit
         logger = self._logger
         if logger.debug_forced or logger.logger.isEnabledFor(10):  # logging.DEBUG
             logger.debug("Connection %r checked out from pool", dbapi)
@@ -544,39 +557,33 @@ class WarmPool(Pool):
         the proxy, which sends nothing more if it is still idle.
         """
         record = proxy._record
-        info_map = None if record is None else record._info
         if (
-            info_map is None
-            or proxy._closed
+            record is None
             or record is not self._warm.record
-            or record._epoch != self._epoch  # type: ignore[union-attr]
+            or proxy._closed
+            or not self._returns_inline
+            or record._epoch != self._epoch
             or pool_base._forks != self._forks_seen
             or (self._quiet_return != event._generation and not self._find_quiet_return())
             or proxy._nested != 1
-            or self._reset_on_return != pool_core.RESET_ROLLBACK
-            or not self._skip_idle_rollback
         ):
             return False
-        assert record is not None
-        dbapi = record.dbapi_connection
-        driver = (
-            dbapi
-            if self._driver_is_dbapi or dbapi is None
-            else self._dialect.get_driver_connection(dbapi)
-        )
+        info_map = record._info or _NO_INFO
+        driver = record.dbapi_connection  # the driver's own (_returns_inline)
         if (
             driver is None
-            # _is_psycopg(), its answer for the class read first
-            or not (_PSYCOPG_CLASSES.get(driver.__class__) or _is_psycopg(driver))
+            # A lent one was found psycopg at checkout; others are asked (_is_psycopg).
+            or (proxy.__class__ is not LentWarmConnection and not _is_psycopg(driver))
             or driver.pgconn.transaction_status != 0
         ):
             return False
         logger = self._logger
         if logger.debug_forced or logger.logger.isEnabledFor(10):  # as _reset_step() logs
-            logger.debug("Connection %r being returned to pool; rollback", dbapi)
+            logger.debug("Connection %r being returned to pool; rollback", driver)
         proxy._closed = True
         try:
-            info_map.pop(SESSION_RESET_KEY, None)
+            if SESSION_RESET_KEY in info_map:
+                del info_map[SESSION_RESET_KEY]
             try:
                 # What psycopg runs after DISCARD ALL (the reset deallocated them), when
                 # it has anything to forget: the invocation's statements usually went
@@ -592,7 +599,9 @@ class WarmPool(Pool):
         finally:
             # Whatever interrupted the bookkeeping, the slot comes back (as _g_release).
             slots = self._warm
-            with self._lock:
+            lock = self._lock
+            lock.acquire()  # as in connect(): "with self._lock", for less CPU
+            try:
                 if record is slots.record:  # WarmSlots.release() of the kept one, inline
                     slots.out -= 1
                     slots.version += 1
@@ -602,6 +611,8 @@ class WarmPool(Pool):
                     keep = slots.release(record)
                 if self._sync_waiters or self._async_waiters:
                     self._notify_locked()
+            finally:
+                lock.release()
         if not keep:
             self._run_sync(self._g_close_connection(record))
         return True
