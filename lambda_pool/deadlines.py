@@ -54,7 +54,7 @@ class Deadline:
 
     __slots__ = ("expires_at", "margin_ms", "source")
 
-    def __init__(self, expires_at: float, *, margin_ms: int = 0, source: str = "deadline") -> None:
+    def __init__(self, expires_at: float, margin_ms: int = 0, source: str = "deadline") -> None:
         self.expires_at = expires_at
         self.margin_ms = margin_ms
         self.source = source

@@ -59,11 +59,13 @@ import enum
 import functools
 import inspect
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from lambda_pool import deadlines
+from lambda_pool.dialects.base import ExecResult
 from lambda_pool.dialects.psycopg import (
     psycopg_commit_then,
     psycopg_execute_opening,
@@ -106,27 +108,37 @@ R = TypeVar("R")
 # ----------------------------------------------------------------------------- deadline
 
 
-class _Deadline:
-    """How long statements of one invocation may run.
+class _Deadline(deadlines.Deadline):
+    """One invocation's deadline: the bound of its blocking steps (a
+    :class:`lambda_pool.deadlines.Deadline`, Lambda's remaining time minus the margin)
+    and how long its statements may run.  One object for both, as both count down
+    from the same reading of the context's remaining time.
 
     ``policy`` is ``"deadline"`` (remaining time minus ``margin_ms``), a fixed number of
     milliseconds, or ``None`` (no bound).  ``remaining_ms``: the context's remaining time,
-    read once when the invocation starts (:func:`_remaining_ms_of`), ``None`` without a
-    context that can tell (a local call), when the deadline policy bounds nothing.  The
-    time left later is counted down from it on the monotonic clock: Lambda's remaining
-    time runs down with real time, and reading the context again would cost a call.
+    read once when the invocation starts (:func:`_remaining_ms_of`); ``None`` without a
+    context that can tell (a local call): then the deadline policy bounds nothing and
+    the object is no bound for blocking steps (``bounds_steps`` is false; its
+    ``expires_at`` is infinite).  The time left later is counted down on the monotonic
+    clock: Lambda's remaining time runs down with real time, and reading the context
+    again would cost a call.
     """
 
-    __slots__ = ("ends_at", "margin_ms", "policy")
+    __slots__ = ("bounds_steps", "ends_at", "policy")
 
     def __init__(self, policy: str | int | None, margin_ms: int, remaining_ms: int | None) -> None:
-        self.policy = policy
         self.margin_ms = margin_ms
-        self.ends_at: float | None = (
-            _monotonic() + remaining_ms / 1000.0
-            if policy == DEADLINE and remaining_ms is not None
-            else None
-        )
+        self.source = _BLOCKING_SOURCE
+        self.policy = policy
+        if remaining_ms is None:
+            self.expires_at = math.inf
+            self.bounds_steps = False
+            self.ends_at: float | None = None
+            return
+        now = _monotonic()
+        self.expires_at = now + (remaining_ms - margin_ms) / 1000.0
+        self.bounds_steps = True
+        self.ends_at = now + remaining_ms / 1000.0 if policy == DEADLINE else None
 
     def remaining_ms(self) -> int | None:
         ends_at = self.ends_at
@@ -162,7 +174,9 @@ class _Deadline:
             "LAMBDA_POOL_STATEMENT_TIMEOUT_MARGIN_MS)"
         )
 
-    def exceeded(self, timeout_ms: int, remaining_ms: int | None) -> StatementTimeoutError:
+    def statement_timeout_error(
+        self, timeout_ms: int, remaining_ms: int | None
+    ) -> StatementTimeoutError:
         if remaining_ms is None:
             return StatementTimeoutError(
                 f"the query exceeded statement_timeout={timeout_ms} ms set by "
@@ -188,24 +202,6 @@ def _remaining_ms_of(context: Any) -> int | None:
         return int(remaining())
     except Exception:  # a context stand-in that cannot tell: do not guess
         return None
-
-
-def _blocking_deadline(remaining_ms: int | None, margin_ms: int) -> deadlines.Deadline | None:
-    """The bound for every blocking step of this invocation (connect, pre-ping, each
-    statement, commit, reset on return): the context's remaining time minus the margin,
-    as a :class:`lambda_pool.deadlines.Deadline`; ``None`` without a context that can
-    tell (a local call), which leaves the steps to the engine's own timeouts.
-
-    It applies whatever ``statement_timeout`` says: that option sets the server-side
-    bound of statements, this one bounds the client's waits, even on a silent network.
-    """
-    if remaining_ms is None:
-        return None
-    return deadlines.Deadline(
-        _monotonic() + (remaining_ms - margin_ms) / 1000.0,
-        margin_ms=margin_ms,
-        source=_BLOCKING_SOURCE,
-    )
 
 
 _BLOCKING_SOURCE = "invocation's deadline (Lambda's remaining time minus the margin)"
@@ -271,10 +267,31 @@ class InvocationConnection(Connection):
             opening = _opening_prelude(self)
         if opening is None:
             self._arm()
-        self._opening = opening
         try:
             if opening is not None and isinstance(statement, str):
-                return self._execute_opening(driver, statement, parameters, opening)
+                # execute()'s procedure (_g_execute) for the statement that opens the
+                # transaction, inline: every invocation's first statement takes this
+                # path, and the procedure's generators cost more CPU than the round
+                # trip it saves.  The connection is checked out, open and usable.
+                if driver is None:
+                    proxy = self._proxy
+                    assert proxy is not None
+                    driver = proxy.dbapi_connection
+                engine = self._engine
+                logger = engine._logger  # engine._log_statement(), inline
+                if logger.isEnabledFor(logging.INFO):
+                    logger.info("%s", statement)
+                self._begun = True
+                try:
+                    keys, rows, rowcount, returns_rows = psycopg_execute_opening(
+                        driver, statement, parameters, opening
+                    )
+                except Exception as exc:
+                    if engine.dialect.is_disconnect(exc, driver):
+                        self._run(self._g_invalidate(exc))
+                    raise
+                return Result(keys, rows, rowcount, returns_rows)
+            self._opening = opening  # for _perform(): a statement that is not a str
             return super().execute(statement, parameters)
         except Exception as exc:
             armed = self._armed
@@ -286,40 +303,12 @@ class InvocationConnection(Connection):
         finally:
             self._opening = None
 
-    def _execute_opening(
-        self, dbapi: Any, statement: str, parameters: Any, prelude: list[str]
-    ) -> Result:
-        """``execute()``'s procedure (``_g_execute``) for the statement that opens the
-        transaction, inline: every invocation's first statement takes this path, and the
-        procedure's generators cost more CPU than the round trip it saves.  The
-        connection is checked out, open and usable; ``dbapi``: its driver connection
-        when the caller has it (the lane's), else ``None``."""
-        if dbapi is None:
-            proxy = self._proxy
-            assert proxy is not None
-            dbapi = proxy.dbapi_connection
-        engine = self._engine
-        logger = engine._logger  # engine._log_statement(), inline
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("%s", statement)
-        self._begun = True
-        self._opening = None
-        try:
-            outcome = psycopg_execute_opening(dbapi, statement, parameters, prelude)
-        except Exception as exc:
-            if engine.dialect.is_disconnect(exc, dbapi):
-                self._run(self._g_invalidate(exc))
-            raise
-        return Result(
-            outcome.keys, outcome.rows, outcome.rowcount, returns_rows=outcome.returns_rows
-        )
-
     def _perform(self, step: Any) -> Any:
         op, arg = step
         if op is ConnOp.EXECUTE and self._opening is not None:
             prelude, self._opening = self._opening, None
             dbapi, sql, params = arg
-            return psycopg_execute_opening(dbapi, sql, params, prelude)
+            return ExecResult(*psycopg_execute_opening(dbapi, sql, params, prelude))
         if op is ConnOp.COMMIT and self._commit_then is not None:
             statements, self._commit_then = self._commit_then, None
             with deadlines.step("commit"):
@@ -334,7 +323,7 @@ class InvocationConnection(Connection):
             self._instrumentation.statement_timeout(
                 timeout_ms, remaining_ms or 0, self._deadline.margin_ms
             )
-        return self._deadline.exceeded(timeout_ms, remaining_ms)
+        return self._deadline.statement_timeout_error(timeout_ms, remaining_ms)
 
     def _commit_for_return(self, status: int | None = None) -> None:
         """Commit before the connection goes back to the pool: with the warm pool's
@@ -939,7 +928,7 @@ def with_connection(
                 if observability._any_instrumented  # no call in the common case
                 else None
             )
-            # _remaining_ms_of() and _blocking_deadline(), inline.
+            # _remaining_ms_of(), inline.
             remaining_ms: int | None = None
             ask = getattr(context, "get_remaining_time_in_millis", None)
             if ask is not None:
@@ -948,15 +937,11 @@ def with_connection(
                 except Exception:  # a context stand-in that cannot tell: do not guess
                     remaining_ms = None
             deadline = _Deadline(statement_timeout, margin_ms, remaining_ms)
-            bound = None
+            bound: deadlines.Deadline | None = None
             if remaining_ms is not None:
                 if remaining_ms <= margin_ms and statement_timeout == DEADLINE:
                     _fail_fast(deadline, instrumentation, remaining_ms)
-                bound = deadlines.Deadline(
-                    _monotonic() + (remaining_ms - margin_ms) / 1000.0,
-                    margin_ms=margin_ms,
-                    source=_BLOCKING_SOURCE,
-                )
+                bound = deadline
             outer = deadlines.current_deadline()
             if outer is not None and (bound is None or outer.expires_at <= bound.expires_at):
                 bound = outer
@@ -984,7 +969,10 @@ def with_connection(
                     try:
                         # Nothing is sent before the handler's first statement: it
                         # opens the transaction (with SET LOCAL statement_timeout).
-                        result = fn(event, context, *args, connection=connection, **kwargs)
+                        if args or kwargs:
+                            result = fn(event, context, *args, connection=connection, **kwargs)
+                        else:  # as Lambda calls it: the cheaper call
+                            result = fn(event, context, connection=connection)
                     except BaseException as exc:
                         _end_after_error(connection, exc)
                         raise

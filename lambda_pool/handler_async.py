@@ -74,7 +74,6 @@ from lambda_pool.dialects.psycopg_async import apsycopg_commit_then, apsycopg_ex
 from lambda_pool.engine_core import ConnOp, Step
 from lambda_pool.exc import InvalidRequestError, StatementTimeoutError
 from lambda_pool.handler import (
-    _blocking_deadline,
     _Deadline,
     _Ending,
     _ending_after_error,
@@ -390,7 +389,7 @@ class AsyncInvocationConnection(AsyncConnection):
             self._instrumentation.statement_timeout(
                 timeout_ms, remaining_ms or 0, self._deadline.margin_ms
             )
-        return self._deadline.exceeded(timeout_ms, remaining_ms)
+        return self._deadline.statement_timeout_error(timeout_ms, remaining_ms)
 
     def _transaction_failed(self) -> bool:
         status = _transaction_status(self.driver_connection)
@@ -497,7 +496,7 @@ async def _invoke(
     deadline = _Deadline(statement_timeout, margin_ms, remaining_ms)
     _fail_fast(deadline, instrumentation, remaining_ms)
     # Set inside the invocation's task, so only this invocation's work sees it.
-    with deadlines.use(_blocking_deadline(remaining_ms, margin_ms)):
+    with deadlines.use(deadline if deadline.bounds_steps else None):
         started = time.perf_counter()
         connection = AsyncInvocationConnection(engine)
         await connection.start()

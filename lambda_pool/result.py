@@ -33,7 +33,6 @@ class Result:
         keys: Sequence[str],
         rows: Sequence[tuple[Any, ...]],
         rowcount: int,
-        *,
         returns_rows: bool = True,
     ) -> None:
         self._keys = tuple(keys)

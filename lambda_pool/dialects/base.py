@@ -110,6 +110,13 @@ def import_driver(module: str, extra: str) -> ModuleType:
         ) from exc
 
 
+#: A statement's outcome as a plain tuple, ``(keys, rows, rowcount, returns_rows)``: what
+#: the transaction-opening path returns (every warm invocation's first statement), where
+#: building an :class:`ExecResult` as well as the caller's result would cost a second
+#: object per statement.
+Fetched = tuple[tuple[str, ...], list[tuple[Any, ...]], int, bool]
+
+
 class ExecResult(FrozenRecord):
     """A statement's outcome, fully fetched: column names, rows as tuples, rowcount."""
 

@@ -16,6 +16,7 @@ from lambda_pool.deadlines import step
 from lambda_pool.dialects.base import (
     CAPACITY_SQLSTATES,
     ExecResult,
+    Fetched,
     SyncDialect,
     import_driver,
     is_capacity_message,
@@ -296,9 +297,10 @@ def opening_outcome(
     prelude_count: int,
     with_statement: bool,
     encoding: str | None = None,
-) -> ExecResult | None:
-    """The statement's :class:`ExecResult` from the opening query's libpq results (the
-    first error raised, by the statement that caused it), or ``None`` when the
+) -> Fetched | None:
+    """The statement's outcome (:data:`~lambda_pool.dialects.base.Fetched`) from the
+    opening query's libpq results (the first error raised, by the statement that caused
+    it), or ``None`` when the
     statement was not in it.  ``encoding``: the connection's client encoding, when the
     caller read it already."""
     psycopg = _psycopg or _modules()
@@ -321,7 +323,7 @@ def opening_outcome(
     outcome = results[prelude_count + 1]  # after BEGIN and the prelude
     rowcount = outcome.command_tuples
     if outcome.status != _TUPLES_OK:
-        return ExecResult((), [], -1 if rowcount is None else rowcount, returns_rows=False)
+        return (), [], -1 if rowcount is None else rowcount, False
     transformer = psycopg.transformer(conn)
     transformer.set_pgresult(outcome)
     rows = transformer.load_rows(0, outcome.ntuples, tuple)
@@ -331,7 +333,7 @@ def opening_outcome(
         if nfields == 1
         else tuple([outcome.fname(i).decode(encoding) for i in range(nfields)])
     )
-    return ExecResult(keys, rows, outcome.ntuples, returns_rows=True)
+    return keys, rows, outcome.ntuples, True
 
 
 def psycopg_execute_opening(
@@ -339,9 +341,10 @@ def psycopg_execute_opening(
     sql: str,
     params: Sequence[Any] | Mapping[str, Any] | None,
     prelude: Sequence[str],
-) -> ExecResult:
+) -> Fetched:
     """Begin a transaction on ``conn`` with ``prelude`` (e.g. ``SET LOCAL
     statement_timeout``), then run ``sql``: one round trip fewer than psycopg's way.
+    Returns the statement's outcome as a :data:`~lambda_pool.dialects.base.Fetched`.
 
     psycopg sends its ``BEGIN`` as a round trip of its own before a transaction's first
     statement.  Here ``BEGIN`` and ``prelude`` go out as one simple query, and with them
@@ -373,7 +376,8 @@ def psycopg_execute_opening(
     with conn.cursor(row_factory=tuple_row) as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall() if cursor.description is not None else []
-        return psycopg_exec_result(cursor, rows)
+        done = psycopg_exec_result(cursor, rows)
+        return done.keys, done.rows, done.rowcount, done.returns_rows
 
 
 def psycopg_commit_then(conn: Any, statements: str) -> bool:
@@ -390,6 +394,9 @@ def psycopg_commit_then(conn: Any, statements: str) -> bool:
     with conn.lock:
         pgconn.send_query(f"COMMIT; {statements}".encode(encoding))
         results = conn.wait(psycopg.generators.execute(pgconn))
+    # commit_then_outcome(), inline: every warm invocation ends here.
+    if results and results[0].status != _FATAL_ERROR:
+        return len(results) > 1 and results[-1].status != _FATAL_ERROR
     return commit_then_outcome(results, encoding)
 
 

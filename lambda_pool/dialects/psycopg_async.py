@@ -94,7 +94,7 @@ async def apsycopg_execute_opening(
         results = await conn.wait(generators.execute(conn.pgconn))
     outcome = opening_outcome(conn, results, len(prelude), with_statement)
     if outcome is not None:
-        return outcome
+        return ExecResult(*outcome)
     from psycopg.rows import tuple_row
 
     async with conn.cursor(row_factory=tuple_row) as cursor:
