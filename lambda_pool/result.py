@@ -35,7 +35,7 @@ class Result:
         rowcount: int,
         returns_rows: bool = True,
     ) -> None:
-        self._keys = tuple(keys)
+        self._keys = keys if keys.__class__ is tuple else tuple(keys)  # a tuple is kept as is
         self._rows = list(rows)
         self._position = 0
         self._returns_rows = returns_rows

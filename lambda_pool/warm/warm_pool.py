@@ -66,8 +66,12 @@ class LentWarmConnection(PoolProxiedConnection):
     reusable without I/O.  Its ``session_reset_with_commit`` is the session reset to send
     in the final ``COMMIT``'s message (``None`` in transaction-pooling mode, where
     nothing but the transaction is reset); ``with_connection`` then gives it back with
-    :meth:`WarmPool.return_after_session_reset`.
+    :meth:`WarmPool.return_after_session_reset`, which reads what the checkout found
+    (the connection's bookkeeping, whether the pool logs at debug level) from here.
     """
+
+    _warm_info: WarmConnectionInfo | None = None
+    _logs_debug = False
 
 
 class WarmSlots(pool_core.Slots[ConnectionPoolEntry]):
@@ -391,8 +395,10 @@ class WarmPool(Pool):
             stats._emit("reused", {})
         record.fresh = False
         proxy.session_reset_with_commit = self._reset_with_commit
+        proxy._warm_info = info
         logger = self._logger
         if logger.debug_forced or logger.logger.isEnabledFor(10):  # logging.DEBUG
+            proxy._logs_debug = True
             logger.debug("Connection %r checked out from pool", dbapi)
         return proxy
 
@@ -570,16 +576,20 @@ class WarmPool(Pool):
             return False
         info_map = record._info or _NO_INFO
         driver = record.dbapi_connection  # the driver's own (_returns_inline)
-        if (
-            driver is None
-            # A lent one was found psycopg at checkout; others are asked (_is_psycopg).
-            or (proxy.__class__ is not LentWarmConnection and not _is_psycopg(driver))
-            or driver.pgconn.transaction_status != 0
-        ):
+        if proxy.__class__ is LentWarmConnection:
+            # Found psycopg at checkout, which also read these.
+            info = proxy._warm_info  # type: ignore[attr-defined]
+            logs_debug = proxy._logs_debug  # type: ignore[attr-defined]
+        elif driver is None or not _is_psycopg(driver):
             return False
-        logger = self._logger
-        if logger.debug_forced or logger.logger.isEnabledFor(10):  # as _reset_step() logs
-            logger.debug("Connection %r being returned to pool; rollback", driver)
+        else:
+            info = info_map.get(WARM_INFO_KEY)
+            logger = self._logger
+            logs_debug = logger.debug_forced or logger.logger.isEnabledFor(10)
+        if driver is None or driver.pgconn.transaction_status != 0:
+            return False
+        if logs_debug:  # as _reset_step() logs
+            self._logger.debug("Connection %r being returned to pool; rollback", driver)
         proxy._closed = True
         try:
             if SESSION_RESET_KEY in info_map:
@@ -593,7 +603,6 @@ class WarmPool(Pool):
                     prepared.clear()
             except AttributeError:
                 _clear_psycopg_prepared_cache(driver)
-            info = info_map.get(WARM_INFO_KEY)
             if isinstance(info, WarmConnectionInfo):
                 info.last_used_at = self._guard.clock()  # WarmGuard.mark_returned(), inline
         finally:
