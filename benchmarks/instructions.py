@@ -29,8 +29,10 @@ import gc
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from benchmarks.report import Row, Section, ratio
@@ -151,13 +153,13 @@ def _worker(mode: str, count: int) -> None:
         op()
 
 
-def _instructions(mode: str, count: int, url: str) -> int:
+def _instructions(mode: str, count: int, url: str, python: str = sys.executable) -> int:
     completed = subprocess.run(
         [
             "valgrind",
             "--tool=callgrind",
             "--callgrind-out-file=/dev/null",
-            sys.executable,
+            python,
             "-m",
             "benchmarks.instructions",
             mode,
@@ -199,14 +201,19 @@ def measure_instructions(db: Database, *, quick: bool) -> Section:
         section.notes.append("not measured: valgrind is not installed (apt-get install valgrind)")
         return section
     # Quick mode (the smoke test) counts the two ends only: each run starts an
-    # interpreter under valgrind, about ten seconds.
+    # interpreter under valgrind, about ten seconds.  A full run counts each contender
+    # three times, interleaved, and keeps the median: how often the client polls before
+    # a reply is there moves a single count by a few percent.
     modes = [m for m in MODES if not quick or m[0] in {"raw", "handler"}]
-    counts: dict[str, float] = {}
-    for mode, row_id, _, _ in modes:
-        url = db.libpq_url
-        few, many = small * scale.get(mode, 1), large * scale.get(mode, 1)
-        per_op = (_instructions(mode, many, url) - _instructions(mode, few, url)) / (many - few)
-        counts[row_id] = per_op / 1000.0
+    repeats = 1 if quick else 3
+    url = db.libpq_url
+    samples: dict[str, list[float]] = {row_id: [] for _, row_id, _, _ in modes}
+    for _ in range(repeats):
+        for mode, row_id, _, _ in modes:
+            few, many = small * scale.get(mode, 1), large * scale.get(mode, 1)
+            per_op = (_instructions(mode, many, url) - _instructions(mode, few, url)) / (many - few)
+            samples[row_id].append(per_op / 1000.0)
+    counts = {row_id: statistics.median(values) for row_id, values in samples.items()}
     for _, row_id, label, baseline in modes:
         value = counts[row_id]
         anchor = counts.get(BASELINE_ROWS[baseline])
@@ -215,14 +222,67 @@ def measure_instructions(db: Database, *, quick: bool) -> Section:
                 id=row_id,
                 label=label,
                 median=value,
-                samples=[value],
+                samples=samples[row_id],
                 ratios={
                     name: ratio(value, anchor) if name == baseline else None
                     for name in section.baselines
                 },
             )
         )
+    if not quick:
+        _add_other_interpreters(section, url, small, large, repeats)
     return section
+
+
+def other_interpreters() -> list[tuple[str, str]]:
+    """``(version, python)`` of the other interpreters this checkout has a virtualenv
+    for (``make test PYTHON=python3.13`` makes ``.venv-3.13``), lambda-pool installed."""
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for venv in sorted(root.glob(".venv-3.*")):
+        python = venv / "bin" / "python"
+        version = venv.name.removeprefix(".venv-")
+        if (venv / ".installed").exists() and python.exists() and version != _THIS_VERSION:
+            found.append((version, str(python)))
+    return found
+
+
+_THIS_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _add_other_interpreters(
+    section: Section, url: str, small: int, large: int, repeats: int
+) -> None:
+    """The raw held connection and the warm handler again on each other interpreter
+    (3.12 and 3.13 where their virtualenvs exist), each read against that interpreter's
+    own raw held connection: the goal holds on the Pythons Lambda runs, not on one."""
+    for version, python in other_interpreters():
+        baseline = f"{RAW} (python {version})"
+        section.baselines.append(baseline)
+        found: dict[str, list[float]] = {"raw": [], "handler": []}
+        for _ in range(repeats):
+            for mode in found:
+                few = _instructions(mode, small, url, python)
+                many = _instructions(mode, large, url, python)
+                found[mode].append((many - few) / (large - small) / 1000.0)
+        raw = statistics.median(found["raw"])
+        for mode, row_id, label in (
+            ("raw", f"instructions.raw_held.python{version}", MODES[0][2]),
+            ("handler", f"instructions.lambda_pool.with_connection.python{version}", MODES[2][2]),
+        ):
+            value = statistics.median(found[mode])
+            section.rows.append(
+                Row(
+                    id=row_id,
+                    label=f"[python {version}] {label}",
+                    median=value,
+                    samples=found[mode],
+                    ratios={
+                        name: ratio(value, raw) if name == baseline else None
+                        for name in section.baselines
+                    },
+                )
+            )
 
 
 if __name__ == "__main__":

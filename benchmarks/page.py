@@ -133,6 +133,17 @@ def _instruction_goal_lines(instructions: dict[str, Row]) -> list[str]:
         lines.append(
             f"| client instructions: {row.label} vs raw held | {_ratio(value)} | {bar} | {met} |"
         )
+    # The same handler on the other interpreters, each against its own raw held row.
+    prefix = "instructions.lambda_pool.with_connection.python"
+    for row_id, row in instructions.items():
+        if not row_id.startswith(prefix):
+            continue
+        value = next((v for v in row.ratios.values() if v is not None), None)
+        met = "yes" if value is not None and value <= 1.3 else "no"
+        lines.append(
+            f"| client instructions: {row.label} vs raw held on the same Python "
+            f"| {_ratio(value)} | ≤ 1.30x | {met} |"
+        )
     return lines
 
 

@@ -343,3 +343,64 @@ def test_the_opening_check_reads_psycopgs_fields_as_its_properties_do(
             expected = setting == "default"
             assert by_properties(conn) is expected
             assert psycopg_opens_in_pipeline(conn) is expected
+
+
+# What one warm invocation of a psycopg @with_connection() handler running one statement
+# calls in lambda-pool (issue 9 goal 2: every Python call costs about a thousand
+# instructions, billed at every invocation).  A change that adds a call, or that sends
+# the invocation off the lane (the pool's procedures, a second reset), changes this set:
+# update it knowingly, with `make bench`'s "Client CPU per warm invocation" beside it.
+_WARM_INVOCATION_CALLS = {
+    "handler.py:handler": 1,  # the decorator's wrapper
+    "handler.py:__init__": 1,  # _Deadline: the bound and the statement policy in one
+    "testing/context.py:get_remaining_time_in_millis": 1,
+    "warm/warm_pool.py:connect": 1,
+    "pool/base.py:__init__": 1,  # the LentWarmConnection proxy
+    "warm/guard.py:reusable_now": 1,
+    "engine_core.py:__init__": 1,  # the InvocationConnection
+    "handler.py:execute": 1,
+    "dialects/psycopg.py:psycopg_opens_in_pipeline": 1,
+    "handler.py:_prelude_now": 1,
+    "dialects/psycopg.py:psycopg_execute_opening": 1,
+    "dialects/psycopg.py:opening_query": 1,
+    "dialects/psycopg.py:opening_outcome": 1,
+    "dialects/_psycopg_deadline.py:wait": 2,
+    "result.py:__init__": 1,
+    "handler.py:_commit_and_return_in_lane": 1,
+    "dialects/psycopg.py:psycopg_commit_then": 1,
+    "warm/warm_pool.py:return_after_session_reset": 1,
+    "pool/base.py:__del__": 1,  # the proxy, freed
+}
+
+
+def test_a_warm_invocation_calls_only_the_lanes_functions_once_each(
+    lp_postgres_url: str, lp_application_name: str
+) -> None:
+    import cProfile
+    import pstats
+    from pathlib import Path
+
+    import lambda_pool
+
+    package = str(Path(lambda_pool.__file__).parent) + "/"
+
+    @with_connection(_url(lp_postgres_url, lp_application_name))
+    def handler(event: Any, context: Any, connection: Any) -> None:
+        connection.execute("SELECT 1")
+
+    context = LambdaContext(remaining_ms=30_000)
+    try:
+        for _ in range(3):  # cold, then warm: caches filled
+            handler({}, context)
+        profile = cProfile.Profile()
+        profile.enable()
+        handler({}, context)
+        profile.disable()
+        called: dict[str, int] = {}
+        for (filename, _, name), row in pstats.Stats(profile).stats.items():  # type: ignore[attr-defined]
+            if filename.startswith(package):
+                key = f"{filename[len(package) :]}:{name}"
+                called[key] = called.get(key, 0) + row[1]
+        assert called == _WARM_INVOCATION_CALLS
+    finally:
+        handler.engine.dispose()  # type: ignore[attr-defined]
