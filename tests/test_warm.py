@@ -338,7 +338,7 @@ def test_frozen_connection_dropped_by_the_network_is_replaced_after_pre_ping(
     # driver has not noticed (shutdown() sends nothing the server answers to).
     with pool.connect() as conn:
         pass
-    record = pool._warm_slots().record  # white-box only to reach the socket
+    record = pool._warm.record  # white-box only to reach the socket
     assert record is not None
     import socket
 
@@ -394,7 +394,7 @@ def test_connection_left_in_a_transaction_is_replaced(make_pool: Callable[..., W
         first = _backend_pid(conn)
     # An invocation's transaction still open at the next checkout (here opened behind the
     # pool's back, since the reset on return always ends one) must not be handed on.
-    record = pool._warm_slots().record
+    record = pool._warm.record
     assert record is not None
     record.dbapi_connection.execute("SELECT 1")  # opens a transaction behind the pool
     with pool.connect() as conn:

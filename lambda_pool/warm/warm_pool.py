@@ -237,7 +237,9 @@ class WarmPool(Pool):
             pre_ping=False,
         )
         self.stats = stats if stats is not None else WarmStats()
-        self._warm = self._warm_slots()
+        slots = self._slots
+        assert isinstance(slots, WarmSlots)
+        self._warm = slots  # the pool's slots, typed (never replaced: a fork empties them)
         # The quick paths read these instead of asking at every invocation.
         self._driver_is_dbapi = _returns_its_argument(self._dialect.get_driver_connection)
         self._quiet_checkout = self._quiet_return = -1
@@ -309,11 +311,6 @@ class WarmPool(Pool):
 
     def _make_slots(self) -> pool_core.Slots[ConnectionPoolEntry]:
         return WarmSlots()
-
-    def _warm_slots(self) -> WarmSlots:
-        slots = self._slots
-        assert isinstance(slots, WarmSlots)
-        return slots
 
     # -- checkout ---------------------------------------------------------------------
 
@@ -419,7 +416,7 @@ class WarmPool(Pool):
         # the child's copy of the warm socket as well (without a word to the server)
         # and count the replacement.
         if os.getpid() != self._pid:
-            record = self._warm_slots().record
+            record = self._warm.record
             if record is not None and record.dbapi_connection is not None:
                 self.stats.record_replaced(ReplaceReason.FORKED)
                 abandon_inherited_connection(
@@ -430,7 +427,7 @@ class WarmPool(Pool):
     def _g_checkout(self) -> Generator[Any, Any, PoolProxiedConnection]:
         proxy = yield from super()._g_checkout()
         record = proxy.record
-        if record is not None and not self._warm_slots().is_warm(record):
+        if record is not None and not self._warm.is_warm(record):
             self.stats.record_separate_connection()
         return proxy
 
@@ -441,7 +438,7 @@ class WarmPool(Pool):
         *,
         raised: BaseException | None = None,
     ) -> Generator[Any, Any, None]:
-        if self._warm_slots().is_warm(record) and record.dbapi_connection is not None:
+        if self._warm.is_warm(record) and record.dbapi_connection is not None:
             # Only the return right after the marking may rely on it.
             record.info.pop(SESSION_RESET_KEY, None)
             yield from self._g_vet(record)
@@ -493,7 +490,7 @@ class WarmPool(Pool):
 
     def _g_connect(self, record: ConnectionPoolEntry) -> Generator[Any, Any, None]:
         yield from super()._g_connect(record)
-        if self._warm_slots().is_warm(record):
+        if self._warm.is_warm(record):
             loop = _running_loop() if self._is_async else None
             record.info[WARM_INFO_KEY] = self._guard.new_info(loop)
 
@@ -642,7 +639,7 @@ class WarmPool(Pool):
             record is None
             or terminate_only
             or record.dbapi_connection is None
-            or not self._warm_slots().is_warm(record)
+            or not self._warm.is_warm(record)
         ):
             return
         info = record.info.get(WARM_INFO_KEY)
@@ -680,11 +677,11 @@ class WarmPool(Pool):
         """The session was reset right after the last commit: the return (next) need
         not send ``DISCARD ALL``; it still does if the connection is not idle then."""
         record = proxy.record
-        if record is not None and self._warm_slots().is_warm(record):
+        if record is not None and self._warm.is_warm(record):
             record.info[SESSION_RESET_KEY] = True
 
     def status(self) -> str:
-        slots = self._warm_slots()
+        slots = self._warm
         state = "none" if slots.record is None else ("in use" if slots.in_use else "idle")
         return (
             f"Pool size: 1  Connections in pool: {self.checkedin()} "
